@@ -1,0 +1,39 @@
+# Fresh machine: `make train` (sets up, runs the main job) or `make test` (sets up, runs the tests).
+PYTHON ?= python3.11
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+PYTEST_ARGS ?=
+
+.PHONY: install test test-fast train smoke format lint clean
+
+$(BIN)/fpo-train: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	# torch first: this exact version is the CPU build already on this kind of machine;
+	# any other spec would pull a multi-GB CUDA build.
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $(BIN)/fpo-train
+
+install: $(BIN)/fpo-train  ## create .venv and install the package with its dev extras
+
+test: install  ## the whole suite, offline (slow tests on the real gemma-3-270m included)
+	WANDB_MODE=disabled HF_HUB_OFFLINE=1 $(BIN)/pytest -q $(PYTEST_ARGS)
+
+test-fast: install  ## everything except the real-model tests
+	WANDB_MODE=disabled HF_HUB_OFFLINE=1 $(BIN)/pytest -q -m "not slow" $(PYTEST_ARGS)
+
+smoke: install  ## all five objectives on the tiny model, one Hydra multirun
+	$(BIN)/fpo-train -m experiment=smoke objective=dpo,simpo,tdpo1,tdpo2,fpo
+
+train: install  ## the main job (the embedded default)
+	$(BIN)/fpo-train experiment=smoke
+
+format: install  ## ruff lint + format through pre-commit
+	$(BIN)/pre-commit run --all-files
+
+lint: install
+	$(BIN)/ruff check src tests && $(BIN)/ruff format --check src tests
+
+clean:
+	rm -rf logs/train logs/debug logs/cache .pytest_cache .ruff_cache

@@ -1,0 +1,254 @@
+"""Per-token log-probabilities and per-sequence reductions on packed response positions.
+
+A batch row ``n`` of ``labels[N, T]`` (prompt and pad set to ``ignore_index``, not shifted)
+has its response predicted by positions ``t`` with ``labels[n, t + 1] != ignore_index``.
+All per-token work runs only on those ``M`` positions, packed as :class:`ResponsePositions`
+(``docs/architecture.md``); per-sequence results are segment reductions with ``rows`` as
+segment ids. Log-probabilities never materialise a ``[..., vocab]`` log-softmax for the
+whole batch: the target logit is gathered and the log-sum-exp is taken chunk by chunk, in
+float32 (DESIGN.md section 9).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint as _checkpoint
+
+__all__ = [
+    "ResponsePositions",
+    "SequenceLogps",
+    "TokenStats",
+    "gather_positions",
+    "response_positions",
+    "response_token_stats",
+    "segment_counts",
+    "segment_mean",
+    "segment_sum",
+    "selective_log_softmax",
+    "sequence_logps",
+]
+
+Head = Callable[[Tensor], Tensor]
+
+
+class ResponsePositions(NamedTuple):
+    """Packed positions that predict a response token, sorted row-major.
+
+    ``rows[M]``, ``cols[M]``: the (row, position) of each of the ``M`` predicting positions;
+    ``targets[M]``: the token it predicts, ``labels[row, col + 1]``; ``num_rows``: ``N``.
+    """
+
+    rows: Tensor
+    cols: Tensor
+    targets: Tensor
+    num_rows: int
+
+
+class TokenStats(NamedTuple):
+    """Per-position statistics, all ``[M]`` float32.
+
+    ``policy_logps``: ``log pi_theta(target)``; ``ref_logps``: ``log pi_ref(target)`` (no
+    grad); ``kl``: ``KL(pi_ref || pi_theta)`` over the full vocabulary (grad to the policy).
+    The last two are ``None`` when no reference was given.
+    """
+
+    policy_logps: Tensor
+    ref_logps: Tensor | None
+    kl: Tensor | None
+
+
+class SequenceLogps(NamedTuple):
+    """Per-row reductions of token log-probs, all ``[N]``.
+
+    ``sum = sum_t lp_t``; ``avg = sum / max(n_tokens, 1)``; ``n_tokens`` (int64) counts the
+    row's response tokens.
+    """
+
+    sum: Tensor
+    avg: Tensor
+    n_tokens: Tensor
+
+
+def response_positions(labels: Tensor, ignore_index: int = -100) -> ResponsePositions:
+    """Pack the positions of ``labels[N, T]`` that predict a response token.
+
+    Position ``(n, t)`` is included iff ``labels[n, t + 1] != ignore_index``; its target is
+    ``labels[n, t + 1]``. The result is sorted row-major (by ``n``, then ``t``).
+    """
+    if labels.dim() != 2:
+        raise ValueError(f"labels must be [N, T], got shape {tuple(labels.shape)}")
+    next_labels = labels[:, 1:]
+    rows, cols = (next_labels != ignore_index).nonzero(as_tuple=True)
+    return ResponsePositions(rows, cols, next_labels[rows, cols], labels.shape[0])
+
+
+def gather_positions(x: Tensor, positions: ResponsePositions) -> Tensor:
+    """Select the packed positions of ``x[N, T, ...]``: ``x[rows, cols]``, shape ``[M, ...]``."""
+    return x[positions.rows, positions.cols]
+
+
+def _chunk_bounds(num_positions: int, chunk_size: int | None) -> list[tuple[int, int]]:
+    """``[(start, end), ...]`` covering ``range(num_positions)``; one chunk when ``None``."""
+    if chunk_size is None:
+        return [(0, num_positions)]
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size}")
+    return [(s, min(s + chunk_size, num_positions)) for s in range(0, num_positions, chunk_size)]
+
+
+def _target_logps(logits: Tensor, targets: Tensor) -> Tensor:
+    """``logits[m, targets[m]] - logsumexp_v logits[m, v]`` for float32 ``logits[C, V]``."""
+    picked = logits.gather(1, targets.unsqueeze(1)).squeeze(1)
+    return picked - torch.logsumexp(logits, dim=1)
+
+
+def selective_log_softmax(logits: Tensor, targets: Tensor, chunk_size: int | None = None) -> Tensor:
+    """``log_softmax(logits)[m, targets[m]]`` without the ``[M, V]`` log-softmax.
+
+    Args:
+        logits: ``[M, V]`` in any float dtype; each chunk is upcast to float32 on its own,
+            so at most ``chunk_size * V`` float32 values exist at a time (without grad).
+        targets: ``LongTensor[M]``.
+        chunk_size: positions per chunk; ``None`` = all at once.
+
+    Returns:
+        ``[M]`` float32: ``logits[m, y_m] - logsumexp_v logits[m, v]``.
+    """
+    parts = [
+        _target_logps(logits[s:e].float(), targets[s:e])
+        for s, e in _chunk_bounds(logits.shape[0], chunk_size)
+    ]
+    return _cat_float(parts, logits)
+
+
+def _chunk_token_stats(
+    policy_head: Head,
+    ref_head: Head | None,
+    policy_hidden: Tensor,
+    targets: Tensor,
+    ref_hidden: Tensor | None,
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """One chunk of :func:`response_token_stats` (the unit that is checkpointed).
+
+    ``KL(pi_ref || pi_theta) = sum_v p_ref(v) * (log p_ref(v) - log p_theta(v))`` per position.
+    """
+    logits = policy_head(policy_hidden).float()
+    policy_log_z = torch.logsumexp(logits, dim=1)
+    policy_logps = logits.gather(1, targets.unsqueeze(1)).squeeze(1) - policy_log_z
+    if ref_hidden is None:
+        return policy_logps, None, None
+    with torch.no_grad():
+        ref_log_probs = torch.log_softmax(ref_head(ref_hidden).float(), dim=1)
+        ref_logps = ref_log_probs.gather(1, targets.unsqueeze(1)).squeeze(1)
+    policy_log_probs = logits - policy_log_z.unsqueeze(1)
+    kl = (ref_log_probs.exp() * (ref_log_probs - policy_log_probs)).sum(dim=1)
+    return policy_logps, ref_logps, kl
+
+
+def response_token_stats(
+    policy_hidden: Tensor,
+    policy_head: Head,
+    targets: Tensor,
+    chunk_size: int | None = None,
+    ref_hidden: Tensor | None = None,
+    ref_head: Head | None = None,
+    checkpoint: bool = False,
+) -> TokenStats:
+    """Apply the LM head(s) chunk by chunk and return per-position log-probs and KL.
+
+    Args:
+        policy_hidden: ``[M, H]`` the policy's final hidden states at the packed positions.
+        policy_head: hidden -> logits ``[C, V]`` (include any final-logit soft-capping).
+        targets: ``LongTensor[M]`` the tokens those positions predict.
+        chunk_size: positions per chunk; ``None`` = one chunk.
+        ref_hidden, ref_head: the reference's ``[M, H]`` hidden states and head; given
+            together, they add ``ref_logps`` (no grad) and the full-vocabulary
+            ``kl = sum_v p_ref(v) (log p_ref(v) - log p_theta(v))`` (grad to the policy).
+        checkpoint: when grad is enabled, run each chunk under ``torch.utils.checkpoint`` so
+            only one chunk's ``[C, V]`` logits are alive at a time (memory ``O(C * V)``); the
+            backward pass recomputes the chunk's heads, the reference's included.
+
+    Returns:
+        :class:`TokenStats` of ``[M]`` float32 tensors.
+    """
+    if (ref_hidden is None) != (ref_head is None):
+        raise ValueError("response_token_stats: give ref_hidden and ref_head together")
+    if policy_hidden.shape[0] != targets.shape[0] or (
+        ref_hidden is not None and ref_hidden.shape[0] != targets.shape[0]
+    ):
+        raise ValueError(
+            "response_token_stats: hidden states and targets must have the same number of "
+            f"positions; got policy {tuple(policy_hidden.shape)}, targets {tuple(targets.shape)}"
+            + ("" if ref_hidden is None else f", ref {tuple(ref_hidden.shape)}")
+        )
+    use_checkpoint = checkpoint and torch.is_grad_enabled()
+    policy_parts, ref_parts, kl_parts = [], [], []
+    for s, e in _chunk_bounds(targets.shape[0], chunk_size):
+        args = (
+            policy_head,
+            ref_head,
+            policy_hidden[s:e],
+            targets[s:e],
+            None if ref_hidden is None else ref_hidden[s:e],
+        )
+        if use_checkpoint:
+            policy_lp, ref_lp, kl = _checkpoint(_chunk_token_stats, *args, use_reentrant=False)
+        else:
+            policy_lp, ref_lp, kl = _chunk_token_stats(*args)
+        policy_parts.append(policy_lp)
+        ref_parts.append(ref_lp)
+        kl_parts.append(kl)
+
+    if ref_hidden is None:
+        return TokenStats(_cat_float(policy_parts, policy_hidden), None, None)
+    return TokenStats(
+        _cat_float(policy_parts, policy_hidden),
+        _cat_float(ref_parts, policy_hidden),
+        _cat_float(kl_parts, policy_hidden),
+    )
+
+
+def _cat_float(parts: list[Tensor], like: Tensor) -> Tensor:
+    """Concatenate per-chunk ``[C]`` results; an empty float32 ``[0]`` when there are none."""
+    return torch.cat(parts) if parts else like.new_zeros(0, dtype=torch.float32)
+
+
+def segment_counts(rows: Tensor, num_rows: int) -> Tensor:
+    """Number of packed positions per row: ``LongTensor[N]`` (zero for rows with none)."""
+    return torch.bincount(rows, minlength=num_rows)
+
+
+def segment_sum(values: Tensor, rows: Tensor, num_rows: int) -> Tensor:
+    """``out[n] = sum_{m : rows[m] = n} values[m]``: ``[M, ...] -> [N, ...]`` (differentiable)."""
+    out = values.new_zeros((num_rows, *values.shape[1:]))
+    return out.index_add(0, rows, values)
+
+
+def _divide_by_counts(totals: Tensor, counts: Tensor) -> Tensor:
+    """``totals[n] / max(counts[n], 1)``, broadcast over trailing dims (empty row stays 0)."""
+    denominator = counts.clamp(min=1).to(totals.dtype)
+    return totals / denominator.reshape(-1, *([1] * (totals.dim() - 1)))
+
+
+def segment_mean(values: Tensor, rows: Tensor, num_rows: int) -> Tensor:
+    """Mean over each row's positions: ``[M, F] -> [N, F]``.
+
+    ``out[n] = segment_sum(values)[n] / count[n]`` with ``count[n]`` the row's number of
+    response positions (never its padded length); a row without positions gives zeros.
+    """
+    return _divide_by_counts(segment_sum(values, rows, num_rows), segment_counts(rows, num_rows))
+
+
+def sequence_logps(token_logps: Tensor, rows: Tensor, num_rows: int) -> SequenceLogps:
+    """Per-row ``sum``, ``avg`` and ``n_tokens`` of packed token log-probs ``[M] -> [N]``.
+
+    ``sum[n] = sum_{rows[m] = n} lp[m]``, ``avg[n] = sum[n] / max(n_tokens[n], 1)``: a row
+    with no response tokens gives ``sum = avg = 0``, never NaN.
+    """
+    totals = segment_sum(token_logps, rows, num_rows)
+    n_tokens = segment_counts(rows, num_rows)
+    return SequenceLogps(totals, _divide_by_counts(totals, n_tokens), n_tokens)

@@ -1,0 +1,73 @@
+"""Loading Hugging Face causal LMs and splitting them into decoder trunk and LM head.
+
+Every model loader in `fpo.models` returns ``(model, tokenizer)`` so a Hydra ``model``
+config group can point at any of them with ``_target_``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from fpo.errors import UserError
+
+
+class CausalLMParts(NamedTuple):
+    """The trunk (embeddings + decoder layers + final norm) and the head of a causal LM.
+
+    ``decoder(input_ids, attention_mask).last_hidden_state`` is ``[N, T, H]`` (after the
+    final norm); ``head(hidden [M, H]) -> logits [M, V]`` applies the LM head and, for
+    models that have it (Gemma-2), the final logit soft-capping.
+    """
+
+    decoder: nn.Module
+    head: Callable[[Tensor], Tensor]
+
+
+def split_causal_lm(model: PreTrainedModel) -> CausalLMParts:
+    """Split ``model`` so logits are computed only where they are needed."""
+    decoder = model.get_decoder()
+    lm_head = model.get_output_embeddings()
+    config = getattr(model.config, "text_config", model.config)
+    softcap = getattr(config, "final_logit_softcapping", None)
+
+    if softcap is None:
+        return CausalLMParts(decoder, lm_head)
+
+    def head(hidden: Tensor) -> Tensor:
+        return torch.tanh(lm_head(hidden) / softcap) * softcap
+
+    return CausalLMParts(decoder, head)
+
+
+def hidden_size(model: PreTrainedModel) -> int:
+    """The residual-stream width of ``model`` (text config for multimodal wrappers)."""
+    return getattr(model.config, "text_config", model.config).hidden_size
+
+
+def load_hf_causal_lm(
+    name_or_path: str,
+    dtype: str = "float32",
+    attn_implementation: str | None = "eager",
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+):
+    """Load a hub model (users with network) or a local folder: ``(model, tokenizer)``.
+
+    Gemma-2 wants ``attn_implementation="eager"`` (soft-capped attention) for training.
+    """
+    if os.path.sep in name_or_path and not os.path.exists(name_or_path):
+        raise UserError(f"model.name_or_path: local model folder {name_or_path!r} does not exist.")
+    kwargs = {"revision": revision, "trust_remote_code": trust_remote_code}
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(
+        name_or_path, dtype=getattr(torch, dtype), attn_implementation=attn_implementation, **kwargs
+    )
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer

@@ -1,0 +1,134 @@
+"""Reference statistics behind one interface, from two sources.
+
+`OnlineReference` runs a frozen copy of the model; `BatchReference` reads the per-row
+``ref_*`` fields that the offline cache (`fpo.reference.store`) puts into each batch.
+The Lightning module asks either for `ReferenceStats` and does not care which it has.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple, Protocol
+
+import torch
+from torch import Tensor, nn
+
+from fpo.errors import UserError
+from fpo.forward import forward_response_positions
+from fpo.logprobs import ResponsePositions, SequenceLogps, response_token_stats, sequence_logps
+from fpo.models.hf import split_causal_lm
+from fpo.sae import encode_pooled, resolve_hook_module, sae_hook_name
+
+
+class ReferenceStats(NamedTuple):
+    """What the objectives need from the reference, rows chosen-then-rejected.
+
+    logps: summed/averaged response log-probs and token counts, each ``[2B]`` (``None``
+        when ``hidden`` is returned instead: TDPO computes them with its KL in one pass).
+    topk_indices, topk_values: ``[2B, k]`` top-k of the pooled SAE features (FPO).
+    hidden: ``[M, H]`` final hidden states at response positions (TDPO's full-vocab KL).
+    head: the reference LM head, ``[M, H] -> [M, V]`` (with ``hidden``).
+    """
+
+    logps: SequenceLogps | None
+    topk_indices: Tensor | None = None
+    topk_values: Tensor | None = None
+    hidden: Tensor | None = None
+    head: Callable[[Tensor], Tensor] | None = None
+
+
+class ReferenceSource(Protocol):
+    def stats(
+        self, batch: dict, positions: ResponsePositions, *, features: bool, token_kl: bool
+    ) -> ReferenceStats: ...
+
+
+class OnlineReference(nn.Module):
+    """A frozen reference model run under ``no_grad`` every step (and by the cache builder).
+
+    Args:
+        model: the reference causal LM (a second, identical load of the policy's weights).
+        sae: the frozen SAE for FPO's feature statistics (``None`` if not needed).
+        hook_name: where the SAE reads the residual stream (default: the SAE's own hook).
+        k: how many pooled features to keep per row (FPO's ``k``).
+        logits_chunk_size: positions per LM-head chunk.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        sae: nn.Module | None = None,
+        hook_name: str | None = None,
+        k: int = 0,
+        logits_chunk_size: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.model = model.eval().requires_grad_(False)
+        self.parts = split_causal_lm(model)
+        self.sae = sae
+        self.hook_name = None
+        if sae is not None:
+            self.hook_name = hook_name or sae_hook_name(sae)
+            resolve_hook_module(model, self.hook_name)  # fail at start-up
+        self.k = k
+        self.logits_chunk_size = logits_chunk_size
+
+    def train(self, mode: bool = True) -> OnlineReference:
+        """The reference stays in eval mode (no dropout) whatever Lightning asks."""
+        return super().train(False)
+
+    @torch.no_grad()
+    def stats(
+        self, batch: dict, positions: ResponsePositions, *, features: bool, token_kl: bool
+    ) -> ReferenceStats:
+        if features and self.sae is None:
+            raise UserError("objective needs SAE features but the reference has no SAE.")
+        self.model.eval()
+        hook = resolve_hook_module(self.model, self.hook_name) if features else None
+        out = forward_response_positions(self.parts, batch, positions, hook)
+        topk_indices = topk_values = None
+        if features:
+            pooled = encode_pooled(self.sae, out.hooked, positions.rows, positions.num_rows)
+            top = pooled.topk(min(self.k, pooled.shape[-1]), dim=-1)
+            topk_indices, topk_values = top.indices, top.values.float()
+        if token_kl:
+            return ReferenceStats(None, topk_indices, topk_values, out.hidden, self.parts.head)
+        tokens = response_token_stats(
+            out.hidden, self.parts.head, positions.targets, self.logits_chunk_size
+        )
+        logps = sequence_logps(tokens.policy_logps, positions.rows, positions.num_rows)
+        return ReferenceStats(logps, topk_indices, topk_values)
+
+
+class BatchReference:
+    """Reads reference statistics that the offline cache put into the batch.
+
+    Expects ``ref_sum_logps``, ``ref_avg_logps``, ``ref_n_tokens`` ``[2B]`` and, for FPO,
+    ``ref_topk_indices`` / ``ref_topk_values`` ``[2B, k]`` (see docs/architecture.md).
+    """
+
+    def stats(
+        self, batch: dict, positions: ResponsePositions, *, features: bool, token_kl: bool
+    ) -> ReferenceStats:
+        if token_kl:
+            raise UserError(
+                "TDPO needs the reference's full-vocabulary logits at every step, which the "
+                "offline cache does not store; use reference=online with objective=tdpo1/tdpo2."
+            )
+        if "ref_sum_logps" not in batch:
+            raise UserError(
+                "reference=cached but the batch has no ref_* fields: the data module was not "
+                "joined to a reference cache."
+            )
+        logps = SequenceLogps(
+            batch["ref_sum_logps"].float(),
+            batch["ref_avg_logps"].float(),
+            batch["ref_n_tokens"],
+        )
+        if not features:
+            return ReferenceStats(logps)
+        if "ref_topk_indices" not in batch:
+            raise UserError("objective=fpo needs SAE features but the reference cache has none.")
+        return ReferenceStats(
+            logps, batch["ref_topk_indices"].long(), batch["ref_topk_values"].float()
+        )

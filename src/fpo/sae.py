@@ -1,0 +1,346 @@
+"""Sparse autoencoders (sae-lens) and the policy activation they read.
+
+FPO compares the policy's and the reference's sparse features at one layer. This module
+loads the SAE through sae-lens (any architecture: JumpReLU, TopK, standard), freezes it,
+finds the policy module whose output the SAE was trained on, captures that output during the
+policy forward (keeping the autograd graph, so the FPO penalty trains the policy), checks the
+SAE fits the model, and reports how well the SAE reconstructs the captured activations.
+
+Hook point: sae-lens / TransformerLens name residual-stream SAEs ``blocks.{L}.hook_resid_post``,
+the output of decoder layer L *before* the final norm. In a Hugging Face CausalLM that is the
+output of ``model.model.layers[L]`` (``hidden_states[L + 1]`` for L < last; the model's
+``hidden_states[-1]`` is after the final norm and is *not* the SAE's input).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import torch
+from sae_lens import SAE
+from sae_lens.constants import SAE_CFG_FILENAME
+from sae_lens.registry import get_sae_class
+from sae_lens.saes.sae import SAEMetadata
+from torch import Tensor, nn
+
+from fpo.errors import UserError
+from fpo.logprobs import segment_mean
+
+__all__ = [
+    "RANDOM_SAE_ARCHITECTURES",
+    "ActivationCapture",
+    "build_random_sae",
+    "check_sae_fits_model",
+    "describe_sae",
+    "encode_pooled",
+    "load_sae",
+    "model_hidden_size",
+    "reconstruction_report",
+    "resolve_hook_module",
+    "sae_hook_name",
+]
+
+RANDOM_SAE_ARCHITECTURES = ("topk", "standard", "jumprelu")
+# Threshold of randomly built JumpReLU SAEs: a random encoder's pre-activations have a std of
+# about sqrt(2) * |x| / sqrt(d_in), so a small positive threshold keeps many features active
+# while still exercising the jump.
+_RANDOM_JUMPRELU_THRESHOLD = 0.05
+
+_RESID_POST = re.compile(r"^blocks\.(\d+)\.hook_resid_post$")
+_TRANSFORMER_LENS_NAME = re.compile(r"^(blocks\.|hook_)")
+_HF_LAYER = re.compile(r"^(?:model\.)?layers\.(\d+)$")
+_SUPPORTED_HOOKS = (
+    "supported: 'blocks.{L}.hook_resid_post' (the output of decoder layer L, before the final "
+    "norm) or a Hugging Face module name such as 'model.layers.{L}'"
+)
+_SOURCE_ATTR = "_fpo_source"
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _freeze(sae: SAE, source: str) -> SAE:
+    """Eval mode, no parameter trains; gradients still flow through `encode` to its input."""
+    sae.eval()
+    for parameter in sae.parameters():
+        parameter.requires_grad_(False)
+    setattr(sae, _SOURCE_ATTR, source)
+    return sae
+
+
+def load_sae(
+    release: str | None = None,
+    sae_id: str | None = None,
+    path: str | None = None,
+    device: str = "cpu",
+    dtype: str = "float32",
+) -> SAE:
+    """Load a frozen sae-lens SAE from the hub (`release` + `sae_id`) or a local folder (`path`).
+
+    Hub example (Gemma Scope, the paper's setting): ``release="gemma-scope-2b-pt-res"``,
+    ``sae_id="layer_25/width_16k/average_l0_55"``. A local folder is one written by sae-lens's
+    ``SAE.save_model`` (``cfg.json`` + ``sae_weights.safetensors``).
+
+    Raises:
+        UserError: not exactly one source given, missing folder, or unknown release/id.
+    """
+    keys = "sae.release + sae.sae_id (a sae-lens hub release) or sae.path (a local folder)"
+    hub = release is not None or sae_id is not None
+    if hub and path is not None:
+        raise UserError(
+            f"SAE source is ambiguous: give either {keys}, not both "
+            f"(got sae.release={release!r}, sae.sae_id={sae_id!r}, sae.path={path!r})."
+        )
+    if not hub and path is None:
+        raise UserError(f"No SAE source given: set {keys}.")
+    if path is not None:
+        return _freeze(_load_from_folder(path, device, dtype), f"path={path}")
+    if release is None or sae_id is None:
+        raise UserError(
+            f"A hub SAE needs both sae.release and sae.sae_id "
+            f"(got sae.release={release!r}, sae.sae_id={sae_id!r})."
+        )
+    try:
+        sae = SAE.from_pretrained(release, sae_id, device=device, dtype=dtype)
+    except ValueError as error:  # sae-lens: unknown release or id (checked before any download)
+        raise UserError(
+            f"Cannot load SAE sae.release={release!r}, sae.sae_id={sae_id!r}: {error}"
+        ) from error
+    return _freeze(sae, f"release={release}, sae_id={sae_id}")
+
+
+def _load_from_folder(path: str, device: str, dtype: str) -> SAE:
+    folder = Path(path)
+    if not folder.is_dir():
+        raise UserError(f"SAE folder not found: sae.path={path!r} does not exist.")
+    if not (folder / SAE_CFG_FILENAME).is_file():
+        raise UserError(
+            f"sae.path={path!r} is not a sae-lens SAE folder: it has no {SAE_CFG_FILENAME} "
+            f"(write one with SAE.save_model)."
+        )
+    return SAE.load_from_disk(folder, device=device, dtype=dtype)
+
+
+def build_random_sae(
+    d_in: int,
+    d_sae: int,
+    architecture: str = "topk",
+    k: int = 8,
+    hook_name: str = "blocks.0.hook_resid_post",
+    seed: int = 0,
+    dtype: str = "float32",
+) -> SAE:
+    """A seeded, randomly initialised, frozen sae-lens SAE (for tests and smoke runs).
+
+    Uses sae-lens's own initialisation (decoder Kaiming-uniform, encoder = decoder^T, zero
+    biases); `k` applies to ``topk`` only; a ``jumprelu`` SAE gets a small positive threshold
+    so that its encoding of a random input has both active and inactive features.
+    """
+    if architecture not in RANDOM_SAE_ARCHITECTURES:
+        raise UserError(
+            f"Unknown SAE architecture {architecture!r}; choose one of {RANDOM_SAE_ARCHITECTURES}."
+        )
+    sae_cls, cfg_cls = get_sae_class(architecture)
+    extra: dict[str, Any] = {"k": k} if architecture == "topk" else {}
+    cfg = cfg_cls(
+        d_in=d_in,
+        d_sae=d_sae,
+        dtype=dtype,
+        device="cpu",
+        metadata=SAEMetadata(hook_name=hook_name, model_name="random"),
+        **extra,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        sae = sae_cls(cfg)
+    if architecture == "jumprelu":
+        with torch.no_grad():
+            sae.threshold.fill_(_RANDOM_JUMPRELU_THRESHOLD)
+    return _freeze(sae, f"random {architecture} (d_in={d_in}, d_sae={d_sae}, seed={seed})")
+
+
+def describe_sae(sae: SAE) -> str:
+    """Where the SAE came from (hub release/id, folder, or random), for messages."""
+    return getattr(sae, _SOURCE_ATTR, None) or f"{sae.cfg.architecture()} SAE"
+
+
+def sae_hook_name(sae: SAE) -> str:
+    """The hook the SAE was trained on: `cfg.metadata.hook_name` (sae-lens 6 metadata)."""
+    hook_name = sae.cfg.metadata.hook_name
+    if not hook_name:
+        raise UserError(
+            f"The SAE ({describe_sae(sae)}) has no metadata.hook_name in its config; "
+            f"name the hook explicitly ({_SUPPORTED_HOOKS})."
+        )
+    return str(hook_name)
+
+
+# ----------------------------------------------------------------------------- hook point
+
+
+def _decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder layer list (``model.model.layers`` for Gemma/Llama CausalLMs; the language
+    model's layers for Gemma3ForConditionalGeneration), found through ``get_decoder()``."""
+    get_decoder = getattr(model, "get_decoder", None)
+    decoder = get_decoder() if callable(get_decoder) else model
+    layers = getattr(decoder, "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise UserError(
+            f"Cannot find the decoder layers of {type(model).__name__}; "
+            f"give the hook as a module name that model.get_submodule accepts."
+        )
+    return layers
+
+
+def _layer(model: nn.Module, hook_name: str, index: int) -> nn.Module:
+    layers = _decoder_layers(model)
+    if index >= len(layers):
+        raise UserError(
+            f"SAE hook {hook_name!r} needs decoder layer {index}, but "
+            f"{type(model).__name__} has {len(layers)} layers (0..{len(layers) - 1})."
+        )
+    return layers[index]
+
+
+def resolve_hook_module(model: nn.Module, hook_name: str) -> nn.Module:
+    """The module whose forward output is the SAE's input activation.
+
+    ``blocks.{L}.hook_resid_post`` -> decoder layer L; an HF module name (``model.layers.17``,
+    or anything ``model.get_submodule`` accepts) -> that module; ``model.layers.{L}`` /
+    ``layers.{L}`` also resolve on wrappers whose layers live elsewhere (multimodal Gemma 3).
+
+    Raises:
+        UserError: unsupported TransformerLens hook (e.g. ``hook_resid_pre``, attention hooks),
+            layer out of range, or unknown module name.
+    """
+    resid_post = _RESID_POST.match(hook_name)
+    if resid_post:
+        return _layer(model, hook_name, int(resid_post.group(1)))
+    if not hook_name or _TRANSFORMER_LENS_NAME.match(hook_name):
+        raise UserError(f"Unsupported SAE hook {hook_name!r}; {_SUPPORTED_HOOKS}.")
+    try:
+        return model.get_submodule(hook_name)
+    except AttributeError as error:
+        hf_layer = _HF_LAYER.match(hook_name)
+        if hf_layer:
+            return _layer(model, hook_name, int(hf_layer.group(1)))
+        raise UserError(
+            f"SAE hook {hook_name!r} is not a module of {type(model).__name__}; {_SUPPORTED_HOOKS}."
+        ) from error
+
+
+class ActivationCapture:
+    """Records a module's forward output, keeping the autograd graph.
+
+    ``activation`` is the module's output ``[N, T, H]`` (element 0 where the module returns a
+    tuple), *not* detached, so a loss on it trains the policy. Use as a context manager (or
+    ``attach()`` / ``remove()``); leaving it drops the hook and the stored tensor::
+
+        with ActivationCapture(resolve_hook_module(model, sae_hook_name(sae))) as capture:
+            out = model(input_ids, attention_mask=mask)
+            hidden = capture.activation
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        self.activation: Tensor | None = None
+        self._handle: torch.utils.hooks.RemovableHandle | None = None
+
+    def _record(self, _module: nn.Module, _inputs: Any, output: Any) -> None:
+        self.activation = output[0] if isinstance(output, tuple) else output
+
+    def attach(self) -> ActivationCapture:
+        """Register the forward hook (once) and clear any previous activation."""
+        if self._handle is not None:
+            raise RuntimeError("ActivationCapture is already attached.")
+        self.activation = None
+        self._handle = self.module.register_forward_hook(self._record)
+        return self
+
+    def remove(self) -> None:
+        """Remove the hook and drop the stored activation."""
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+        self.activation = None
+
+    def __enter__(self) -> ActivationCapture:
+        return self.attach()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.remove()
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def model_hidden_size(model: nn.Module) -> int:
+    """``config.hidden_size`` of the model's text config (the language model of a VLM)."""
+    config = model.config
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return int(text_config.hidden_size)
+
+
+def check_sae_fits_model(sae: SAE, model: nn.Module) -> None:
+    """Raise UserError unless the SAE's ``d_in`` equals the model's hidden size."""
+    d_in, hidden = int(sae.cfg.d_in), model_hidden_size(model)
+    if d_in != hidden:
+        hook = sae.cfg.metadata.hook_name or "no hook in metadata"
+        raise UserError(
+            f"The SAE ({describe_sae(sae)}, hook {hook}) reads activations of size d_in={d_in}, "
+            f"but the model {type(model).__name__} has hidden size {hidden}; "
+            f"choose an SAE trained on this model."
+        )
+
+
+@torch.no_grad()
+def reconstruction_report(sae: SAE, activations: Tensor) -> dict[str, float]:
+    """How well the SAE reconstructs `activations` ``[M, d_in]`` (no grad).
+
+    With ``c = encode(x)``, ``x_hat = decode(c)``, sums over all M positions and d_in dims
+    and ``mean(x)`` the per-dimension mean over positions:
+
+    - ``variance_explained = 1 - sum((x - x_hat)^2) / sum((x - mean(x))^2)`` (NaN if x is constant)
+    - ``l0`` = mean over positions of the number of non-zero features
+    - ``dead_fraction`` = fraction of the d_sae features that are zero at every position
+    - ``mse = mean((x - x_hat)^2)`` over positions and dims
+    """
+    if activations.ndim != 2 or activations.shape[0] == 0:
+        raise ValueError(f"expected activations [M>0, d_in], got {tuple(activations.shape)}")
+    features = sae.encode(activations)
+    recon = sae.decode(features).double()
+    x = activations.double()
+    sse = (x - recon).pow(2).sum()
+    sst = (x - x.mean(dim=0)).pow(2).sum()
+    active = features != 0
+    return {
+        "variance_explained": float(1.0 - sse / sst) if sst > 0 else float("nan"),
+        "l0": float(active.sum(dim=-1).double().mean()),
+        "dead_fraction": float((~active.any(dim=0)).double().mean()),
+        "mse": float(sse / x.numel()),
+    }
+
+
+# ----------------------------------------------------------------------------- features
+
+
+def encode_pooled(sae: SAE, activations: Tensor, rows: Tensor, num_rows: int) -> Tensor:
+    """Mean SAE features per row: ``cbar[n] = mean_{m: rows[m] = n} encode(activations[m])``.
+
+    Args:
+        activations: ``[M, d_in]`` activations at the response positions (packed).
+        rows: ``LongTensor[M]``, the row (sequence) each position belongs to.
+        num_rows: number of rows N; rows without positions give zeros.
+
+    Returns:
+        ``[num_rows, d_sae]``, differentiable with respect to `activations` (the SAE is frozen).
+    """
+    return segment_mean(sae.encode(activations), rows, num_rows)

@@ -1,0 +1,133 @@
+"""Collect residual-stream activations at one decoder layer's output, once, into a tensor.
+
+The hooked activation is ``blocks.{L}.hook_resid_post`` = the output of
+``model.model.layers[L]`` (before the final norm). The forward is stopped right after that
+layer (a hook raises `_StopForward`), so the later layers and the LM head, the expensive
+part of a 262k-vocab model, never run.
+
+Texts are tokenized without special tokens, cut into windows of ``seq_len - 1`` tokens and
+each window gets BOS prepended (the way the model always sees text). Collected positions
+are the real tokens: pad positions are dropped, and BOS positions too when
+``exclude_bos`` (BOS residual norms are ~2x the others and would dominate the SAE loss).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import nn
+
+from fpo.errors import UserError
+
+
+def hook_name_for_layer(layer: int) -> str:
+    """sae-lens hook name of decoder layer `layer`'s output: ``blocks.{layer}.hook_resid_post``."""
+    return f"blocks.{layer}.hook_resid_post"
+
+
+def decoder_layer(model: nn.Module, layer: int) -> nn.Module:
+    """``model.model.layers[layer]`` (or ``model.layers[layer]``), with a clear error."""
+    body = getattr(model, "model", model)
+    layers = getattr(body, "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise UserError(f"{type(model).__name__} has no decoder layer list (model.model.layers)")
+    if not 0 <= layer < len(layers):
+        raise UserError(f"--layer {layer} is out of range: the model has {len(layers)} layers")
+    return layers[layer]
+
+
+def token_windows(tokenizer, texts: Sequence[str], seq_len: int) -> Iterator[list[int]]:
+    """Token-id windows: ``[bos] + ids[i : i + seq_len - 1]`` for each text (no bos: no prefix).
+
+    Every window has at least one text token, so a window never consists of BOS alone.
+    """
+    if seq_len < 2:
+        raise UserError(f"seq_len must be >= 2 (BOS + one token), got {seq_len}")
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    step = seq_len - len(bos)
+    for text in texts:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        for start in range(0, len(ids), step):
+            yield bos + ids[start : start + step]
+
+
+def _pad_batch(windows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad windows into ``input_ids [B, T]`` and ``attention_mask [B, T]``."""
+    width = max(len(w) for w in windows)
+    input_ids = torch.full((len(windows), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(windows), width), dtype=torch.long)
+    for row, window in enumerate(windows):
+        input_ids[row, : len(window)] = torch.tensor(window)
+        attention_mask[row, : len(window)] = 1
+    return input_ids, attention_mask
+
+
+class _StopForward(Exception):
+    """Raised by the capture hook to end the forward pass after the hooked layer."""
+
+
+@torch.inference_mode()
+def layer_output(
+    model: nn.Module, layer: int, input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> torch.Tensor:
+    """Output of decoder layer `layer` for a batch, ``[B, T, d_model]``; later layers skipped."""
+    captured: list[torch.Tensor] = []
+
+    def capture(_module: nn.Module, _inputs: object, output: object) -> None:
+        captured.append(output[0] if isinstance(output, tuple) else output)
+        raise _StopForward
+
+    handle = decoder_layer(model, layer).register_forward_hook(capture)
+    try:
+        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    except _StopForward:
+        pass
+    finally:
+        handle.remove()
+    return captured[0]
+
+
+def collect_activations(
+    model: nn.Module,
+    tokenizer,
+    texts: Sequence[str],
+    hook_layer: int,
+    max_tokens: int,
+    seq_len: int = 128,
+    exclude_bos: bool = True,
+    batch_size: int = 8,
+    log_every: int = 0,
+) -> torch.Tensor:
+    """Residual activations after decoder layer `hook_layer`: ``FloatTensor[N, d_model]``.
+
+    ``N = min(max_tokens, number of kept positions)``; kept positions are the non-pad tokens
+    of every window, minus the BOS positions when `exclude_bos`. Rows come in text order.
+    The model runs in eval mode (its previous mode is restored) and in inference mode.
+    """
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    bos_id = tokenizer.bos_token_id
+    chunks: list[torch.Tensor] = []
+    n_kept = 0
+    was_training = model.training
+    model.eval()
+    try:
+        windows = token_windows(tokenizer, texts, seq_len)
+        while n_kept < max_tokens:
+            batch = [w for _, w in zip(range(batch_size), windows, strict=False)]
+            if not batch:
+                break
+            input_ids, attention_mask = _pad_batch(batch, pad_id)
+            hidden = layer_output(model, hook_layer, input_ids, attention_mask)
+            keep = attention_mask.bool()
+            if exclude_bos and bos_id is not None:
+                keep &= input_ids != bos_id
+            chunks.append(hidden[keep].float().clone())
+            n_kept += chunks[-1].shape[0]
+            if log_every and len(chunks) % log_every == 0:
+                print(f"collected {min(n_kept, max_tokens)}/{max_tokens} activations", flush=True)
+    finally:
+        model.train(was_training)
+    if not chunks:
+        raise UserError("no text to collect activations from (the corpus is empty)")
+    return torch.cat(chunks)[:max_tokens]

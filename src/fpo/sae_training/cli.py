@@ -1,0 +1,247 @@
+"""``python -m fpo.sae_training``: collect activations, train a TopK SAE, evaluate, ship it.
+
+Example (the shipped SAE; the exact command is recorded in its ``SAE_CARD.md``)::
+
+    python -m fpo.sae_training --layer 17 --d-sae 4096 --k 32 --tokens 300000 \\
+        --epochs 10 --out assets/sae/gemma3-270m-layer17 --seed 0
+
+Steps: load the model -> build an offline English corpus (preference rows + local docs)
+-> hold out every 10th document -> collect layer activations once (train and held-out)
+-> train with sae-lens's `SAETrainer` -> evaluate on the held-out activations -> save the
+folder (sae-lens format + card).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import sae_lens
+import torch
+
+from fpo.errors import UserError
+from fpo.sae_training import corpus
+from fpo.sae_training.activations import collect_activations, hook_name_for_layer
+from fpo.sae_training.io import folder_size_bytes, save_sae
+from fpo.sae_training.trainer import evaluate_sae, train_sae
+
+DEFAULT_PREFERENCE_FILE = Path("data/sentiment/train.jsonl")
+CHARS_PER_TOKEN = 4.0  # English text, Gemma tokenizer (measured ~4.2); budget errs high
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """Command-line options (see ``--help``)."""
+    p = argparse.ArgumentParser(prog="python -m fpo.sae_training", description=__doc__)
+    p.add_argument("--model", default="gemma3-270m", help="gemma3-270m | tiny | HF name/folder")
+    p.add_argument("--layer", type=int, default=17, help="decoder layer whose output is hooked")
+    p.add_argument("--d-sae", type=int, default=4096, help="number of SAE latents")
+    p.add_argument("--k", type=int, default=32, help="active latents per token (TopK)")
+    p.add_argument("--tokens", type=int, default=300_000, help="unique training tokens")
+    p.add_argument("--heldout-tokens", type=int, default=30_000, help="evaluation tokens")
+    p.add_argument("--epochs", type=int, default=10, help="passes over the training tokens")
+    p.add_argument("--lr", type=float, default=3e-4, help="Adam learning rate")
+    p.add_argument("--batch-size", type=int, default=4096, help="tokens per optimizer step")
+    p.add_argument("--seq-len", type=int, default=128, help="tokens per window, BOS included")
+    p.add_argument(
+        "--dead-window-tokens",
+        type=int,
+        default=100_000,
+        help="tokens without firing before a latent counts as dead (aux loss)",
+    )
+    p.add_argument(
+        "--preference-file",
+        type=Path,
+        default=None,
+        help=f"JSONL prompt/chosen/rejected rows (default {DEFAULT_PREFERENCE_FILE} if it exists)",
+    )
+    p.add_argument(
+        "--storage-dtype",
+        choices=["float32", "float16"],
+        default="float16",
+        help="dtype of the saved weights (loads back as float32)",
+    )
+    p.add_argument(
+        "--activation-cache",
+        type=Path,
+        default=None,
+        help="save/reuse the collected activations here (a .pt file)",
+    )
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def load_model(name: str) -> tuple[Any, Any, str]:
+    """``(model, tokenizer, model_name)`` for ``--model``."""
+    if name == "gemma3-270m":
+        from fpo.models.gemma3_gguf import MODEL_ID, load_gemma3_270m
+
+        return (*load_gemma3_270m(), MODEL_ID)
+    if name == "tiny":
+        from fpo.models.tiny import build_tiny_model, build_tiny_tokenizer
+
+        return build_tiny_model(), build_tiny_tokenizer(), "tiny-random-gemma3"
+    from fpo.models.hf import load_hf_causal_lm
+
+    return (*load_hf_causal_lm(name), name)
+
+
+def corpus_sources(preference_file: Path | None) -> dict[str, Any]:
+    """The offline text sources, sentiment preference rows first when available."""
+    sources: dict[str, Any] = {}
+    path = preference_file or DEFAULT_PREFERENCE_FILE
+    if preference_file is not None or path.is_file():
+        sources[f"preferences ({path})"] = corpus.preference_texts(path)
+    sources["/usr/share/doc"] = corpus.doc_texts()
+    sources["man pages"] = corpus.man_texts()
+    sources["python docstrings"] = corpus.docstring_texts()
+    return sources
+
+
+def activations_for(args: argparse.Namespace, model, tokenizer) -> tuple[dict[str, Any], float]:
+    """Train / held-out activations (collected, or reused from ``--activation-cache``)."""
+    key = {
+        k: str(getattr(args, k))
+        for k in (
+            "model",
+            "layer",
+            "tokens",
+            "heldout_tokens",
+            "seq_len",
+            "preference_file",
+            "seed",
+        )
+    }
+    cache = args.activation_cache
+    if cache is not None and cache.is_file():
+        stored = torch.load(cache)
+        if stored["key"] != key:
+            raise UserError(
+                f"--activation-cache {cache} was made with {stored['key']}, "
+                f"not {key}; delete it or pick another path"
+            )
+        print(f"reusing activations from {cache}", flush=True)
+        return stored, 0.0
+    start = time.perf_counter()
+    budget = int((args.tokens + args.heldout_tokens) * CHARS_PER_TOKEN * 1.25)
+    texts, taken = corpus.build_corpus(corpus_sources(args.preference_file), budget, args.seed)
+    train_texts, heldout_texts = corpus.split_texts(texts)
+    print(f"corpus: {len(texts)} texts, chars per source {taken}", flush=True)
+    common = {"hook_layer": args.layer, "seq_len": args.seq_len, "exclude_bos": True}
+    data = {
+        "key": key,
+        "corpus_chars": taken,
+        "train": collect_activations(
+            model, tokenizer, train_texts, max_tokens=args.tokens, log_every=50, **common
+        ),
+        "heldout": collect_activations(
+            model, tokenizer, heldout_texts, max_tokens=args.heldout_tokens, **common
+        ),
+    }
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(data, cache)
+    return data, time.perf_counter() - start
+
+
+def build_card(args, argv, model_name, sae, data, metrics, times) -> dict[str, Any]:
+    """The fields of ``SAE_CARD.md``."""
+    itemsize = torch.empty(0, dtype=getattr(torch, args.storage_dtype)).element_size()
+    weights_bytes = sum(p.numel() for p in sae.state_dict().values()) * itemsize
+    n_train, d_in = data["train"].shape
+    batch = min(args.batch_size, n_train)
+    held, train = metrics["heldout"], metrics["train"]
+    return {
+        "title": f"TopK SAE: {model_name}, layer {args.layer} residual stream",
+        "description": (
+            f"Trained with sae-lens {sae_lens.__version__} (`SAETrainer`, TopK) on activations "
+            f"of `{hook_name_for_layer(args.layer)}` = the output of `model.model.layers"
+            f"[{args.layer}]`, before the final norm. BOS and pad positions excluded; `b_dec` "
+            "initialised to the mean activation. Load with "
+            "`sae_lens.SAE.load_from_disk(folder)`. Metrics are on held-out documents."
+        ),
+        "model": model_name,
+        "hook_name": hook_name_for_layer(args.layer),
+        "architecture": f"topk (k={args.k})",
+        "d_in": d_in,
+        "d_sae": args.d_sae,
+        "k": args.k,
+        "variance_explained (held-out)": held["variance_explained"],
+        "L0 (held-out)": held["l0"],
+        "dead fraction (held-out, never fires)": held["dead_fraction"],
+        "variance_explained (train sample)": train["variance_explained"],
+        "held-out tokens": int(held["n_tokens"]),
+        "unique training tokens": n_train,
+        "epochs": args.epochs,
+        "training tokens seen (with epochs)": args.epochs * (n_train // batch) * batch,
+        "optimizer": f"Adam lr={args.lr}, batch {args.batch_size}, linear decay over last 20%",
+        "window length (BOS included)": args.seq_len,
+        "corpus characters per source": data["corpus_chars"],
+        "activation collection time (s)": round(times["collect"], 1),
+        "SAE training time (s)": round(times["train"], 1),
+        "weights storage dtype": args.storage_dtype,
+        "weights size (MB)": round(weights_bytes / 1e6, 2),
+        "seed": args.seed,
+        "torch / sae-lens": f"{torch.__version__} / {sae_lens.__version__}",
+        "command": "python -m fpo.sae_training " + shlex.join(argv),
+    }
+
+
+def run(argv: list[str]) -> dict[str, Any]:
+    """The whole pipeline; returns the card fields."""
+    args = parse_args(argv)
+    torch.manual_seed(args.seed)
+    model, tokenizer, model_name = load_model(args.model)
+    data, collect_s = activations_for(args, model, tokenizer)
+    print(
+        f"activations: train {tuple(data['train'].shape)}, held-out "
+        f"{tuple(data['heldout'].shape)} ({collect_s:.0f} s)",
+        flush=True,
+    )
+    start = time.perf_counter()
+    metadata = {
+        "model_name": model_name,
+        "hook_name": hook_name_for_layer(args.layer),
+        "context_size": args.seq_len,
+        "prepend_bos": True,
+    }
+    sae = train_sae(
+        data["train"],
+        d_sae=args.d_sae,
+        k=args.k,
+        epochs=args.epochs,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        metadata=metadata,
+        dead_window_tokens=args.dead_window_tokens,
+    )
+    train_s = time.perf_counter() - start
+    n_eval = data["heldout"].shape[0]
+    metrics = {
+        "heldout": evaluate_sae(sae, data["heldout"]),
+        "train": evaluate_sae(sae, data["train"][:n_eval]),
+    }
+    times = {"collect": collect_s, "train": train_s}
+    card = build_card(args, argv, model_name, sae, data, metrics, times)
+    save_sae(sae, args.out, card, storage_dtype=args.storage_dtype)
+    print(
+        f"saved {args.out}: {folder_size_bytes(args.out)} bytes; held-out VE "
+        f"{metrics['heldout']['variance_explained']:.4f}, L0 {metrics['heldout']['l0']:.1f}, "
+        f"dead {metrics['heldout']['dead_fraction']:.3f}",
+        flush=True,
+    )
+    return card
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: a `UserError` prints its message and exits with status 2."""
+    try:
+        run(sys.argv[1:] if argv is None else argv)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -1,0 +1,108 @@
+"""``fpo-train``: compose the Hydra config, build everything, fit, return the metric."""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+from pathlib import Path
+
+import hydra
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from fpo.cli import user_errors
+from fpo.errors import UserError
+from fpo.methods import Method, get_method
+from fpo.module import FPOLightningModule
+from fpo.reference.base import BatchReference, OnlineReference
+
+log = logging.getLogger("fpo.train")
+CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")
+
+
+def build_reference(cfg: DictConfig, method: Method, policy, sae):
+    """The reference source named by ``reference.source`` (``None`` for SimPO)."""
+    if not method.reference:
+        return None
+    source = cfg.reference.source
+    if source == "online":
+        return OnlineReference(
+            copy.deepcopy(policy),
+            sae=sae,
+            hook_name=cfg.get("hook_name"),
+            k=cfg.objective.get("k", 0),
+            logits_chunk_size=cfg.logits_chunk_size,
+        )
+    if source == "cached":
+        if method.token_kl:
+            raise UserError(
+                f"objective={method.name} needs the reference's full-vocabulary logits every "
+                "step; the offline cache cannot provide them. Use reference=online."
+            )
+        return BatchReference()
+    raise UserError(f"reference.source={source!r}: choose online or cached.")
+
+
+def instantiate_all(group: DictConfig | None) -> list:
+    """Instantiate every entry of a dict-of-configs group (loggers, callbacks)."""
+    return [instantiate(c) for c in (group or {}).values() if c and "_target_" in c]
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Fit one run; returns the final callback metrics as floats."""
+    L.seed_everything(cfg.seed, workers=True)
+    method = get_method(cfg.objective)
+    policy, tokenizer = instantiate(cfg.model.loader)
+    if cfg.model.get("gradient_checkpointing"):
+        policy.gradient_checkpointing_enable()
+    sae = instantiate(cfg.sae) if method.features else None
+    datamodule = instantiate(cfg.data, tokenizer=tokenizer)
+    reference = build_reference(cfg, method, policy, sae)
+    module = FPOLightningModule(
+        policy,
+        objective=OmegaConf.to_container(cfg.objective, resolve=True),
+        optimizer=instantiate(cfg.optimizer),
+        scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
+        reference=reference,
+        sae=sae,
+        hook_name=cfg.get("hook_name"),
+        logits_chunk_size=cfg.logits_chunk_size,
+        checkpoint_logits=cfg.checkpoint_logits,
+    )
+    loggers = instantiate_all(cfg.get("logger"))
+    trainer: L.Trainer = instantiate(
+        cfg.trainer, logger=loggers or False, callbacks=instantiate_all(cfg.get("callbacks"))
+    )
+    config = OmegaConf.to_container(cfg, resolve=True)
+    for logger in loggers:
+        logger.log_hyperparams(config)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    if trainer.is_global_zero:
+        output_dir = Path(cfg.paths.output_dir)
+        (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+        log.info("final metrics written to %s", output_dir / "metrics.json")
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    """Hydra entry point; returns ``cfg.optimized_metric`` for sweepers."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    torch.set_float32_matmul_precision("high")
+    with user_errors():
+        metrics = train(cfg)
+        name = cfg.get("optimized_metric")
+        if name and name not in metrics:
+            raise UserError(
+                f"optimized_metric={name!r} was not logged; logged metrics: {sorted(metrics)}."
+            )
+        return metrics.get(name) if name else None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,126 @@
+"""fpo.sae_training: the whole collect -> train -> evaluate -> save pipeline on a tiny model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from sae_lens import SAE
+
+from fpo.errors import UserError
+from fpo.sae_training import (
+    collect_activations,
+    evaluate_sae,
+    hook_name_for_layer,
+    render_card,
+    save_sae,
+    train_sae,
+)
+from fpo.sae_training.activations import layer_output
+from fpo.sae_training.corpus import build_corpus, split_texts, strip_roff
+from fpo.sae_training.trainer import epoch_batches
+
+TEXTS = [
+    "The film was wonderful and the actors were great.",
+    "A dull, slow plot; I left before the end.",
+    "Short one.",
+    "Reading manuals is how one learns the options of a command line tool.",
+] * 6
+
+
+def test_collect_counts_exclude_bos_and_pad(tiny_model, tiny_tokenizer):
+    # byte-level tokenizer: one token per byte; windows of 15 text tokens + BOS (seq_len 16)
+    acts = collect_activations(tiny_model, tiny_tokenizer, TEXTS, 1, 10**6, seq_len=16)
+    n_text_tokens = sum(len(t.encode()) for t in TEXTS)
+    assert acts.shape == (n_text_tokens, 32)
+    windows = sum(-(-len(t.encode()) // 15) for t in TEXTS)
+    with_bos = collect_activations(
+        tiny_model, tiny_tokenizer, TEXTS, 1, 10**6, seq_len=16, exclude_bos=False
+    )
+    assert with_bos.shape[0] == n_text_tokens + windows
+    capped = collect_activations(tiny_model, tiny_tokenizer, TEXTS, 1, 100, seq_len=16)
+    assert torch.equal(capped, acts[:100])
+
+
+def test_collected_rows_are_the_layer_output_before_the_final_norm(tiny_model, tiny_tokenizer):
+    text = "hello world"
+    acts = collect_activations(tiny_model, tiny_tokenizer, [text], 1, 100, seq_len=64)
+    ids = tiny_tokenizer(text, return_tensors="pt")  # adds BOS, like the windows
+    out = tiny_model(**ids, output_hidden_states=True)
+    # hidden_states[-1] is after the final norm; the last layer's raw output is what a
+    # forward hook on model.model.layers[-1] sees: compare with layer_output directly
+    raw = layer_output(tiny_model, 1, ids["input_ids"], ids["attention_mask"])[0, 1:]
+    assert torch.allclose(acts, raw, atol=1e-6)
+    assert not torch.allclose(acts, out.hidden_states[-1][0, 1:], atol=1e-3)
+    assert tiny_model.training  # mode restored
+
+
+def test_bad_layer_is_a_user_error(tiny_model, tiny_tokenizer):
+    with pytest.raises(UserError, match="--layer 5 is out of range: the model has 2 layers"):
+        collect_activations(tiny_model, tiny_tokenizer, TEXTS, 5, 10, seq_len=16)
+
+
+def test_epoch_batches_cover_each_row_once_per_epoch():
+    acts = torch.arange(10.0).unsqueeze(1)
+    batches = list(epoch_batches(acts, batch_size=3, epochs=2, seed=0))
+    assert len(batches) == 6 and all(b.shape == (3, 1) for b in batches)
+    first_epoch = torch.cat(batches[:3]).flatten()
+    assert len(set(first_epoch.tolist())) == 9  # 9 distinct rows, the 10th dropped
+
+
+def test_evaluate_sae_hand_computed():
+    sae = SAE.from_dict(
+        {"architecture": "topk", "d_in": 2, "d_sae": 2, "k": 1, "apply_b_dec_to_input": False}
+    )
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.eye(2))
+        sae.W_dec.copy_(torch.eye(2))
+        sae.b_enc.zero_()
+        sae.b_dec.zero_()
+    x = torch.tensor([[2.0, 1.0], [0.0, 3.0]])
+    # top-1 keeps the larger coordinate: recon [[2, 0], [0, 3]], squared error 1
+    # mean [1, 2]; total variance = (1+1) + (1+1) = 4 -> VE = 1 - 1/4
+    metrics = evaluate_sae(sae, x)
+    assert metrics["variance_explained"] == pytest.approx(0.75)
+    assert metrics["l0"] == 1.0
+    assert metrics["dead_fraction"] == 0.0
+    assert metrics["mse"] == pytest.approx(1 / 4)
+
+
+def test_pipeline_trains_saves_and_loads(tiny_model, tiny_tokenizer, tmp_path):
+    acts = collect_activations(tiny_model, tiny_tokenizer, TEXTS * 4, 1, 4000, seq_len=32)
+    meta = {"hook_name": hook_name_for_layer(1), "model_name": "tiny"}
+    untrained = train_sae(acts, d_sae=64, k=4, epochs=1, lr=1e-9, batch_size=256, metadata=meta)
+    sae = train_sae(acts, d_sae=64, k=4, epochs=10, lr=3e-3, batch_size=256, seed=0, metadata=meta)
+    before, after = evaluate_sae(untrained, acts), evaluate_sae(sae, acts)
+    assert after["variance_explained"] > before["variance_explained"] + 0.2
+    assert after["variance_explained"] > 0.7
+    assert after["l0"] <= 4.0
+
+    card = {"title": "tiny", "variance_explained": after["variance_explained"], "command": "x"}
+    folder = save_sae(sae, tmp_path / "sae", card, storage_dtype="float16")
+    loaded = SAE.load_from_disk(folder)
+    assert loaded.cfg.metadata.hook_name == "blocks.1.hook_resid_post"
+    assert loaded.W_enc.dtype == torch.float32
+    assert json.loads((folder / "cfg.json").read_text())["architecture"] == "topk"
+    reloaded = evaluate_sae(loaded, acts)["variance_explained"]
+    assert reloaded == pytest.approx(after["variance_explained"], abs=1e-3)  # fp16 storage
+    assert "| variance_explained |" in (folder / "SAE_CARD.md").read_text()
+
+
+def test_render_card_table_and_command():
+    text = render_card({"title": "T", "k": 32, "ve": 0.812345, "command": "python -m x"})
+    assert text.splitlines()[0] == "# T"
+    assert "| k | 32 |" in text and "| ve | 0.8123 |" in text
+    assert "```bash\npython -m x\n```" in text
+
+
+def test_corpus_helpers():
+    texts, taken = build_corpus({"a": ["x" * 10] * 5, "b": ["y" * 3]}, max_chars=25)
+    assert sorted(texts) == ["x" * 10, "x" * 10, "x" * 10, "y" * 3]  # a, b, a, a -> 33 >= 25
+    assert taken == {"a": 30, "b": 3}
+    train, held = split_texts([str(i) for i in range(20)], heldout_every=10)
+    assert held == ["9", "19"] and len(train) == 18 and not set(train) & set(held)
+    roff = ".SH NAME\nls \\- list \\fBdirectory\\fR contents\n.PP\nmore"
+    assert strip_roff(roff) == "\nls - list directory contents\n\nmore"
