@@ -244,6 +244,18 @@ def test_interrupted_build_resumes_to_same_content(tmp_path):
     assert contents(path) == contents(tmp_path / "full")
 
 
+def test_exception_inside_with_keeps_rows_but_leaves_rank_unfinished(tmp_path):
+    ids, chosen, rejected = make_rows()
+    writer = ReferenceCacheWriter(tmp_path, COMPONENTS, K, "float32", shard_size=3)
+    with pytest.raises(RuntimeError, match="predict failed"), writer:
+        writer.add(ids[:4], take(chosen, slice(4)), take(rejected, slice(4)))
+        raise RuntimeError("predict failed")
+    assert not (tmp_path / "parts" / "rank0.json").exists()
+    with pytest.raises(UserError, match="rank 0 has not finished"):
+        finalize(tmp_path, 1)
+    assert ReferenceCacheWriter(tmp_path, COMPONENTS, K, "float32").done_ids() == set(ids[:4])
+
+
 def test_two_ranks_equal_one_rank(tmp_path):
     rows = make_rows()
     ids, chosen, rejected = rows

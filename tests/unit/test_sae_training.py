@@ -43,17 +43,24 @@ def test_collect_counts_exclude_bos_and_pad(tiny_model, tiny_tokenizer):
     assert torch.equal(capped, acts[:100])
 
 
-def test_collected_rows_are_the_layer_output_before_the_final_norm(tiny_model, tiny_tokenizer):
-    text = "hello world"
-    acts = collect_activations(tiny_model, tiny_tokenizer, [text], 1, 100, seq_len=64)
-    ids = tiny_tokenizer(text, return_tensors="pt")  # adds BOS, like the windows
-    out = tiny_model(**ids, output_hidden_states=True)
-    # hidden_states[-1] is after the final norm; the last layer's raw output is what a
-    # forward hook on model.model.layers[-1] sees: compare with layer_output directly
-    raw = layer_output(tiny_model, 1, ids["input_ids"], ids["attention_mask"])[0, 1:]
-    assert torch.allclose(acts, raw, atol=1e-6)
-    assert not torch.allclose(acts, out.hidden_states[-1][0, 1:], atol=1e-3)
-    assert tiny_model.training  # mode restored
+def test_collected_rows_are_the_layer_outputs_of_each_text(tiny_model, tiny_tokenizer):
+    texts = ["hello world", "a longer second text, padded against the first"]
+    acts = collect_activations(tiny_model, tiny_tokenizer, texts, 0, 1000, seq_len=64)
+    expected = []
+    for text in texts:  # one text at a time: no padding; drop the BOS position
+        ids = tiny_tokenizer(text, return_tensors="pt")
+        hidden = tiny_model(**ids, output_hidden_states=True).hidden_states
+        expected.append(hidden[1][0, 1:])  # hidden_states[1] = output of layers[0]
+    assert torch.allclose(acts, torch.cat(expected), atol=1e-5)
+    assert tiny_model.training  # the caller's mode is restored
+
+
+def test_last_layer_is_taken_before_the_final_norm(tiny_model, tiny_tokenizer):
+    ids = tiny_tokenizer("hello world", return_tensors="pt")
+    final = tiny_model(**ids, output_hidden_states=True).hidden_states[-1]  # after the norm
+    raw = layer_output(tiny_model, 1, ids["input_ids"], ids["attention_mask"])
+    assert torch.allclose(tiny_model.model.norm(raw), final, atol=1e-5)
+    assert not torch.allclose(raw, final, atol=1e-2)
 
 
 def test_bad_layer_is_a_user_error(tiny_model, tiny_tokenizer):
@@ -103,6 +110,7 @@ def test_pipeline_trains_saves_and_loads(tiny_model, tiny_tokenizer, tmp_path):
     loaded = SAE.load_from_disk(folder)
     assert loaded.cfg.metadata.hook_name == "blocks.1.hook_resid_post"
     assert loaded.W_enc.dtype == torch.float32
+    assert loaded.cfg.normalize_activations == "none"  # scaling folded into the weights
     assert json.loads((folder / "cfg.json").read_text())["architecture"] == "topk"
     reloaded = evaluate_sae(loaded, acts)["variance_explained"]
     assert reloaded == pytest.approx(after["variance_explained"], abs=1e-3)  # fp16 storage

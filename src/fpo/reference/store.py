@@ -455,7 +455,7 @@ def finalize(
     return manifest
 
 
-def _check_shard(path: Path, shard: Mapping[str, Any], verify: bool, rebuild_command: str):
+def _check_shard(path: Path, shard: Mapping[str, Any], verify: bool, rebuild_command: str) -> None:
     """Existence, byte size and (with ``verify``) sha256 of one manifest shard entry."""
     file = path / shard["file"]
     problem = None

@@ -1,0 +1,167 @@
+"""Batched, seeded sampling of completions from a causal LM (any policy or reference).
+
+Prompts are expanded prompt-major (``num_samples`` copies of prompt 0, then of prompt 1,
+...), cut into batches of ``batch_size`` sequences, LEFT-padded so that every row's last
+prompt token sits in the last column (what ``model.generate`` needs for batched decoding),
+and sampled with ``model.generate``. Each batch ``b`` is sampled under
+``torch.manual_seed(seed + b)`` inside a forked RNG, so results are reproducible for the same
+(seed, prompts, batch_size) and the caller's global RNG state is untouched.
+
+Only the new tokens are returned: generation stops at EOS or after ``max_new_tokens``; the
+EOS and the padding after it are not part of the completion. Decoded completions keep
+their leading whitespace, so ``prompt + completion`` is the sampled text.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+
+from fpo.errors import UserError
+
+
+@contextmanager
+def _left_padding(tokenizer: Any) -> Iterator[Any]:
+    """Temporarily pad on the left (and with EOS when the tokenizer has no pad token)."""
+    side, pad = tokenizer.padding_side, tokenizer.pad_token
+    tokenizer.padding_side = "left"
+    if pad is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    try:
+        yield tokenizer
+    finally:
+        tokenizer.padding_side = side
+        if pad is None:
+            tokenizer.pad_token = pad
+
+
+@contextmanager
+def _eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """Put the model in eval mode (no dropout) and restore its previous mode after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+def _check_args(num_samples: int, max_new_tokens: int, batch_size: int, temperature: float):
+    for name, value in (
+        ("num_samples", num_samples),
+        ("max_new_tokens", max_new_tokens),
+        ("batch_size", batch_size),
+    ):
+        if value < 1:
+            raise UserError(f"sampling: {name}={value} must be >= 1")
+    if temperature < 0:
+        raise UserError(f"sampling: temperature={temperature} must be >= 0 (0 = greedy)")
+
+
+def sample_completion_ids(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    num_samples: int,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = 0,
+    top_p: float = 1.0,
+    batch_size: int = 32,
+    seed: int = 0,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[list[list[int]]]:
+    """Sample ``num_samples`` completions per prompt; return their token ids.
+
+    Args:
+        prompts: P prompt texts, tokenized with the tokenizer's special tokens (its BOS).
+        temperature: softmax temperature; 0 means greedy decoding.
+        top_k: keep the k most likely tokens; 0 or None = no top-k filter (passed as 0, so
+            the model's own ``generation_config`` default cannot sneak in).
+        top_p: nucleus threshold; 1.0 = no filter.
+        batch_size: sequences (not prompts) per ``generate`` call.
+        progress: called after each batch with ``(sequences_done, sequences_total)``.
+
+    Returns:
+        ``ids[p][s]``: the new token ids of sample ``s`` of prompt ``p`` (``P x num_samples``
+        lists), EOS and padding removed.
+    """
+    _check_args(num_samples, max_new_tokens, batch_size, temperature)
+    flat = [prompt for prompt in prompts for _ in range(num_samples)]
+    eos_ids = _eos_ids(model, tokenizer)
+    device = next(model.parameters()).device
+    fork_devices = [device] if device.type == "cuda" else []
+    out: list[list[int]] = []
+    with _left_padding(tokenizer), _eval_mode(model), torch.no_grad():
+        for b, start in enumerate(range(0, len(flat), batch_size)):
+            enc = tokenizer(flat[start : start + batch_size], return_tensors="pt", padding=True)
+            enc = {key: value.to(device) for key, value in enc.items()}
+            with torch.random.fork_rng(devices=fork_devices):
+                torch.manual_seed(seed + b)
+                generated = model.generate(
+                    **enc,
+                    do_sample=temperature > 0,
+                    temperature=temperature if temperature > 0 else None,
+                    top_k=top_k or 0,
+                    top_p=top_p,
+                    max_new_tokens=max_new_tokens,
+                    pad_token_id=tokenizer.pad_token_id,
+                    eos_token_id=sorted(eos_ids),
+                )
+            new = generated[:, enc["input_ids"].shape[1] :].tolist()
+            out.extend(_cut_at_eos(row, eos_ids) for row in new)
+            if progress is not None:
+                progress(len(out), len(flat))
+    return [out[p * num_samples : (p + 1) * num_samples] for p in range(len(prompts))]
+
+
+def sample_completions(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    num_samples: int,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = 0,
+    top_p: float = 1.0,
+    batch_size: int = 32,
+    seed: int = 0,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[list[str]]:
+    """Like `sample_completion_ids`, decoded: ``texts[p][s]`` is the completion text of
+    sample ``s`` of prompt ``p`` (special tokens skipped, leading whitespace kept)."""
+    ids = sample_completion_ids(
+        model,
+        tokenizer,
+        prompts,
+        num_samples,
+        max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        batch_size=batch_size,
+        seed=seed,
+        progress=progress,
+    )
+    return [tokenizer.batch_decode(rows, skip_special_tokens=True) for rows in ids]
+
+
+def _eos_ids(model: torch.nn.Module, tokenizer: Any) -> set[int]:
+    """EOS ids from the model's generation config (may be a list) and the tokenizer."""
+    config = getattr(model, "generation_config", None)
+    ids = getattr(config, "eos_token_id", None) if config is not None else None
+    found = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
+    if tokenizer.eos_token_id is not None:
+        found.add(tokenizer.eos_token_id)
+    return found
+
+
+def _cut_at_eos(row: list[int], eos_ids: set[int]) -> list[int]:
+    """The tokens before the first EOS (``generate`` pads finished rows after their EOS)."""
+    for i, token in enumerate(row):
+        if token in eos_ids:
+            return row[:i]
+    return row

@@ -1,0 +1,121 @@
+"""Review-style prompts for controlled sentiment generation (the DPO paper's IMDb task).
+
+The DPO paper prompts GPT-2 with prefixes of IMDb reviews; offline we build prefixes from
+templates and word lists instead. Every prompt is *neutral*: no word of any template or
+list carries sentiment in VADER's lexicon (genres such as comedy, horror, crime or romance
+do and are left out), so the reference model can continue either way and the judge's
+score reflects the completion alone. Titles are invented ("The Glass Harbor") so that no
+real film's reputation leaks in. Prompts end without a trailing space: a completion starts
+with its own whitespace, so ``prompt + completion`` is the full text.
+
+``make_prompts(n, seed)`` draws n distinct prompts from the finite template space with a
+seeded ``random.Random``; ``make_prompt_splits`` draws once and cuts, so train and test
+prompts are disjoint by construction.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import string
+
+from fpo.errors import UserError
+
+TEMPLATES: tuple[str, ...] = (
+    "I watched {title} last night and",
+    "The {genre} film {title} is",
+    "This {genre} movie, {title}, was",
+    "{title} ({year}) is a {genre} film that",
+    "I just finished watching {title}. Overall, the movie was",
+    "My {person} and I saw {title} on {day}, and",
+    "After seeing {title} at the {venue}, I think the film",
+    "Going into {title}, I did not know what to expect. The",
+    "{title} is a {genre} film from {year}, and I have to say it",
+    "The director of {title} made a {genre} film about a {character}, and the result",
+    "Having seen {title} twice now, I would describe it as",
+    "The story of {title} follows a {character}, and the film",
+    "If you are thinking about watching {title}, the",
+    "Review of {title} ({year}): this {genre} film is",
+    "I rented {title} for {day} night with my {person}. The acting",
+    "The {genre} film {title} came out in {year}. In my view, it",
+    "We put on {title} at the {venue}, and by the end I",
+    "My thoughts on the {genre} film {title}: the script",
+)
+
+TITLE_FIRST: tuple[str, ...] = (
+    "Glass", "Northern", "Paper", "Silver", "Harbor", "Winter", "Copper", "Station",
+    "Autumn", "River", "Iron", "Velvet", "Granite", "Lantern", "Meridian", "Hollow",
+    "Amber", "Cobalt", "Orchard", "Signal",
+)  # fmt: skip
+TITLE_SECOND: tuple[str, ...] = (
+    "Harbor", "Road", "Summer", "Line", "Garden", "Horizon", "Tower", "Bridge",
+    "Letters", "Season", "Crossing", "House", "Avenue", "Archive", "Coast", "Engine",
+)  # fmt: skip
+# Used as "a {genre} film": no vowel-initial genre, so the article always reads right.
+GENRES: tuple[str, ...] = (
+    "mystery", "western", "musical", "documentary", "science fiction", "period",
+    "fantasy", "family", "historical", "sports", "spy", "detective", "heist",
+    "courtroom", "road", "noir", "space", "monster", "martial arts", "French",
+)  # fmt: skip
+YEARS: tuple[str, ...] = tuple(str(year) for year in range(1968, 2024, 3))
+PEOPLE: tuple[str, ...] = (
+    "sister", "brother", "roommate", "father", "mother", "cousin", "neighbor",
+    "coworker", "partner", "uncle",
+)  # fmt: skip
+DAYS: tuple[str, ...] = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday")
+VENUES: tuple[str, ...] = ("local cinema", "multiplex", "drive-in", "library screening", "campus")
+CHARACTERS: tuple[str, ...] = (
+    "retired teacher", "young pilot", "small-town sheriff", "chess player",
+    "night-shift nurse", "ship captain", "jazz pianist", "farmer", "journalist",
+    "lighthouse keeper", "taxi driver", "chemist",
+)  # fmt: skip
+
+SLOTS: dict[str, tuple[str, ...]] = {
+    "title": tuple(f"The {a} {b}" for a in TITLE_FIRST for b in TITLE_SECOND if a != b),
+    "genre": GENRES,
+    "year": YEARS,
+    "person": PEOPLE,
+    "day": DAYS,
+    "venue": VENUES,
+    "character": CHARACTERS,
+}
+
+
+def template_slots(template: str) -> list[str]:
+    """The slot names of a template, in order of first appearance."""
+    names = [name for _, name, _, _ in string.Formatter().parse(template) if name]
+    return list(dict.fromkeys(names))
+
+
+def num_distinct_prompts() -> int:
+    """Size of the prompt space: sum over templates of the product of their slot sizes."""
+    return sum(
+        math.prod(len(SLOTS[name]) for name in template_slots(t)) for t in TEMPLATES
+    )
+
+
+def make_prompts(n: int, seed: int = 0) -> list[str]:
+    """``n`` distinct prompts, a deterministic function of ``(n, seed)``.
+
+    Each draw picks a template uniformly, then each of its slots uniformly; duplicates are
+    redrawn. Prefixes agree: ``make_prompts(n, s) == make_prompts(n + m, s)[:n]``.
+    """
+    capacity = num_distinct_prompts()
+    if not 0 <= n <= capacity // 2:  # keep rejection sampling fast
+        raise UserError(f"make_prompts: n={n} must be between 0 and {capacity // 2}")
+    rng = random.Random(seed)
+    seen: set[str] = set()
+    prompts: list[str] = []
+    while len(prompts) < n:
+        template = rng.choice(TEMPLATES)
+        prompt = template.format(**{k: rng.choice(SLOTS[k]) for k in template_slots(template)})
+        if prompt not in seen:
+            seen.add(prompt)
+            prompts.append(prompt)
+    return prompts
+
+
+def make_prompt_splits(n_train: int, n_test: int, seed: int = 0) -> tuple[list[str], list[str]]:
+    """Disjoint ``(train, test)`` prompt lists: one draw of ``n_train + n_test``, then a cut."""
+    prompts = make_prompts(n_train + n_test, seed)
+    return prompts[:n_train], prompts[n_train:]

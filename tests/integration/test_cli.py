@@ -1,0 +1,115 @@
+"""`fpo-train` as a user runs it: Hydra composition, multirun, and user errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from fpo.train import CONFIG_DIR
+
+ROOT = Path(__file__).resolve().parents[2]
+OBJECTIVES = ["dpo", "simpo", "tdpo1", "tdpo2", "fpo"]
+
+
+def run_train(
+    tmp_path: Path, *overrides: str, multirun: bool = False
+) -> subprocess.CompletedProcess:
+    env = {**os.environ, "FPO_ROOT": str(ROOT), "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fpo.train",
+            *(["--multirun"] if multirun else []),
+            f"paths.log_dir={tmp_path}",
+            *overrides,
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def test_smoke_multirun_all_objectives(tmp_path):
+    result = run_train(
+        tmp_path, "experiment=smoke", f"objective={','.join(OBJECTIVES)}", multirun=True
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = sorted(p for p in (tmp_path / "smoke" / "multiruns").glob("*/*") if p.is_dir())
+    assert len(runs) == 5, runs
+    for run, name in zip(runs, OBJECTIVES, strict=True):
+        assert run.name.endswith(f"objective={name}"), run
+        metrics = json.loads((run / "metrics.json").read_text())
+        assert 0.0 <= metrics["val/rewards/accuracies"] <= 1.0
+        assert metrics["train/loss"] > 0
+        assert list(run.glob("csv/version_0/metrics.csv")), "CSV logger wrote nothing"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["objective=nonsense"], "Could not find 'objective/nonsense'"),
+        (
+            ["data.train_source=/nowhere/pairs.jsonl"],
+            "/nowhere/pairs.jsonl",
+        ),
+        (["sae.d_in=16"], "d_in"),
+        (["objective.name=orpo"], "objective.name='orpo'"),
+    ],
+)
+def test_user_errors_are_one_paragraph(tmp_path, overrides, expected):
+    result = run_train(tmp_path, "experiment=smoke", "objective=fpo", *overrides)
+    assert result.returncode != 0
+    assert expected in result.stderr, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
+
+
+def test_bad_row_with_fail_policy_names_the_row(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    rows = [
+        {"prompt": "Say hi", "chosen": "Hi there!", "rejected": "Go away."},
+        {"prompt": "Say bye", "chosen": "Bye!", "rejected": "Bye!"},
+    ]
+    bad.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = run_train(
+        tmp_path,
+        "experiment=smoke",
+        "objective=simpo",
+        "data=plain_fixture",
+        f"data.train_source={bad}",
+        "data.on_bad_row=fail",
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "bad.jsonl" in result.stderr and "1" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+CONFIG_GROUPS = {
+    "objective": OBJECTIVES,
+    "trainer": ["cpu", "gpu", "ddp"],
+    "logger": ["csv", "wandb", "tensorboard", "many"],
+    "data": ["ultrafeedback_fixture", "plain_fixture", "ultrafeedback"],
+    "model": ["tiny", "gemma2_2b"],
+    "debug": ["fdr", "limit"],
+}
+
+
+@pytest.mark.parametrize(
+    "override", [f"{group}={name}" for group, names in CONFIG_GROUPS.items() for name in names]
+)
+def test_every_config_option_composes_and_resolves(override):
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(config_name="train", overrides=[override], return_hydra_config=False)
+    from omegaconf import OmegaConf
+
+    container = OmegaConf.to_container(cfg.objective, resolve=True)
+    assert container["name"] in OBJECTIVES
+    assert cfg.trainer._target_.endswith("Trainer")
