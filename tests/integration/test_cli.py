@@ -97,7 +97,7 @@ CONFIG_GROUPS = {
     "trainer": ["cpu", "gpu", "ddp"],
     "logger": ["csv", "wandb", "tensorboard", "many"],
     "data": ["ultrafeedback_fixture", "plain_fixture", "ultrafeedback"],
-    "model": ["tiny", "gemma2_2b"],
+    "model": ["tiny", "gemma2_2b", "gemma3_270m"],
     "debug": ["fdr", "limit"],
 }
 
