@@ -47,6 +47,21 @@ def build_reference(cfg: DictConfig, method: Method, policy, sae):
     raise UserError(f"reference.source={source!r}: choose online or cached.")
 
 
+def apply_global_batch_size(trainer: L.Trainer, cfg: DictConfig) -> None:
+    """Set gradient accumulation so per-device batch x devices x accumulation = global batch."""
+    target = cfg.get("global_batch_size")
+    if not target:
+        return
+    per_step = cfg.data.batch_size * trainer.num_devices * trainer.num_nodes
+    if target % per_step:
+        raise UserError(
+            f"global_batch_size={target} is not a multiple of data.batch_size={cfg.data.batch_size}"
+            f" x {trainer.num_devices * trainer.num_nodes} device(s); change one of them."
+        )
+    trainer.accumulate_grad_batches = target // per_step
+    log.info("global batch %d = %d per step x %d accumulation", target, per_step, target // per_step)
+
+
 def instantiate_all(group: DictConfig | None) -> list:
     """Instantiate every entry of a dict-of-configs group (loggers, callbacks)."""
     return [instantiate(c) for c in (group or {}).values() if c and "_target_" in c]
@@ -77,6 +92,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     trainer: L.Trainer = instantiate(
         cfg.trainer, logger=loggers or False, callbacks=instantiate_all(cfg.get("callbacks"))
     )
+    apply_global_batch_size(trainer, cfg)
     config = OmegaConf.to_container(cfg, resolve=True)
     for logger in loggers:
         logger.log_hyperparams(config)

@@ -9,7 +9,19 @@ from __future__ import annotations
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import Gemma3ForCausalLM, Gemma3TextConfig, PreTrainedTokenizerFast
+from transformers import (
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
+    PreTrainedTokenizerFast,
+)
+
+ARCHITECTURES = {
+    "gemma3": (Gemma3TextConfig, Gemma3ForCausalLM),
+    # Gemma-2 (the FPO paper's model): soft-capped attention and final logits.
+    "gemma2": (Gemma2Config, Gemma2ForCausalLM),
+}
 
 SPECIAL_TOKENS = ["<pad>", "<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>"]
 
@@ -64,12 +76,14 @@ def build_tiny_model(
     max_position_embeddings: int = 512,
     seed: int = 0,
     dtype: str = "float32",
-) -> Gemma3ForCausalLM:
-    """A randomly initialised Gemma-3 text model (seeded, deterministic), in train mode.
+    architecture: str = "gemma3",
+):
+    """A randomly initialised Gemma-3 (or Gemma-2) text model, seeded, in train mode.
 
     Token ids follow `build_tiny_tokenizer`: pad 0, bos 1, eos 2.
     """
-    config = Gemma3TextConfig(
+    config_class, model_class = ARCHITECTURES[architecture]
+    config = config_class(
         vocab_size=vocab_size,
         hidden_size=hidden_size,
         num_hidden_layers=num_hidden_layers,
@@ -86,7 +100,7 @@ def build_tiny_model(
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = Gemma3ForCausalLM(config)
+        model = model_class(config)
     model = model.to(getattr(torch, dtype))
     model.train()
     return model
