@@ -17,7 +17,7 @@ from fpo.sae_training import (
     save_sae,
     train_sae,
 )
-from fpo.sae_training.activations import layer_output
+from fpo.sae_training.activations import layer_output, token_windows
 from fpo.sae_training.corpus import build_corpus, split_texts, strip_roff
 from fpo.sae_training.trainer import epoch_batches
 
@@ -30,27 +30,37 @@ TEXTS = [
 
 
 def test_collect_counts_exclude_bos_and_pad(tiny_model, tiny_tokenizer):
-    # byte-level tokenizer: one token per byte; windows of 15 text tokens + BOS (seq_len 16)
+    # byte-level tokenizer: one token per byte; texts joined by "\n\n" (2 tokens) and
+    # packed into windows of 15 text tokens + BOS (seq_len 16); the last window is padded
+    n_stream = sum(len(t.encode()) for t in TEXTS) + 2 * (len(TEXTS) - 1)
     acts = collect_activations(tiny_model, tiny_tokenizer, TEXTS, 1, 10**6, seq_len=16)
-    n_text_tokens = sum(len(t.encode()) for t in TEXTS)
-    assert acts.shape == (n_text_tokens, 32)
-    windows = sum(-(-len(t.encode()) // 15) for t in TEXTS)
+    assert n_stream % 15 != 0  # so the last batch really has pad positions
+    assert acts.shape == (n_stream, 32)
     with_bos = collect_activations(
         tiny_model, tiny_tokenizer, TEXTS, 1, 10**6, seq_len=16, exclude_bos=False
     )
-    assert with_bos.shape[0] == n_text_tokens + windows
+    assert with_bos.shape[0] == n_stream + -(-n_stream // 15)  # one BOS per window
     capped = collect_activations(tiny_model, tiny_tokenizer, TEXTS, 1, 100, seq_len=16)
     assert torch.equal(capped, acts[:100])
 
 
-def test_collected_rows_are_the_layer_outputs_of_each_text(tiny_model, tiny_tokenizer):
-    texts = ["hello world", "a longer second text, padded against the first"]
-    acts = collect_activations(tiny_model, tiny_tokenizer, texts, 0, 1000, seq_len=64)
+def test_token_windows_pack_texts(tiny_tokenizer):
+    windows = list(token_windows(tiny_tokenizer, ["abc", "de"], seq_len=4))
+
+    def ids(text: str) -> list[int]:
+        return tiny_tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    assert windows == [[1, *ids("abc")], [1, *ids("\n\nd")], [1, *ids("e")]]
+
+
+def test_collected_rows_are_the_layer_outputs_of_each_window(tiny_model, tiny_tokenizer):
+    texts = ["hello world", "a longer second text, padded against the first window"]
+    acts = collect_activations(tiny_model, tiny_tokenizer, texts, 0, 1000, seq_len=40)
     expected = []
-    for text in texts:  # one text at a time: no padding; drop the BOS position
-        ids = tiny_tokenizer(text, return_tensors="pt")
-        hidden = tiny_model(**ids, output_hidden_states=True).hidden_states
-        expected.append(hidden[1][0, 1:])  # hidden_states[1] = output of layers[0]
+    for window in token_windows(tiny_tokenizer, texts, seq_len=40):  # one at a time: no pad
+        hidden = tiny_model(torch.tensor([window]), output_hidden_states=True).hidden_states
+        expected.append(hidden[1][0, 1:])  # hidden_states[1] = output of layers[0]; no BOS
+    assert len(expected) == 2 and expected[1].shape[0] < 39  # the second window is padded
     assert torch.allclose(acts, torch.cat(expected), atol=1e-5)
     assert tiny_model.training  # the caller's mode is restored
 

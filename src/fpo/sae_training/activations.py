@@ -5,8 +5,9 @@ The hooked activation is ``blocks.{L}.hook_resid_post`` = the output of
 layer (a hook raises `_StopForward`), so the later layers and the LM head, the expensive
 part of a 262k-vocab model, never run.
 
-Texts are tokenized without special tokens, cut into windows of ``seq_len - 1`` tokens and
-each window gets BOS prepended (the way the model always sees text). Collected positions
+Texts are tokenized without special tokens and packed (joined by a blank line) into windows
+of ``seq_len - 1`` tokens; each window gets BOS prepended (the way the model always sees
+text). Collected positions
 are the real tokens: pad positions are dropped, and BOS positions too when
 ``exclude_bos`` (BOS residual norms are ~2x the others and would dominate the SAE loss).
 """
@@ -37,19 +38,28 @@ def decoder_layer(model: nn.Module, layer: int) -> nn.Module:
     return layers[layer]
 
 
-def token_windows(tokenizer, texts: Sequence[str], seq_len: int) -> Iterator[list[int]]:
-    """Token-id windows: ``[bos] + ids[i : i + seq_len - 1]`` for each text (no bos: no prefix).
+def token_windows(
+    tokenizer, texts: Sequence[str], seq_len: int, separator: str = "\n\n"
+) -> Iterator[list[int]]:
+    """Packed token-id windows: ``[bos] + stream[i : i + seq_len - 1]`` (no bos: no prefix).
 
-    Every window has at least one text token, so a window never consists of BOS alone.
+    ``stream`` is the texts' token ids joined by the ids of `separator`, so every window
+    but the last is full (short texts do not waste the forward on padding). Every window
+    has at least one text token, so a window never consists of BOS alone.
     """
     if seq_len < 2:
         raise UserError(f"seq_len must be >= 2 (BOS + one token), got {seq_len}")
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    sep = tokenizer(separator, add_special_tokens=False)["input_ids"]
     step = seq_len - len(bos)
-    for text in texts:
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        for start in range(0, len(ids), step):
-            yield bos + ids[start : start + step]
+    buffer: list[int] = []
+    for i, text in enumerate(texts):
+        buffer += (sep if i else []) + tokenizer(text, add_special_tokens=False)["input_ids"]
+        while len(buffer) >= step:
+            yield bos + buffer[:step]
+            buffer = buffer[step:]
+    if buffer:
+        yield bos + buffer
 
 
 def _pad_batch(windows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,144 @@
+"""Sequence log-probabilities of given completions, and the sampled KL estimate.
+
+``sequence_logprob`` scores ``log pi(y | x) = sum_t log pi(y_t | x, y_<t)`` with the
+training code path (right-padded batch, labels ``-100`` on the prompt, packed response
+positions, chunked selective log-softmax), so no ``[N, T, vocab]`` tensor is built.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from fpo.evaluation.sampling import Samples
+from fpo.evaluation.stats import grouped_mean_stderr
+from fpo.forward import forward_response_positions
+from fpo.generation import _eval_mode
+from fpo.logprobs import response_positions, response_token_stats, sequence_logps
+from fpo.models.hf import split_causal_lm
+
+IGNORE_INDEX = -100
+
+
+def scoring_batch(
+    prompt_ids: Sequence[Sequence[int]],
+    completion_ids: Sequence[Sequence[int]],
+    pad_id: int,
+    device: torch.device | str = "cpu",
+) -> dict[str, Tensor]:
+    """Right-padded ``prompt + completion`` rows, in the training batch layout.
+
+    Returns ``input_ids``, ``attention_mask``, ``labels``: ``LongTensor[N, T]`` with
+    ``T = max_n len(prompt_n) + len(completion_n)``; ``labels`` holds the completion ids at
+    their positions and ``-100`` on prompt and pad (not shifted).
+    """
+    if len(prompt_ids) != len(completion_ids):
+        raise ValueError(
+            f"scoring_batch: {len(prompt_ids)} prompts but {len(completion_ids)} completions"
+        )
+    if any(len(prompt) == 0 for prompt in prompt_ids):
+        raise ValueError("scoring_batch: empty prompt; the first completion token needs context")
+    lengths = [len(p) + len(c) for p, c in zip(prompt_ids, completion_ids, strict=True)]
+    width = max(lengths, default=0)
+    shape = (len(prompt_ids), width)
+    input_ids = torch.full(shape, pad_id, dtype=torch.long)
+    attention_mask = torch.zeros(shape, dtype=torch.long)
+    labels = torch.full(shape, IGNORE_INDEX, dtype=torch.long)
+    for n, (prompt, completion, length) in enumerate(
+        zip(prompt_ids, completion_ids, lengths, strict=True)
+    ):
+        input_ids[n, :length] = torch.tensor([*prompt, *completion], dtype=torch.long)
+        attention_mask[n, :length] = 1
+        labels[n, len(prompt) : length] = torch.tensor(list(completion), dtype=torch.long)
+    return {
+        "input_ids": input_ids.to(device),
+        "attention_mask": attention_mask.to(device),
+        "labels": labels.to(device),
+    }
+
+
+def sequence_logprob(
+    model: nn.Module,
+    tokenizer_pad_id: int,
+    prompt_ids: Sequence[Sequence[int]],
+    completion_ids: Sequence[Sequence[int]],
+    chunk_size: int | None = None,
+    batch_size: int | None = None,
+) -> Tensor:
+    """``log pi(completion_n | prompt_n)`` summed over the completion's tokens, no grad.
+
+    Args:
+        tokenizer_pad_id: filler for the padding (masked out, never scored).
+        prompt_ids, completion_ids: ``N`` token-id lists each; a completion that stopped at
+            EOS must end with the EOS id (its probability is part of the sequence's).
+        chunk_size: positions per LM-head chunk (at most ``chunk_size * vocab`` float32
+            logits at a time); ``None`` = all response positions of a batch at once.
+        batch_size: rows per forward pass; ``None`` = all ``N`` rows at once. Rows are
+            batched by length (less padding) and returned in input order.
+
+    Returns:
+        ``FloatTensor[N]`` on the CPU, float32; an empty completion scores 0.
+    """
+    if len(prompt_ids) != len(completion_ids):
+        raise ValueError(
+            f"sequence_logprob: {len(prompt_ids)} prompts but {len(completion_ids)} completions"
+        )
+    total = len(prompt_ids)
+    out = torch.zeros(total, dtype=torch.float32)
+    if total == 0:
+        return out
+    step = batch_size or total
+    order = sorted(range(total), key=lambda n: len(prompt_ids[n]) + len(completion_ids[n]))
+    parts = split_causal_lm(model)
+    device = next(model.parameters()).device
+    with _eval_mode(model), torch.no_grad():
+        for start in range(0, total, step):
+            rows = order[start : start + step]
+            batch = scoring_batch(
+                [prompt_ids[n] for n in rows],
+                [completion_ids[n] for n in rows],
+                tokenizer_pad_id,
+                device,
+            )
+            positions = response_positions(batch["labels"], IGNORE_INDEX)
+            hidden = forward_response_positions(parts, batch, positions).hidden
+            stats = response_token_stats(hidden, parts.head, positions.targets, chunk_size)
+            sums = sequence_logps(stats.policy_logps, positions.rows, positions.num_rows).sum
+            out[torch.tensor(rows)] = sums.float().cpu()
+    return out
+
+
+def kl_log_ratios(
+    policy: nn.Module,
+    reference: nn.Module,
+    samples: Samples,
+    pad_id: int,
+    chunk_size: int | None = None,
+    batch_size: int | None = None,
+) -> Tensor:
+    """``log pi(y_n | x_n) - log pi_ref(y_n | x_n)`` for the policy's samples: ``[N]``."""
+    args = (pad_id, samples.prompt_ids, samples.completion_ids, chunk_size, batch_size)
+    return sequence_logprob(policy, *args) - sequence_logprob(reference, *args)
+
+
+def estimate_kl(
+    policy: nn.Module,
+    reference: nn.Module,
+    samples: Samples,
+    pad_id: int,
+    chunk_size: int | None = None,
+    batch_size: int | None = None,
+) -> tuple[float, float | None]:
+    """Monte-Carlo ``KL(pi || pi_ref)`` per completion, in nats: ``(mean, stderr)``.
+
+    ``KL(pi || pi_ref) = E_x E_{y ~ pi(.|x)} [log pi(y|x) - log pi_ref(y|x)]``, estimated by
+    the mean log-ratio over ``samples``, which must be the POLICY's own samples drawn at
+    temperature 1 without top-k / top-p (`sample_for_scoring`), with EOS kept on stopped
+    completions. The estimate is unbiased, but a single log-ratio can be negative and its
+    variance is large, so on few samples the mean can be noisy or even below 0 (the true KL
+    never is). ``stderr`` is over prompts (`grouped_mean_stderr`), ``None`` for one prompt.
+    """
+    ratios = kl_log_ratios(policy, reference, samples, pad_id, chunk_size, batch_size)
+    return grouped_mean_stderr(ratios.tolist(), samples.prompt_index)
