@@ -15,7 +15,9 @@ reproducible for the same (seed, prompts, num_samples, batch_size) and the calle
 RNG is untouched. ``temperature``/``top_k``/``top_p`` reuse transformers' warpers.
 
 Only the new tokens are returned: generation stops at EOS or after ``max_new_tokens``; the
-EOS and the padding after it are not part of the completion. Decoded completions keep
+EOS and the padding after it are not part of the completion. The model's saved
+``generation_config`` (repetition penalty, suppressed tokens, ...) is ignored while sampling,
+only its special-token ids are kept. Decoded completions keep
 their leading whitespace, so ``prompt + completion`` is the sampled text.
 """
 
@@ -26,6 +28,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
+from transformers import GenerationConfig
 from transformers.generation.logits_process import (
     LogitsProcessor,
     LogitsProcessorList,
@@ -92,6 +95,22 @@ def _left_padding(tokenizer: Any) -> Iterator[Any]:
 
 
 @contextmanager
+def _plain_generation_config(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """Swap in a fresh ``GenerationConfig`` (special-token ids only) while generating.
+
+    The model's saved config may carry settings that change the distribution (repetition
+    penalty, suppressed tokens, min length, ...); samples must come from the model itself.
+    """
+    original = model.generation_config
+    keep = ("bos_token_id", "pad_token_id", "eos_token_id")
+    model.generation_config = GenerationConfig(**{k: getattr(original, k, None) for k in keep})
+    try:
+        yield model
+    finally:
+        model.generation_config = original
+
+
+@contextmanager
 def _eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
     """Put the model in eval mode (no dropout) and restore its previous mode after."""
     was_training = model.training
@@ -126,6 +145,7 @@ def sample_completion_ids(
     batch_size: int = 32,
     seed: int = 0,
     progress: Callable[[int, int], None] | None = None,
+    stop_token_ids: Sequence[int] = (),
 ) -> list[list[list[int]]]:
     """Sample ``num_samples`` completions per prompt; return their token ids.
 
@@ -136,21 +156,27 @@ def sample_completion_ids(
         top_p: nucleus threshold; 1.0 = no filter.
         batch_size: sequences (not prompts) per ``generate`` call.
         progress: called after each batch with ``(sequences_done, sequences_total)``.
+        stop_token_ids: extra ids that end a completion like EOS (e.g. a document separator).
 
     Returns:
         ``ids[p][s]``: the new token ids of sample ``s`` of prompt ``p`` (``P x num_samples``
-        lists), EOS and padding removed.
+        lists), the stop token (EOS or ``stop_token_ids``) and padding removed.
     """
     _check_args(num_samples, max_new_tokens, batch_size, temperature)
     flat = [prompt for prompt in prompts for _ in range(num_samples)]
-    eos_ids = _eos_ids(model, tokenizer)
+    eos_ids = _eos_ids(model, tokenizer) | set(stop_token_ids)
     device = next(model.parameters()).device
     processors = LogitsProcessorList()
     if temperature > 0:
         generator = torch.Generator(device=device).manual_seed(seed)
         processors.append(InverseCdfSampler(generator, temperature, top_k, top_p))
     out: list[list[int]] = []
-    with _left_padding(tokenizer), _eval_mode(model), torch.no_grad():
+    with (
+        _left_padding(tokenizer),
+        _eval_mode(model),
+        _plain_generation_config(model),
+        torch.no_grad(),
+    ):
         for start in range(0, len(flat), batch_size):
             enc = tokenizer(flat[start : start + batch_size], return_tensors="pt", padding=True)
             enc = {key: value.to(device) for key, value in enc.items()}
@@ -181,6 +207,7 @@ def sample_completions(
     batch_size: int = 32,
     seed: int = 0,
     progress: Callable[[int, int], None] | None = None,
+    stop_token_ids: Sequence[int] = (),
 ) -> list[list[str]]:
     """Like `sample_completion_ids`, decoded: ``texts[p][s]`` is the completion text of
     sample ``s`` of prompt ``p`` (special tokens skipped, leading whitespace kept)."""
@@ -196,6 +223,7 @@ def sample_completions(
         batch_size=batch_size,
         seed=seed,
         progress=progress,
+        stop_token_ids=stop_token_ids,
     )
     return [tokenizer.batch_decode(rows, skip_special_tokens=True) for rows in ids]
 

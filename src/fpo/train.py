@@ -18,14 +18,21 @@ from fpo.cli import user_errors
 from fpo.errors import UserError
 from fpo.methods import Method, get_method
 from fpo.module import FPOLightningModule
+from fpo.reference.attach import attach_reference_cache
 from fpo.reference.base import BatchReference, OnlineReference
+from fpo.reference.settings import cache_settings
 
 log = logging.getLogger("fpo.train")
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")
 
 
-def build_reference(cfg: DictConfig, method: Method, policy, sae):
-    """The reference source named by ``reference.source`` (``None`` for SimPO)."""
+def build_reference(cfg: DictConfig, method: Method, policy, sae, datamodule):
+    """The reference source named by ``reference.source`` (``None`` for SimPO).
+
+    ``cached``: open and verify the offline cache of every split (fingerprint computed from
+    the policy *before* training), join the data module's datasets to it by example id,
+    and read the values from the batch; no reference model is built.
+    """
     if not method.reference:
         return None
     source = cfg.reference.source
@@ -43,6 +50,10 @@ def build_reference(cfg: DictConfig, method: Method, policy, sae):
                 f"objective={method.name} needs the reference's full-vocabulary logits every "
                 "step; the offline cache cannot provide them. Use reference=online."
             )
+        settings = cache_settings(cfg, method, sae)
+        caches = attach_reference_cache(settings, datamodule, policy, sae)
+        sizes = ", ".join(f"{split} {len(cache)} pairs" for split, cache in caches.items())
+        log.info("reference: offline cache %s (%s); no reference model", settings.root, sizes)
         return BatchReference()
     raise UserError(f"reference.source={source!r}: choose online or cached.")
 
@@ -59,7 +70,9 @@ def apply_global_batch_size(trainer: L.Trainer, cfg: DictConfig) -> None:
             f" x {trainer.num_devices * trainer.num_nodes} device(s); change one of them."
         )
     trainer.accumulate_grad_batches = target // per_step
-    log.info("global batch %d = %d per step x %d accumulation", target, per_step, target // per_step)
+    log.info(
+        "global batch %d = %d per step x %d accumulation", target, per_step, target // per_step
+    )
 
 
 def instantiate_all(group: DictConfig | None) -> list:
@@ -76,7 +89,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         policy.gradient_checkpointing_enable()
     sae = instantiate(cfg.sae) if method.features else None
     datamodule = instantiate(cfg.data, tokenizer=tokenizer)
-    reference = build_reference(cfg, method, policy, sae)
+    reference = build_reference(cfg, method, policy, sae, datamodule)
     module = FPOLightningModule(
         policy,
         objective=OmegaConf.to_container(cfg.objective, resolve=True),

@@ -53,14 +53,19 @@ def _perturbed(model: torch.nn.Module, scale: float = 0.5, seed: int = 1) -> tor
     return other
 
 
+def _boost_eos(model: torch.nn.Module, bias: float) -> None:
+    """Add ``bias`` to the EOS logit (a hook on the LM head, seen by generate and scoring)."""
+    boost = torch.zeros(model.config.vocab_size)
+    boost[EOS] = bias
+    model.get_output_embeddings().register_forward_hook(lambda module, args, out: out + boost)
+
+
 def _dense_logprob(model, prompt: list[int], completion: list[int]) -> float:
     """Hand computation: full logits of the unpadded sequence, log_softmax, sum the picks."""
     ids = torch.tensor([prompt + completion])
     with torch.no_grad():
         log_probs = F.log_softmax(model(input_ids=ids).logits[0].float(), dim=-1)
-    return sum(
-        log_probs[len(prompt) + i - 1, token].item() for i, token in enumerate(completion)
-    )
+    return sum(log_probs[len(prompt) + i - 1, token].item() for i, token in enumerate(completion))
 
 
 # --------------------------------------------------------------------------- stats
@@ -94,7 +99,7 @@ def test_scoring_batch_layout():
 def test_sequence_logprob_matches_dense_log_softmax(tiny_model):
     prompts = [[1, 40, 41, 42], [1, 50], [1, 60, 61]]
     completions = [[70, 71, EOS], [80, 81, 82, 83, 84], []]  # stopped at EOS, cut, empty
-    expected = [_dense_logprob(tiny_model, p, c) for p, c in zip(prompts, completions)]
+    expected = [_dense_logprob(tiny_model, p, c) for p, c in zip(prompts, completions, strict=True)]
     for chunk_size, batch_size in ((None, None), (2, 2)):
         got = sequence_logprob(tiny_model, PAD, prompts, completions, chunk_size, batch_size)
         assert got.shape == (3,)
@@ -105,9 +110,10 @@ def test_sequence_logprob_matches_dense_log_softmax(tiny_model):
 
 def test_sampled_ids_are_scored_like_generate_saw_them(tiny_model, tiny_tokenizer):
     """Left-padded sampling and right-padded scoring describe the same distribution."""
+    _boost_eos(tiny_model, 3.0)  # some rows stop at EOS, at different steps
     tiny_model.eval()
     tiny_tokenizer.padding_side = "left"
-    enc = tiny_tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    enc = tiny_tokenizer(PROMPTS * 2, return_tensors="pt", padding=True)
     torch.manual_seed(0)
     out = tiny_model.generate(
         **enc, do_sample=True, top_k=0, max_new_tokens=6, output_logits=True,
@@ -116,12 +122,13 @@ def test_sampled_ids_are_scored_like_generate_saw_them(tiny_model, tiny_tokenize
     new = out.sequences[:, enc["input_ids"].shape[1] :]
     step_logps = torch.stack([F.log_softmax(x.float(), -1) for x in out.logits], 1)
     picked = step_logps.gather(2, new.unsqueeze(2)).squeeze(2)
-    prompt_ids = [tiny_tokenizer(p)["input_ids"] for p in PROMPTS]
+    prompt_ids = [tiny_tokenizer(p)["input_ids"] for p in PROMPTS * 2]
     completions, expected = [], []
-    for row, row_logps in zip(new.tolist(), picked):
+    for row, row_logps in zip(new.tolist(), picked, strict=True):
         n = row.index(EOS) + 1 if EOS in row else len(row)
         completions.append(row[:n])
         expected.append(row_logps[:n].sum().item())
+    assert any(c[-1] == EOS for c in completions) and any(EOS not in c for c in completions)
     got = sequence_logprob(tiny_model, PAD, prompt_ids, completions)
     torch.testing.assert_close(got, torch.tensor(expected), atol=1e-4, rtol=1e-5)
 
@@ -130,20 +137,13 @@ def test_sampled_ids_are_scored_like_generate_saw_them(tiny_model, tiny_tokenize
 
 
 def test_sample_for_scoring_keeps_eos_of_stopped_completions(tiny_model, tiny_tokenizer):
-    # A model that always says EOS first stops every completion at once.
-    with torch.no_grad():
-        tiny_model.get_output_embeddings().weight[EOS] *= 0.0
-        tiny_model.get_output_embeddings().weight[EOS] += 50.0 * tiny_model.model.norm.weight.sign()
-    samples = sample_for_scoring(tiny_model, tiny_tokenizer, PROMPTS[:2], 2, 4, batch_size=3)
-    assert samples.prompt_index == [0, 0, 1, 1]
-    assert samples.prompt_ids[2] == tiny_tokenizer(PROMPTS[1])["input_ids"]
-    stopped = [ids == [EOS] for ids in samples.completion_ids]
-    assert stopped == samples.stopped
-
-
-def test_sample_for_scoring_marks_cut_and_stopped(tiny_model, tiny_tokenizer):
+    _boost_eos(tiny_model, 5.0)  # p(EOS) ~ 0.4 per step: some rows stop, some are cut
     samples = sample_for_scoring(tiny_model, tiny_tokenizer, PROMPTS, 4, 5, batch_size=5)
-    for ids, stopped, text in zip(samples.completion_ids, samples.stopped, samples.texts):
+    assert samples.prompt_index == [0] * 4 + [1] * 4 + [2] * 4
+    assert samples.prompt_ids[4] == tiny_tokenizer(PROMPTS[1])["input_ids"]
+    assert 0 < sum(samples.stopped) < 12
+    columns = (samples.completion_ids, samples.stopped, samples.texts)
+    for ids, stopped, text in zip(*columns, strict=True):
         if stopped:
             assert ids[-1] == EOS and EOS not in ids[:-1] and len(ids) <= 5
         else:
@@ -243,10 +243,11 @@ def test_write_evaluation_files(tiny_model, tiny_tokenizer, tmp_path):
     summary_path = write_evaluation(result, tmp_path / "eval")
     assert summary_path == (tmp_path / "eval" / "summary.json").resolve()
     summary = json.loads(summary_path.read_text())
-    assert REQUIRED_KEYS <= set(summary)
+    assert set(summary) >= REQUIRED_KEYS
     assert summary["win_rate"] == pytest.approx(0.5)
     assert {"seed", "num_prompts", "num_samples", "settings", "kl_stderr"} <= set(summary)
-    lines = open(summary["generations"], encoding="utf-8").read().splitlines()
+    with open(summary["generations"], encoding="utf-8") as handle:
+        lines = handle.read().splitlines()
     rows = [json.loads(line) for line in lines]
     assert len(rows) == len(PROMPTS)
     assert all({"prompt", "policy", "reference"} <= set(row) for row in rows)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -18,7 +19,14 @@ from fpo.sae_training import (
     train_sae,
 )
 from fpo.sae_training.activations import layer_output, token_windows
-from fpo.sae_training.corpus import build_corpus, split_texts, strip_roff
+from fpo.sae_training.cli import main, run
+from fpo.sae_training.corpus import (
+    build_corpus,
+    is_prose,
+    preference_texts,
+    split_texts,
+    strip_roff,
+)
 from fpo.sae_training.trainer import epoch_batches
 
 TEXTS = [
@@ -135,10 +143,55 @@ def test_render_card_table_and_command():
 
 
 def test_corpus_helpers():
+    # a (10), b (3), b exhausted, a (20), a (30) -> 33 >= 25 characters
     texts, taken = build_corpus({"a": ["x" * 10] * 5, "b": ["y" * 3]}, max_chars=25)
-    assert sorted(texts) == ["x" * 10, "x" * 10, "x" * 10, "y" * 3]  # a, b, a, a -> 33 >= 25
+    assert sorted(texts) == ["x" * 10, "x" * 10, "x" * 10, "y" * 3]
     assert taken == {"a": 30, "b": 3}
+    # the source with fewer characters goes next: one long text does not crowd out b
+    texts, taken = build_corpus({"a": ["x" * 50, "x"], "b": ["y" * 5] * 20}, max_chars=100)
+    assert taken == {"a": 50, "b": 50}
+    assert is_prose("word " * 20) and not is_prose("0x1f " * 20) and not is_prose("short")
     train, held = split_texts([str(i) for i in range(20)], heldout_every=10)
     assert held == ["9", "19"] and len(train) == 18 and not set(train) & set(held)
     roff = ".SH NAME\nls \\- list \\fBdirectory\\fR contents\n.PP\nmore"
     assert strip_roff(roff) == "\nls - list directory contents\n\nmore"
+
+
+def test_preference_texts_join_prompt_and_each_response(fixtures_dir):
+    texts = preference_texts(os.path.join(fixtures_dir, "plain_pairs.jsonl"))
+    assert texts[:2] == [
+        "This movie was a delight from start to finish, warm and funny.",
+        "This movie was a boring mess that I regret watching.",
+    ]
+
+
+def test_cli_runs_end_to_end_on_the_tiny_model(tmp_path, fixtures_dir, capsys):
+    prefs = os.path.join(fixtures_dir, "plain_pairs.jsonl")
+    argv = ["--model", "tiny", "--layer", "1", "--d-sae", "64", "--k", "4", "--tokens", "3000",
+            "--heldout-tokens", "500", "--epochs", "2", "--batch-size", "256",
+            "--preference-file", prefs, "--out", str(tmp_path / "sae")]  # fmt: skip
+    card = run(argv)
+    assert SAE.load_from_disk(tmp_path / "sae").cfg.metadata.hook_name == "blocks.1.hook_resid_post"
+    assert card["unique training tokens"] == 3000 and card["held-out tokens"] == 500
+    assert card["training tokens seen (with epochs)"] == 2 * (3000 // 256) * 256
+    assert card["corpus characters per source"][f"preferences ({prefs})"] > 0
+    assert card["command"] == "python -m fpo.sae_training " + " ".join(argv)
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv[:-4], "--preference-file", str(tmp_path / "missing.jsonl"), "--out", "x"])
+    assert exit_info.value.code == 2
+    assert "missing.jsonl does not exist (--preference-file)" in capsys.readouterr().err
+
+
+def test_cli_activation_cache_is_reused_only_for_the_same_collection(tmp_path):
+    cache = str(tmp_path / "acts.pt")
+    argv = ["--model", "tiny", "--layer", "1", "--d-sae", "64", "--k", "4", "--tokens", "2000",
+            "--heldout-tokens", "300", "--epochs", "1", "--batch-size", "256",
+            "--activation-cache", cache, "--out", str(tmp_path / "a")]  # fmt: skip
+    first = run(argv)
+    stored = torch.load(cache)
+    assert stored["train"].shape == (2000, 32) and stored["heldout"].shape == (300, 32)
+    second = run([*argv[:5], "32", *argv[6:-1], str(tmp_path / "b")])  # another d_sae
+    assert second["d_sae"] == 32
+    assert second["activation collection time (s)"] == first["activation collection time (s)"]
+    with pytest.raises(UserError, match="was made with"):
+        run([*argv[:9], "1000", *argv[10:]])  # other --tokens: other activations

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -191,6 +192,7 @@ class PreferenceDataModule(LightningDataModule):
         self.tokenizer: Any = None
         self.stats: dict[str, dict[str, int]] = {}
         self._built: dict[str, BuiltSplit] = {}
+        self._wrap: Callable[[str, Dataset], Dataset] | None = None
         if tokenizer is not None:
             self.set_tokenizer(tokenizer)
 
@@ -248,12 +250,30 @@ class PreferenceDataModule(LightningDataModule):
             self._split(split)
 
     @property
-    def train_dataset(self) -> PreferenceDataset:
-        return self._split("train").dataset
+    def splits(self) -> tuple[str, ...]:
+        """The configured splits: ``("train",)`` or ``("train", "val")``."""
+        return tuple(self.specs)
+
+    def set_dataset_wrapper(self, wrap: Callable[[str, Dataset], Dataset] | None) -> None:
+        """Serve ``wrap(split, dataset)`` instead of each split's dataset (``None``: plain).
+
+        Used by ``reference=cached`` to join every item to the reference cache by id.
+        """
+        self._wrap = wrap
+
+    def dataset(self, split: str, wrapped: bool = True) -> Dataset:
+        """The dataset of ``split`` as the loaders serve it (``wrapped=False``: the plain
+        :class:`PreferenceDataset`)."""
+        plain = self._split(split).dataset
+        return self._wrap(split, plain) if wrapped and self._wrap is not None else plain
 
     @property
-    def val_dataset(self) -> PreferenceDataset:
-        return self._split("val").dataset
+    def train_dataset(self) -> Dataset:
+        return self.dataset("train")
+
+    @property
+    def val_dataset(self) -> Dataset:
+        return self.dataset("val")
 
     def fingerprint_components(self, split: str = "train") -> dict[str, str]:
         """Short hashes of what determines the tokenized ``split``, one per component.

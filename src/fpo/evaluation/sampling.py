@@ -100,8 +100,8 @@ def sample_for_scoring(
 ) -> Samples:
     """Sample ``num_samples`` completions per prompt at temperature 1 (no top-k / top-p).
 
-    Batches and seeds follow `fpo.generation.sample_completion_ids` (batch ``b`` under seed
-    ``seed + b``), so the result is a deterministic function of the arguments.
+    Seeding follows `fpo.generation.sample_completion_ids`: the result is a deterministic
+    function of the arguments.
     """
     _check_plain_sampling(model)
     eos_id = single_eos_id(model, tokenizer)
@@ -132,5 +132,6 @@ def sample_for_scoring(
 
 
 def num_batches(num_sequences: int, batch_size: int) -> int:
-    """How many ``generate`` calls (hence seeds) `sample_for_scoring` uses."""
+    """How many ``generate`` calls `sample_for_scoring` makes (an upper bound on the seeds
+    it uses: ``seed .. seed + num_batches - 1``)."""
     return -(-num_sequences // batch_size)

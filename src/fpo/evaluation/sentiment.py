@@ -2,9 +2,11 @@
 
 One set of policy samples serves both the judge and the KL estimate: they are drawn at
 temperature 1 with no top-k / top-p, the distribution whose log-probs the KL needs. The
-reference is sampled the same way with its own seeds (batch ``b`` under
-``seed + num_batches + b``), so its samples are independent of the policy's and the win
-rate estimates ``P(J(y) > J(y_ref)) + P(tie) / 2`` for independent draws.
+reference is sampled the same way under another seed, ``seed + num_batches`` (past any
+seed the policy's sampling could use, per call or per batch), so its samples are
+independent of the policy's and the win rate estimates ``P(J(y) > J(y_ref)) + P(tie) / 2``
+for independent draws (same seeds would couple the two, and a policy equal to its
+reference would tie on every prompt).
 """
 
 from __future__ import annotations

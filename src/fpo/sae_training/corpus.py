@@ -31,6 +31,8 @@ DOC_ROOT = Path("/usr/share/doc")
 MAN_ROOT = Path("/usr/share/man")
 _DOC_SUFFIXES = (".txt", ".md", ".rst", ".markdown")
 _MIN_CHARS = 80  # shorter snippets are mostly headings or version strings
+_MAX_CHARS = 4000  # longer "paragraphs" are tables or data dumps (e.g. a 1.4M-char glyph list)
+_MIN_LETTER_FRACTION = 0.7  # letters + spaces; filters code, tables, hex dumps
 
 
 def _read_text(path: Path) -> str:
@@ -39,11 +41,19 @@ def _read_text(path: Path) -> str:
     return raw.decode("utf-8", errors="replace")
 
 
+def is_prose(text: str) -> bool:
+    """Length in ``[_MIN_CHARS, _MAX_CHARS]`` and >= 70% letters or spaces."""
+    if not _MIN_CHARS <= len(text) <= _MAX_CHARS:
+        return False
+    letters = sum(ch.isalpha() or ch == " " for ch in text)
+    return letters >= _MIN_LETTER_FRACTION * len(text)
+
+
 def _paragraphs(text: str) -> Iterator[str]:
-    """Blank-line separated paragraphs with whitespace collapsed, at least `_MIN_CHARS` long."""
+    """Blank-line separated paragraphs, whitespace collapsed, that pass `is_prose`."""
     for block in re.split(r"\n\s*\n", text):
         para = " ".join(block.split())
-        if len(para) >= _MIN_CHARS:
+        if is_prose(para):
             yield para
 
 
@@ -129,25 +139,23 @@ def docstring_texts(root: str | Path | None = None) -> Iterator[str]:
 def build_corpus(
     sources: dict[str, Iterable[str]], max_chars: int, seed: int = 0
 ) -> tuple[list[str], dict[str, int]]:
-    """Round-robin over `sources` until `max_chars` characters, then shuffle (seeded).
+    """Balanced mix of `sources` up to `max_chars` characters, then shuffled (seeded).
 
-    Each source contributes in turn, so with ``n`` non-exhausted sources each holds about
-    ``1/n`` of the budget; an exhausted source leaves its share to the others.
-    Returns the texts and the number of characters taken from each source.
+    The next text always comes from the source with the fewest characters taken so far,
+    so each of ``n`` sources holds about ``1/n`` of the budget; an exhausted source leaves
+    its share to the others. Returns the texts and the characters taken per source.
     """
     iterators = {name: iter(texts) for name, texts in sources.items()}
     taken = dict.fromkeys(sources, 0)
     texts: list[str] = []
-    total = 0
-    while iterators and total < max_chars:
-        for name in list(iterators):
-            text = next(iterators[name], None)
-            if text is None:
-                del iterators[name]
-                continue
-            texts.append(text)
-            taken[name] += len(text)
-            total += len(text)
+    while iterators and sum(taken.values()) < max_chars:
+        name = min(iterators, key=taken.__getitem__)
+        text = next(iterators[name], None)
+        if text is None:
+            del iterators[name]
+            continue
+        texts.append(text)
+        taken[name] += len(text)
     random.Random(seed).shuffle(texts)
     return texts, taken
 

@@ -75,6 +75,7 @@ def train_sae(
     dead_window_tokens: int = 100_000,
     decay_fraction: float = 0.2,
     normalize: bool = True,
+    autocast: bool = False,
 ) -> TopKSAE:
     """Train a TopK SAE (``d_in = activations.shape[1]``) with sae-lens's `SAETrainer`.
 
@@ -82,7 +83,9 @@ def train_sae(
     ``epochs * (N // batch_size)`` steps. A latent counts as dead (and gets the TopK
     auxiliary loss) after ``dead_window_tokens`` tokens without firing.
     `metadata` (hook name, model name, ...) goes into the SAE's sae-lens metadata.
-    With `normalize`, training sees ``s * x`` (see the module docstring).
+    With `normalize`, training sees ``s * x`` (see the module docstring). `autocast` runs the
+    SAE's matmuls in bfloat16 (sae-lens's ``autocast``; fast on CPUs with AMX / AVX512-BF16),
+    the parameters and optimizer state stay float32.
     Returns the inference SAE, in eval mode, on the CPU.
     """
     if activations.ndim != 2 or activations.shape[0] == 0:
@@ -116,6 +119,7 @@ def train_sae(
         lr_scheduler_name="constant",
         lr_decay_steps=int(decay_fraction * steps),
         device="cpu",
+        autocast=autocast,
         dead_feature_window=max(1, math.ceil(dead_window_tokens / batch_size)),
         feature_sampling_window=max(1, math.ceil(dead_window_tokens / batch_size)),
     )

@@ -89,9 +89,7 @@ def template_slots(template: str) -> list[str]:
 
 def num_distinct_prompts() -> int:
     """Size of the prompt space: sum over templates of the product of their slot sizes."""
-    return sum(
-        math.prod(len(SLOTS[name]) for name in template_slots(t)) for t in TEMPLATES
-    )
+    return sum(math.prod(len(SLOTS[name]) for name in template_slots(t)) for t in TEMPLATES)
 
 
 def make_prompts(n: int, seed: int = 0) -> list[str]:

@@ -1,0 +1,383 @@
+"""Benchmark: FPO from the offline reference cache vs FPO online, SimPO, TDPO-2 (and DPO).
+
+On google/gemma-3-270m (fp32, CPU), each configuration trains a few steps (forward +
+backward + AdamW step) on the same batch, in a fresh subprocess so that its peak memory is
+its own; all configurations run sequentially in one invocation so their ratios are
+comparable. The cache (FPO: k=50; DPO: log-probs only) is built first with the real
+``fpo-cache`` code (a Lightning predict loop), which gives the build throughput and the
+bytes per pair. The SAE is a *random* TopK SAE (d_in 640) at ``blocks.17.hook_resid_post``:
+its values are meaningless but its cost is that of a real one of the same width.
+
+    OMP_NUM_THREADS=2 .venv/bin/python scripts/benchmark_reference.py --write docs/benchmarks.md
+
+Memory is the peak resident set size (``getrusage`` ``ru_maxrss``) of the configuration's
+process, and its increase over the RSS after the imports (before the model is loaded).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from functools import partial
+from pathlib import Path
+
+FPO = {"name": "fpo", "beta": 0.1, "alpha": 0.5, "k": 50}
+DPO = {"name": "dpo", "beta": 0.1}
+#: name -> (objective, reference source or None); SimPO first: the baseline of the ratios.
+CONFIGS = {
+    "SimPO": ({"name": "simpo", "beta": 2.0, "gamma": 0.5}, None),
+    "FPO cached": (FPO, "cached"),
+    "FPO online": (FPO, "online"),
+    "TDPO-2": ({"name": "tdpo2", "beta": 0.1, "alpha": 0.5}, "online"),
+    "DPO cached": (DPO, "cached"),
+    "DPO online": (DPO, "online"),
+}
+#: Measured unless --only says otherwise.
+DEFAULT_CONFIGS = tuple(CONFIGS)
+HOOK = "blocks.17.hook_resid_post"
+POSITIVE = (
+    "The acting is superb and every scene feels alive.",
+    "I loved the warm, funny script and the beautiful music.",
+    "It is a wonderful story, told with real heart and great skill.",
+    "The cast is brilliant, and the ending left me smiling for days.",
+    "Honestly, it is one of the best films I have enjoyed in years.",
+    "The photography is gorgeous and the pacing is perfect.",
+)
+NEGATIVE = (
+    "The acting is wooden and every scene drags on forever.",
+    "I hated the dull, clumsy script and the annoying music.",
+    "It is a boring story, told badly and with no care at all.",
+    "The cast is terrible, and the ending made me angry for days.",
+    "Honestly, it is one of the worst films I have suffered in years.",
+    "The photography is ugly and the pacing is painfully slow.",
+)
+
+
+# ------------------------------------------------------------------------------- data
+def write_pairs(path: Path, n: int, seed: int = 0) -> None:
+    """``n`` review-style pairs (plain format): chosen positive, rejected negative; each
+    response is longer than the truncation so all responses have the same token count."""
+    from fpo.sentiment.prompts import make_prompts
+
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for prompt in make_prompts(n, seed):
+            chosen = " " + " ".join(rng.choice(POSITIVE) for _ in range(12))
+            rejected = " " + " ".join(rng.choice(NEGATIVE) for _ in range(12))
+            f.write(json.dumps({"prompt": prompt, "chosen": chosen, "rejected": rejected}) + "\n")
+
+
+def current_rss() -> int:
+    """Resident set size of this process now, in bytes (Linux /proc)."""
+    with open("/proc/self/status") as f:
+        line = next(line for line in f if line.startswith("VmRSS:"))
+    return int(line.split()[1]) * 1024
+
+
+def peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+# ----------------------------------------------------------------------------- workers
+def setup(args):
+    """Model, tokenizer, SAE and data module, identical in every worker."""
+    from fpo.data import PreferenceDataModule
+    from fpo.models.gemma3_gguf import load_gemma3_270m
+    from fpo.sae import build_random_sae
+
+    policy, tokenizer = load_gemma3_270m(dtype="float32")
+    sae = build_random_sae(d_in=640, d_sae=args.d_sae, k=args.sae_k, hook_name=HOOK, seed=0)
+    datamodule = PreferenceDataModule(
+        train_source=str(Path(args.workdir) / "pairs.jsonl"),
+        tokenizer=tokenizer,
+        format="plain",
+        max_length=args.prompt_tokens + args.response_tokens,
+        max_prompt_length=args.prompt_tokens,
+        batch_size=args.batch_pairs,
+        eval_batch_size=args.build_batch,
+        shuffle=False,
+    )
+    return policy, sae, datamodule
+
+
+def cache_settings(args, objective):
+    from fpo.reference.settings import CacheSettings
+
+    k = objective.get("k", 0)
+    root = Path(args.workdir) / "cache" / objective["name"]
+    return CacheSettings(root, k, "float32", HOOK if k else None, "32-true", "benchmark")
+
+
+def worker_build(args) -> dict:
+    """Build the FPO and DPO caches of all pairs; throughput and bytes per pair."""
+    import lightning as L
+
+    from fpo.reference.build import build_reference_cache
+
+    base = current_rss()
+    policy, sae, datamodule = setup(args)
+    out = {}
+    for objective in (FPO, DPO):
+        settings = cache_settings(args, objective)
+
+        def make_trainer(callbacks):
+            return L.Trainer(
+                accelerator="cpu",
+                logger=False,
+                enable_checkpointing=False,
+                enable_progress_bar=False,
+                use_distributed_sampler=False,
+                callbacks=callbacks,
+            )
+
+        result = build_reference_cache(
+            make_trainer,
+            policy,
+            sae if settings.k else None,
+            datamodule,
+            settings,
+            batch_size=args.build_batch,
+            overwrite=True,
+        )["train"]
+        out[objective["name"]] = {
+            "pairs": result["manifest"]["num_pairs"],
+            "seconds": result["seconds"],
+            "pairs_per_s": result["computed"] / result["seconds"],
+            "bytes_per_pair": result["manifest"]["bytes_per_pair"],
+        }
+    out["peak_rss"], out["base_rss"] = peak_rss(), base
+    return out
+
+
+def worker_train(args) -> dict:
+    """A few optimizer steps of one configuration on the first batch."""
+    import torch
+
+    from fpo.methods import get_method
+    from fpo.module import FPOLightningModule
+    from fpo.reference.attach import attach_reference_cache
+    from fpo.reference.base import BatchReference, OnlineReference
+
+    base = current_rss()
+    objective, source = CONFIGS[args.config]
+    method = get_method(objective)
+    policy, sae, datamodule = setup(args)
+    policy.train()
+    sae = sae if method.features else None
+    reference = None
+    if source == "cached":
+        attach_reference_cache(cache_settings(args, objective), datamodule, policy, sae)
+        reference = BatchReference()
+    elif source == "online":
+        reference = OnlineReference(copy.deepcopy(policy), sae=sae, k=objective.get("k", 0))
+    module = FPOLightningModule(
+        policy,
+        objective=objective,
+        optimizer=partial(torch.optim.AdamW, lr=1e-6),
+        reference=reference,
+        sae=sae,
+        sae_report_batches=0,
+    )
+    optimizer = module.configure_optimizers()
+    batch = next(iter(datamodule.train_dataloader()))
+    times, cpu_times = [], []
+    for _ in range(args.warmup + args.steps):
+        started, cpu_started = time.perf_counter(), time.process_time()
+        result, _ = module.preference_step(batch)
+        result.losses.mean().backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - started)
+        cpu_times.append(time.process_time() - cpu_started)
+    return {
+        "step_s": statistics.median(times[args.warmup :]),
+        "cpu_s": statistics.median(cpu_times[args.warmup :]),
+        "step_times": times,
+        "tokens": int(batch["attention_mask"].sum()),
+        "response_tokens": int((batch["labels"] != -100).sum()),
+        "peak_rss": peak_rss(),
+        "base_rss": base,
+        "loss": float(result.losses.mean()),
+        "threads": torch.get_num_threads(),
+    }
+
+
+# ------------------------------------------------------------------------------ parent
+def run_worker(args, kind: str, config: str | None = None) -> dict:
+    command = [sys.executable, __file__, "--worker", kind, *worker_args(args)]
+    if config:
+        command += ["--config", config]
+    started = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout)
+    if done.returncode != 0:
+        raise RuntimeError(f"{kind} {config or ''} failed:\n{done.stderr[-4000:]}")
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result["wall_s"] = time.perf_counter() - started
+    print(f"  {config or kind}: {json.dumps(result)}", file=sys.stderr, flush=True)
+    return result
+
+
+def worker_args(args) -> list[str]:
+    keys = ("workdir", "pairs", "batch_pairs", "build_batch", "prompt_tokens")
+    keys += ("response_tokens", "d_sae", "sae_k", "steps", "warmup")
+    return [
+        item for key in keys for item in (f"--{key.replace('_', '-')}", str(getattr(args, key)))
+    ]
+
+
+def gib(n: float) -> str:
+    return f"{n / 2**30:.2f}"
+
+
+def render(args, build: dict, results: dict[str, dict], command: str) -> str:
+    """The markdown of docs/benchmarks.md: setup, table, cache numbers, target check."""
+    base = results["SimPO"]
+
+    def increase(r: dict) -> int:
+        return r["peak_rss"] - r["base_rss"]
+
+    lines = [
+        "| configuration | reference model in memory | step wall (s) | x SimPO | step CPU (s) "
+        "| x SimPO | peak RSS (GiB) | RSS increase (GiB) | x SimPO |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in results.items():
+        in_memory = "yes" if CONFIGS[name][1] == "online" else "no"
+        lines.append(
+            f"| {name} | {in_memory} | {r['step_s']:.2f} | {r['step_s'] / base['step_s']:.2f} | "
+            f"{r['cpu_s']:.2f} | {r['cpu_s'] / base['cpu_s']:.2f} | {gib(r['peak_rss'])} | "
+            f"{gib(increase(r))} | {increase(r) / increase(base):.3f} |"
+        )
+    fpo, dpo = build["fpo"], build["dpo"]
+    cached = results.get("FPO cached")
+    verdict = []
+    if cached:
+        ratios = {
+            "wall time": cached["step_s"] / base["step_s"],
+            "CPU time": cached["cpu_s"] / base["cpu_s"],
+            "memory increase": increase(cached) / increase(base),
+        }
+        verdict.append(
+            "Target (FPO cached within 5% of SimPO): "
+            + "; ".join(
+                f"{what} {ratio:.3f} ({'met' if ratio <= 1.05 else 'MISSED'})"
+                for what, ratio in ratios.items()
+            )
+            + "."
+        )
+        for other in ("FPO online", "TDPO-2"):
+            if other in results:
+                r = results[other]
+                verdict.append(
+                    f"FPO cached / {other}: wall {cached['step_s'] / r['step_s']:.2f}, CPU "
+                    f"{cached['cpu_s'] / r['cpu_s']:.2f}, memory increase "
+                    f"{increase(cached) / increase(r):.2f}."
+                )
+    return "\n".join(
+        [
+            "# Benchmarks",
+            "",
+            "## Offline reference cache (issue 3)",
+            "",
+            "Produced by (from the repository root):",
+            "",
+            f"    {command}",
+            "",
+            f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores shared with other jobs "
+            f"while measured, Python {platform.python_version()}, torch {torch_version()}, "
+            f"CPU, fp32, {base['threads']} torch thread(s) per process.",
+            f"Model: google/gemma-3-270m (fp32). Batch: {args.batch_pairs} preference pairs = "
+            f"{2 * args.batch_pairs} sequences, {base['tokens']} tokens, "
+            f"{base['response_tokens']} of which predict response tokens (max_length "
+            f"{args.prompt_tokens + args.response_tokens}); the same batch every step. AdamW. "
+            f"Each configuration runs in its own process: {args.warmup} warm-up step(s), then "
+            f"the median of {args.steps} steps (forward + backward + optimizer step). "
+            "Step CPU = process CPU time (all threads) per step: steadier than wall time on a "
+            "shared machine. RSS increase = peak RSS minus the RSS after the imports.",
+            f"SAE: random TopK (d_in 640, d_sae {args.d_sae}, k {args.sae_k}) at {HOOK}; "
+            "fine for timing, meaningless values. FPO k = 50. LM head over all response "
+            "positions at once (logits_chunk_size null, the default).",
+            "",
+            *lines,
+            "",
+            *verdict,
+            "",
+            f"Cache build (Lightning predict loop, batch {args.build_batch}, {fpo['pairs']} "
+            f"pairs): FPO (k = 50, float32 values) {fpo['pairs_per_s']:.2f} pairs/s, "
+            f"{fpo['bytes_per_pair']:.0f} bytes per pair; DPO (log-probs only) "
+            f"{dpo['pairs_per_s']:.2f} pairs/s, {dpo['bytes_per_pair']:.0f} bytes per pair. "
+            "Bytes per pair include each shard's Arrow schema and footer (a few kB, with the "
+            "fingerprint in the schema metadata); this 8-pair cache is one shard, so it pays "
+            "them on 8 pairs, while a real one spreads them over 1024 pairs per shard. The "
+            "payload is 16 (id) + 2 x 12 (log-probs, count) + 2 x k x 8 (top-k indices "
+            f"int32 and values float32) = {16 + 24 + 2 * 50 * 8} bytes per pair for FPO "
+            "(640 with float16 values), 40 for DPO. Peak RSS of the build: "
+            f"{gib(build['peak_rss'])} GiB.",
+            "",
+        ]
+    )
+
+
+def torch_version() -> str:
+    import torch
+
+    return torch.__version__
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--worker", choices=["build", "train"])
+    parser.add_argument("--config", choices=list(CONFIGS))
+    parser.add_argument("--workdir")
+    parser.add_argument("--pairs", type=int, default=8, help="pairs in the cache build")
+    parser.add_argument("--batch-pairs", type=int, default=2)
+    parser.add_argument("--build-batch", type=int, default=4)
+    parser.add_argument("--prompt-tokens", type=int, default=16)
+    parser.add_argument("--response-tokens", type=int, default=32)
+    parser.add_argument("--d-sae", type=int, default=4096)
+    parser.add_argument("--sae-k", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument(
+        "--only",
+        nargs="*",
+        choices=list(CONFIGS),
+        default=list(DEFAULT_CONFIGS),
+        help="configurations to measure (SimPO always runs: it is the baseline)",
+    )
+    parser.add_argument("--timeout", type=int, default=600)
+    parser.add_argument("--write", help="write the markdown report to this file")
+    args = parser.parse_args()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if args.worker:
+        worker = worker_build if args.worker == "build" else worker_train
+        print(json.dumps(worker(args)), flush=True)
+        return
+    threads = os.environ.get("OMP_NUM_THREADS", "?")
+    command = " ".join([f"OMP_NUM_THREADS={threads}", ".venv/bin/python", *sys.argv])
+    with tempfile.TemporaryDirectory(prefix="fpo-bench-") as tmp:
+        args.workdir = args.workdir or tmp
+        write_pairs(Path(args.workdir) / "pairs.jsonl", args.pairs)
+        started = time.perf_counter()
+        build = run_worker(args, "build")
+        names = ["SimPO", *(n for n in args.only if n != "SimPO")]
+        results = {name: run_worker(args, "train", name) for name in names}
+        report = render(args, build, results, command)
+    print(report)
+    print(f"(benchmark wall time {time.perf_counter() - started:.0f} s)", file=sys.stderr)
+    if args.write:
+        Path(args.write).write_text(report)
+
+
+if __name__ == "__main__":
+    main()
