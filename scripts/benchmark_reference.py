@@ -42,9 +42,11 @@ CONFIGS = {
     "DPO cached": (DPO, "cached"),
     "DPO online": (DPO, "online"),
 }
-#: Measured unless --only says otherwise.
-DEFAULT_CONFIGS = tuple(CONFIGS)
+#: Measured unless --only says otherwise (add "DPO cached" "DPO online" for DPO).
+DEFAULT_CONFIGS = ("SimPO", "FPO cached", "FPO online", "TDPO-2")
 HOOK = "blocks.17.hook_resid_post"
+#: docs/benchmarks.md keeps the hand-written text from this line on when regenerated.
+NOTES_MARKER = "<!-- hand-written notes below: kept when the script rewrites this file -->"
 POSITIVE = (
     "The acting is superb and every scene feels alive.",
     "I loved the warm, funny script and the beautiful music.",
@@ -200,15 +202,16 @@ def worker_train(args) -> dict:
         times.append(time.perf_counter() - started)
         cpu_times.append(time.process_time() - cpu_started)
     return {
-        "step_s": statistics.median(times[args.warmup :]),
-        "cpu_s": statistics.median(cpu_times[args.warmup :]),
-        "step_times": times,
+        "step_times": times[args.warmup :],
+        "cpu_times": cpu_times[args.warmup :],
         "tokens": int(batch["attention_mask"].sum()),
         "response_tokens": int((batch["labels"] != -100).sum()),
         "peak_rss": peak_rss(),
         "base_rss": base,
         "loss": float(result.losses.mean()),
         "threads": torch.get_num_threads(),
+        "trunk_params": sum(p.numel() for n, p in policy.named_parameters() if "embed" not in n),
+        "head_params": policy.get_output_embeddings().weight.numel(),
     }
 
 
@@ -235,6 +238,21 @@ def worker_args(args) -> list[str]:
     ]
 
 
+def combine(runs: list[dict]) -> dict:
+    """One configuration over its rounds: the *fastest* measured step (wall and CPU), the
+    least disturbed by other jobs on a shared machine, and the highest peak memory."""
+    walls = [t for run in runs for t in run["step_times"]]
+    cpus = [t for run in runs for t in run["cpu_times"]]
+    highest = max(runs, key=lambda run: run["peak_rss"] - run["base_rss"])
+    return {
+        **highest,
+        "step_s": min(walls),
+        "cpu_s": min(cpus),
+        "step_median_s": statistics.median(walls),
+        "cpu_median_s": statistics.median(cpus),
+    }
+
+
 def gib(n: float) -> str:
     return f"{n / 2**30:.2f}"
 
@@ -248,17 +266,32 @@ def render(args, build: dict, results: dict[str, dict], command: str) -> str:
 
     lines = [
         "| configuration | reference model in memory | step wall (s) | x SimPO | step CPU (s) "
-        "| x SimPO | peak RSS (GiB) | RSS increase (GiB) | x SimPO |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| x SimPO | median wall (s) | peak RSS (GiB) | RSS increase (GiB) | x SimPO |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in results.items():
         in_memory = "yes" if CONFIGS[name][1] == "online" else "no"
         lines.append(
             f"| {name} | {in_memory} | {r['step_s']:.2f} | {r['step_s'] / base['step_s']:.2f} | "
-            f"{r['cpu_s']:.2f} | {r['cpu_s'] / base['cpu_s']:.2f} | {gib(r['peak_rss'])} | "
+            f"{r['cpu_s']:.2f} | {r['cpu_s'] / base['cpu_s']:.2f} | {r['step_median_s']:.2f} | "
+            f"{gib(r['peak_rss'])} | "
             f"{gib(increase(r))} | {increase(r) / increase(base):.3f} |"
         )
     fpo, dpo = build["fpo"], build["dpo"]
+    tokens, positions = base["tokens"], base["response_tokens"]
+    model_gflop = 2 * (base["trunk_params"] * tokens + base["head_params"] * positions) / 1e9
+    sae_gflop = 2 * positions * 640 * args.d_sae / 1e9
+    why = (
+        f"Expected from the work done: the policy's forward on this batch is about "
+        f"{model_gflop:.0f} GFLOP (2 x {base['trunk_params'] / 1e6:.0f}M trunk parameters x "
+        f"{tokens} tokens + 2 x {base['head_params'] / 1e6:.0f}M LM-head parameters x "
+        f"{positions} response positions). FPO cached adds only the SAE encoder on the "
+        f"response positions, {sae_gflop:.1f} GFLOP forward ({sae_gflop / model_gflop:.1%}), "
+        "and reads k = 50 values per row from the cache; FPO online, DPO online and TDPO-2 "
+        "add a forward of the reference without backward (TDPO-2 also a full-vocabulary "
+        "log-softmax and KL at every response position) and hold a second copy of the "
+        "weights (1.0 GiB in fp32)."
+    )
     cached = results.get("FPO cached")
     verdict = []
     if cached:
@@ -300,10 +333,12 @@ def render(args, build: dict, results: dict[str, dict], command: str) -> str:
             f"{2 * args.batch_pairs} sequences, {base['tokens']} tokens, "
             f"{base['response_tokens']} of which predict response tokens (max_length "
             f"{args.prompt_tokens + args.response_tokens}); the same batch every step. AdamW. "
-            f"Each configuration runs in its own process: {args.warmup} warm-up step(s), then "
-            f"the median of {args.steps} steps (forward + backward + optimizer step). "
-            "Step CPU = process CPU time (all threads) per step: steadier than wall time on a "
-            "shared machine. RSS increase = peak RSS minus the RSS after the imports.",
+            f"Each configuration runs in its own process, {args.rounds} time(s), the "
+            f"configurations interleaved: {args.warmup} warm-up step(s), then {args.steps} "
+            "measured steps (forward + backward + optimizer step). Step wall / step CPU: the "
+            "fastest measured step (least disturbed by other jobs), in wall-clock and in "
+            "process CPU time (all threads). RSS increase = peak RSS minus the RSS after the "
+            "imports (the highest over the rounds).",
             f"SAE: random TopK (d_in 640, d_sae {args.d_sae}, k {args.sae_k}) at {HOOK}; "
             "fine for timing, meaningless values. FPO k = 50. LM head over all response "
             "positions at once (logits_chunk_size null, the default).",
@@ -311,6 +346,8 @@ def render(args, build: dict, results: dict[str, dict], command: str) -> str:
             *lines,
             "",
             *verdict,
+            "",
+            why,
             "",
             f"Cache build (Lightning predict loop, batch {args.build_batch}, {fpo['pairs']} "
             f"pairs): FPO (k = 50, float32 values) {fpo['pairs_per_s']:.2f} pairs/s, "
@@ -326,6 +363,14 @@ def render(args, build: dict, results: dict[str, dict], command: str) -> str:
             "",
         ]
     )
+
+
+def write_keeping_notes(path: Path, report: str) -> None:
+    """Write ``report`` to ``path``, keeping hand-written text from the NOTES marker on."""
+    notes = ""
+    if path.exists() and NOTES_MARKER in (old := path.read_text()):
+        notes = old[old.index(NOTES_MARKER) :]
+    path.write_text(report + ("\n" + notes if notes else ""))
 
 
 def torch_version() -> str:
@@ -346,8 +391,9 @@ def main() -> None:
     parser.add_argument("--response-tokens", type=int, default=32)
     parser.add_argument("--d-sae", type=int, default=4096)
     parser.add_argument("--sae-k", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved runs per config")
     parser.add_argument(
         "--only",
         nargs="*",
@@ -371,12 +417,15 @@ def main() -> None:
         started = time.perf_counter()
         build = run_worker(args, "build")
         names = ["SimPO", *(n for n in args.only if n != "SimPO")]
-        results = {name: run_worker(args, "train", name) for name in names}
+        rounds = [{name: run_worker(args, "train", name) for name in names}]
+        for _ in range(args.rounds - 1):  # interleaved: each round runs every config once
+            rounds.append({name: run_worker(args, "train", name) for name in names})
+        results = {name: combine([r[name] for r in rounds]) for name in names}
         report = render(args, build, results, command)
     print(report)
     print(f"(benchmark wall time {time.perf_counter() - started:.0f} s)", file=sys.stderr)
     if args.write:
-        Path(args.write).write_text(report)
+        write_keeping_notes(Path(args.write), report)
 
 
 if __name__ == "__main__":

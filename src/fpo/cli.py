@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import sys
-import textwrap
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -22,6 +21,6 @@ def user_errors() -> Iterator[None]:
     try:
         yield
     except UserError as error:
-        message = textwrap.fill(str(error), width=100)
-        print(f"\nerror: {message}\n", file=sys.stderr, flush=True)
+        # Not re-wrapped: a message may end with a command to copy and paste.
+        print(f"\nerror: {error}\n", file=sys.stderr, flush=True)
         sys.exit(2)

@@ -6,6 +6,7 @@ import copy
 import json
 import logging
 import os
+import warnings
 from pathlib import Path
 
 import hydra
@@ -80,6 +81,23 @@ def instantiate_all(group: DictConfig | None) -> list:
     return [instantiate(c) for c in (group or {}).values() if c and "_target_" in c]
 
 
+def evaluate(cfg: DictConfig, policy, tokenizer, loggers: list) -> dict[str, float]:
+    """Sample and judge the trained policy against a fresh load of the initial weights."""
+    from fpo.evaluation.after_fit import evaluate_after_fit
+
+    result = evaluate_after_fit(
+        policy,
+        tokenizer,
+        load_reference=lambda: instantiate(cfg.model.loader)[0],
+        output_dir=cfg.paths.output_dir,
+        **OmegaConf.to_container(cfg.evaluation, resolve=True),
+    )
+    scalars = {f"eval/{k}": float(v) for k, v in result.items() if isinstance(v, int | float)}
+    for logger in loggers:
+        logger.log_metrics(scalars)
+    return scalars
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit one run; returns the final callback metrics as floats."""
     L.seed_everything(cfg.seed, workers=True)
@@ -111,6 +129,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         logger.log_hyperparams(config)
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    if cfg.get("evaluation") and trainer.is_global_zero:
+        metrics.update(evaluate(cfg, policy, tokenizer, loggers))
     if trainer.is_global_zero:
         output_dir = Path(cfg.paths.output_dir)
         (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
@@ -122,6 +142,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
 def main(cfg: DictConfig) -> float | None:
     """Hydra entry point; returns ``cfg.optimized_metric`` for sweepers."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # The frozen reference and SAE stay in eval mode on purpose.
+    warnings.filterwarnings("ignore", message=r"Found .* module\(s\) in eval mode")
     torch.set_float32_matmul_precision("high")
     with user_errors():
         metrics = train(cfg)

@@ -7,6 +7,7 @@ serves every test of the module; nothing reaches the hub.
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -21,7 +22,9 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def cache_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("fpo-cache")
+    path = tmp_path_factory.mktemp("fpo-cache")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)  # ~1 GB of fp32 weights
 
 
 @pytest.fixture(scope="module")

@@ -27,6 +27,7 @@ from fpo.sae_training.corpus import (
     split_texts,
     strip_roff,
 )
+from fpo.sae_training.io import round_to_storage
 from fpo.sae_training.trainer import epoch_batches
 
 TEXTS = [
@@ -82,7 +83,7 @@ def test_last_layer_is_taken_before_the_final_norm(tiny_model, tiny_tokenizer):
 
 
 def test_bad_layer_is_a_user_error(tiny_model, tiny_tokenizer):
-    with pytest.raises(UserError, match="--layer 5 is out of range: the model has 2 layers"):
+    with pytest.raises(UserError, match=r"needs decoder layer 5, but .* has 2 layers"):
         collect_activations(tiny_model, tiny_tokenizer, TEXTS, 5, 10, seq_len=16)
 
 
@@ -132,6 +133,8 @@ def test_pipeline_trains_saves_and_loads(tiny_model, tiny_tokenizer, tmp_path):
     assert json.loads((folder / "cfg.json").read_text())["architecture"] == "topk"
     reloaded = evaluate_sae(loaded, acts)["variance_explained"]
     assert reloaded == pytest.approx(after["variance_explained"], abs=1e-3)  # fp16 storage
+    rounded = round_to_storage(sae, "float16")  # the in-memory twin of the stored weights
+    assert torch.equal(rounded.W_enc, loaded.W_enc) and torch.equal(rounded.b_dec, loaded.b_dec)
     assert "| variance_explained |" in (folder / "SAE_CARD.md").read_text()
 
 

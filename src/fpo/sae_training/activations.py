@@ -20,22 +20,12 @@ import torch
 from torch import nn
 
 from fpo.errors import UserError
+from fpo.sae import resolve_hook_module
 
 
 def hook_name_for_layer(layer: int) -> str:
     """sae-lens hook name of decoder layer `layer`'s output: ``blocks.{layer}.hook_resid_post``."""
     return f"blocks.{layer}.hook_resid_post"
-
-
-def decoder_layer(model: nn.Module, layer: int) -> nn.Module:
-    """``model.model.layers[layer]`` (or ``model.layers[layer]``), with a clear error."""
-    body = getattr(model, "model", model)
-    layers = getattr(body, "layers", None)
-    if not isinstance(layers, nn.ModuleList):
-        raise UserError(f"{type(model).__name__} has no decoder layer list (model.model.layers)")
-    if not 0 <= layer < len(layers):
-        raise UserError(f"--layer {layer} is out of range: the model has {len(layers)} layers")
-    return layers[layer]
 
 
 def token_windows(
@@ -88,7 +78,8 @@ def layer_output(
         captured.append(output[0] if isinstance(output, tuple) else output)
         raise _StopForward
 
-    handle = decoder_layer(model, layer).register_forward_hook(capture)
+    module = resolve_hook_module(model, hook_name_for_layer(layer))
+    handle = module.register_forward_hook(capture)
     try:
         model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     except _StopForward:

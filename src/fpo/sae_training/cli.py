@@ -14,6 +14,7 @@ folder (sae-lens format + card).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import shlex
 import sys
 import time
@@ -26,7 +27,7 @@ import torch
 from fpo.errors import UserError
 from fpo.sae_training import corpus
 from fpo.sae_training.activations import collect_activations, hook_name_for_layer
-from fpo.sae_training.io import folder_size_bytes, save_sae
+from fpo.sae_training.io import folder_size_bytes, round_to_storage, save_sae
 from fpo.sae_training.trainer import evaluate_sae, train_sae
 
 CHARS_PER_TOKEN = 4.7  # measured on this corpus with the Gemma-3 tokenizer
@@ -159,6 +160,11 @@ def activations_for(args: argparse.Namespace, model, tokenizer) -> tuple[dict[st
     return data, seconds
 
 
+def file_sha256(path: Path | None) -> str:
+    """Hex sha256 of a file's bytes, or ``"-"`` for no file."""
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path is not None else "-"
+
+
 def build_card(args, argv, model_name, sae, data, metrics, times) -> dict[str, Any]:
     """The fields of ``SAE_CARD.md``."""
     itemsize = torch.empty(0, dtype=getattr(torch, args.storage_dtype)).element_size()
@@ -173,7 +179,9 @@ def build_card(args, argv, model_name, sae, data, metrics, times) -> dict[str, A
             f"of `{hook_name_for_layer(args.layer)}` = the output of `model.model.layers"
             f"[{args.layer}]`, before the final norm. BOS and pad positions excluded; `b_dec` "
             "initialised to the mean activation. Load with "
-            "`sae_lens.SAE.load_from_disk(folder)`. Metrics are on held-out documents."
+            "`sae_lens.SAE.load_from_disk(folder)`. Metrics are on held-out documents. "
+            "`--activation-cache` only reuses activations collected by the same options; "
+            "without the file the command collects them again."
         ),
         "model": model_name,
         "hook_name": hook_name_for_layer(args.layer),
@@ -193,6 +201,7 @@ def build_card(args, argv, model_name, sae, data, metrics, times) -> dict[str, A
         "window length (BOS included)": args.seq_len,
         "activation dtype (train / held-out)": f"{args.collect_dtype} / float32",
         "corpus characters per source": data["corpus_chars"],
+        "preference file sha256": file_sha256(args.preference_file),
         "activation collection time (s)": round(times["collect"], 1),
         "SAE training time (s)": round(times["train"], 1),
         "weights storage dtype": args.storage_dtype,
@@ -233,6 +242,7 @@ def run(argv: list[str]) -> dict[str, Any]:
         dead_window_tokens=args.dead_window_tokens,
     )
     train_s = time.perf_counter() - start
+    round_to_storage(sae, args.storage_dtype)  # evaluate the weights that get shipped
     n_eval = data["heldout"].shape[0]
     metrics = {
         "heldout": evaluate_sae(sae, data["heldout"]),

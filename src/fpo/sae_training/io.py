@@ -43,6 +43,19 @@ def render_card(card: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+@torch.no_grad()
+def round_to_storage(sae: SAE, storage_dtype: str) -> SAE:
+    """Round `sae`'s parameters (in place) to what `save_sae` stores and the loader returns.
+
+    ``p <- float32(storage_dtype(p))``: evaluating after this measures the shipped weights.
+    """
+    if storage_dtype not in STORAGE_DTYPES:
+        raise UserError(f"--storage-dtype must be one of {sorted(STORAGE_DTYPES)}")
+    for param in sae.parameters():
+        param.copy_(param.to(STORAGE_DTYPES[storage_dtype]).to(param.dtype))
+    return sae
+
+
 def save_sae(
     sae: SAE, folder: str | Path, card: dict[str, Any], storage_dtype: str = "float32"
 ) -> Path:

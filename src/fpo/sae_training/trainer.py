@@ -30,6 +30,7 @@ from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
 from sae_lens.training.sae_trainer import SAETrainer
 
 from fpo.errors import UserError
+from fpo.sae import reconstruction_report
 
 
 def epoch_batches(
@@ -131,34 +132,13 @@ def train_sae(
     return to_inference_sae(trained)
 
 
-@torch.no_grad()
-def evaluate_sae(sae: SAE, activations: torch.Tensor, batch_size: int = 4096) -> dict[str, float]:
-    """Reconstruction quality of `sae` on `activations` ``[N, d]``.
+def evaluate_sae(sae: SAE, activations: torch.Tensor) -> dict[str, float]:
+    """Reconstruction quality of `sae` on `activations` ``[N, d]``: `fpo.sae.reconstruction_report`.
 
-    - ``variance_explained = 1 - sum_n |x_n - xhat_n|^2 / sum_n |x_n - mean(x)|^2``
-      (sae-lens's ``metrics/explained_variance``, over the whole sample);
-    - ``l0``: mean number of non-zero latents per token;
-    - ``dead_fraction``: fraction of latents that never fire on the sample;
-    - ``mse``: mean over tokens of ``|x - xhat|^2 / d``; ``n_tokens``: N.
+    ``variance_explained = 1 - sum_n |x_n - xhat_n|^2 / sum_n |x_n - mean(x)|^2`` over the
+    whole sample (sae-lens's ``metrics/explained_variance``), ``l0`` (mean active latents per
+    token), ``dead_fraction`` (latents that never fire on the sample), ``mse`` (per element),
+    plus ``n_tokens = N``.
     """
     sae.eval()
-    x_all = activations.float()
-    mean = x_all.mean(dim=0)
-    sq_err = total_var = l0_sum = 0.0
-    fired = torch.zeros(sae.cfg.d_sae, dtype=torch.bool)
-    for x in x_all.split(batch_size):
-        feats = sae.encode(x)
-        recon = sae.decode(feats)
-        sq_err += (recon - x).pow(2).sum().item()
-        total_var += (x - mean).pow(2).sum().item()
-        active = feats != 0
-        l0_sum += active.sum().item()
-        fired |= active.any(dim=0)
-    n, d = x_all.shape
-    return {
-        "variance_explained": 1.0 - sq_err / total_var,
-        "l0": l0_sum / n,
-        "dead_fraction": 1.0 - fired.float().mean().item(),
-        "mse": sq_err / (n * d),
-        "n_tokens": float(n),
-    }
+    return {**reconstruction_report(sae, activations.float()), "n_tokens": float(len(activations))}
