@@ -26,8 +26,11 @@ test-fast: install  ## everything except the real-model tests
 smoke: install  ## all five objectives on the tiny model, one Hydra multirun
 	$(BIN)/fpo-train -m experiment=smoke objective=dpo,simpo,tdpo1,tdpo2,fpo
 
-train: install  ## the main job (the embedded default)
-	$(BIN)/fpo-train experiment=smoke
+MAIN_JOB ?= experiment=sentiment_gemma3
+
+train: install  ## the main job: reference cache, FPO on gemma-3-270m, evaluation (logs/latest)
+	$(BIN)/fpo-cache $(MAIN_JOB)
+	$(BIN)/fpo-train $(MAIN_JOB)
 
 format: install  ## ruff lint + format through pre-commit
 	$(BIN)/pre-commit run --all-files

@@ -87,7 +87,8 @@ class FPOLightningModule(L.LightningModule):
             raise UserError(f"objective={self.method.name} needs a reference (reference=...).")
         if self.method.features and sae is None:
             raise UserError("objective=fpo needs an SAE (sae=...).")
-        self.policy = policy
+        # from_pretrained returns eval mode and Lightning keeps the modes it is given.
+        self.policy = policy.train()
         self.parts = split_causal_lm(policy)
         self.reference = reference
         self.sae = sae if self.method.features else None

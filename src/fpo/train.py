@@ -105,6 +105,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
     policy, tokenizer = instantiate(cfg.model.loader)
     if cfg.model.get("gradient_checkpointing"):
         policy.gradient_checkpointing_enable()
+    if cfg.model.get("freeze_embeddings"):
+        # Token embeddings (and a tied LM head) stay fixed: for a 262k vocabulary this
+        # removes most of the optimizer state and the head's weight gradient.
+        policy.get_input_embeddings().requires_grad_(False)
+        policy.get_output_embeddings().requires_grad_(False)
     sae = instantiate(cfg.sae) if method.features else None
     datamodule = instantiate(cfg.data, tokenizer=tokenizer)
     reference = build_reference(cfg, method, policy, sae, datamodule)
