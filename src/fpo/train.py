@@ -149,6 +149,7 @@ def main(cfg: DictConfig) -> float | None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # The frozen reference and SAE stay in eval mode on purpose.
     warnings.filterwarnings("ignore", message=r"Found .* module\(s\) in eval mode")
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
     torch.set_float32_matmul_precision("high")
     with user_errors():
         metrics = train(cfg)

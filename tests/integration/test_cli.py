@@ -113,3 +113,27 @@ def test_every_config_option_composes_and_resolves(override):
     container = OmegaConf.to_container(cfg.objective, resolve=True)
     assert container["name"] in OBJECTIVES
     assert cfg.trainer._target_.endswith("Trainer")
+
+
+def test_evaluation_after_fit_writes_summary_to_latest(tmp_path):
+    """The main job's last stage, on the tiny model: summary.json, generations and plot."""
+    latest = tmp_path / "latest"
+    result = run_train(
+        tmp_path,
+        "experiment=smoke",
+        "objective=simpo",
+        "evaluation=sentiment",
+        f"evaluation.prompts_file={ROOT}/tests/fixtures/plain_pairs.jsonl",
+        "evaluation.num_prompts=3",
+        "evaluation.max_new_tokens=4",
+        f"evaluation.latest_dir={latest}",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((latest / "summary.json").read_text())
+    for key in ("policy_judge_mean", "reference_judge_mean", "win_rate", "kl"):
+        assert isinstance(summary[key], float), key
+    rows = [json.loads(line) for line in Path(summary["generations"]).read_text().splitlines()]
+    assert len(rows) == 3
+    assert all({"prompt", "policy", "reference"} <= set(row) for row in rows)
+    assert Path(summary["plot"]).read_bytes().startswith(b"\x89PNG")
+    assert Path(summary["generations"]).parent == latest.resolve()

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import re
 import shlex
-from functools import partial
 from pathlib import Path
 
 import lightning as L
