@@ -12,7 +12,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from fpo.models.tiny import build_tiny_model, build_tiny_tokenizer  # noqa: E402
+from fpo.models.tiny import build_tiny_model, build_tiny_tokenizer
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 

@@ -1,23 +1,27 @@
-"""The embedded default's shipped SAE on the real google/gemma-3-270m (CPU, about a minute).
+"""The embedded default's shipped SAE on the real google/gemma-3-270m (CPU, ~25 s + load).
 
 Checks the SAE folder ``assets/sae/gemma3-270m-layer17`` against its own ``SAE_CARD.md``:
 it loads with sae-lens, fits the model's residual stream at layer 17, reconstructs held-out
 text as well as the card says, and serves a reference-cache build whose values equal the
 online reference's.
 
-The held-out sample. The card's held-out sample is every 10th text of a corpus mixed from
-``data/sentiment/train.jsonl``, ``/usr/share/doc``, man pages and the stdlib's docstrings;
-the last three depend on the machine's installed packages and Python build, so that sample
-is not the same on another machine (and its split shuffles all four sources together).
-This test uses text that is held out on every machine instead: the *test* split of the
-preference data (never in the SAE's corpus, which used the train split only) and docstrings
-of the pinned ``torch`` package (the corpus used the stdlib's), mixed by the card's own
-`build_corpus` and collected with the card's settings (window, layer, BOS excluded, fp32).
+Two held-out samples, both collected with the card's settings (layer 17, windows of 128,
+BOS excluded, fp32 model) and scored by the card's `evaluate_sae`:
+
+- the card's own: every 10th text of the corpus mixed from ``data/sentiment/train.jsonl``,
+  ``/usr/share/doc``, man pages and the stdlib's docstrings, rebuilt by the card's command.
+  The last three sources depend on the machine's packages and Python build, so the test
+  first checks that the rebuilt corpus is the card's (its characters per source).
+- a portable one, the same on every machine and never in the SAE's corpus: the preference
+  *test* split (the corpus used the train split) and docstrings of the pinned ``torch``
+  package (the corpus used the stdlib's). Its expected value was measured (`PORTABLE_VE`),
+  since it is not the card's sample.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import re
 import shlex
 from pathlib import Path
@@ -50,6 +54,8 @@ HIDDEN_SIZE = 640  # gemma-3-270m
 MAX_FOLDER_BYTES = 16_000_000  # "small enough to ship": at most 16 MB
 HELDOUT_TOKENS = 4_000
 VE_TOLERANCE = 0.02
+# Measured on `portable_heldout_texts(seed=0)` (test_portable_heldout_sample's docstring).
+PORTABLE_VE = 0.767
 CACHE_PAIRS = 4
 
 
@@ -128,7 +134,36 @@ def test_fits_the_real_model_at_layer_17(gemma, sae):
 
 
 # ---------------------------------------------------------- 2. held-out reconstruction
-def heldout_texts(seed: int) -> list[str]:
+def heldout_report(gemma, sae, texts: list[str]) -> dict[str, float]:
+    """`evaluate_sae` on the first `HELDOUT_TOKENS` activations of `texts`, collected with
+    the card's settings (its layer and window, BOS excluded, fp32 model)."""
+    model, tokenizer = gemma
+    args = card_command()
+    activations = collect_activations(
+        model.float(),  # the card's held-out activations are fp32
+        tokenizer,
+        texts,
+        hook_layer=args.layer,
+        max_tokens=HELDOUT_TOKENS,
+        seq_len=args.seq_len,
+        exclude_bos=True,
+    )
+    assert activations.shape == (HELDOUT_TOKENS, HIDDEN_SIZE)
+    report = evaluate_sae(sae, activations)
+    print(f"held-out sample: {report}")
+    return report
+
+
+def card_heldout_texts() -> tuple[list[str], dict[str, int]]:
+    """The card's held-out texts, rebuilt the way `cli.activations_for` builds them (same
+    sources, character budget, seed and split), and the characters taken per source."""
+    args = card_command()
+    budget = int(max(args.tokens * 10 / 9, args.heldout_tokens * 10) * cli.CHARS_PER_TOKEN * 1.3)
+    texts, taken = corpus.build_corpus(cli.corpus_sources(args.preference_file), budget, args.seed)
+    return corpus.split_texts(texts)[1], taken
+
+
+def portable_heldout_texts(seed: int) -> list[str]:
     """Texts no machine's SAE corpus contains (module docstring), balanced by `build_corpus`:
     ``prompt + chosen`` / ``prompt + rejected`` of the preference test split and prose
     paragraphs of torch's docstrings, shuffled with the card's seed."""
@@ -142,23 +177,32 @@ def heldout_texts(seed: int) -> list[str]:
     return texts
 
 
-def test_heldout_variance_explained_reaches_the_card(gemma, sae):
-    model, tokenizer = gemma
-    args = card_command()
-    card_ve = float(card_fields()["variance_explained (held-out)"])
-    activations = collect_activations(
-        model.float(),  # the card's held-out activations are fp32
-        tokenizer,
-        heldout_texts(args.seed),
-        hook_layer=args.layer,
-        max_tokens=HELDOUT_TOKENS,
-        seq_len=args.seq_len,
-        exclude_bos=True,
+def test_card_heldout_sample_reaches_the_card(gemma, sae):
+    """The card's own held-out sample (its first HELDOUT_TOKENS tokens) on this machine."""
+    texts, taken = card_heldout_texts()
+    card = card_fields()
+    card_taken = ast.literal_eval(card["corpus characters per source"])
+    taken = {name.replace(f"{ROOT}/", ""): chars for name, chars in taken.items()}
+    assert taken == card_taken, (
+        f"this machine's corpus {taken} is not the card's {card_taken}: its /usr/share/doc, man "
+        "pages or Python stdlib differ, so the card's held-out sample cannot be rebuilt here "
+        "(test_portable_heldout_sample checks text that is the same on every machine)"
     )
-    assert activations.shape == (HELDOUT_TOKENS, HIDDEN_SIZE)
-    report = evaluate_sae(sae, activations)
-    print(f"held-out sample: {report}")
+    report = heldout_report(gemma, sae, texts)
+    card_ve = float(card["variance_explained (held-out)"])
     assert report["variance_explained"] >= card_ve - VE_TOLERANCE, (report, card_ve)
+    assert report["l0"] == sae.cfg.k == int(card["L0 (held-out)"])
+
+
+def test_portable_heldout_sample(gemma, sae):
+    """Text that is held out on every machine; its expected value was measured, not the card's.
+
+    Unseen text scores lower than the card's held-out documents, which come from the same
+    sources as the training documents: PORTABLE_VE was measured with seeds 0, 1, 2 (0.767,
+    0.770, 0.768); each source alone gives ~0.74.
+    """
+    report = heldout_report(gemma, sae, portable_heldout_texts(card_command().seed))
+    assert report["variance_explained"] >= PORTABLE_VE - VE_TOLERANCE, report
     assert report["l0"] == sae.cfg.k
 
 
