@@ -111,7 +111,7 @@ def _plain_generation_config(model: torch.nn.Module) -> Iterator[torch.nn.Module
 
 
 @contextmanager
-def _eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+def eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
     """Put the model in eval mode (no dropout) and restore its previous mode after."""
     was_training = model.training
     model.eval()
@@ -164,7 +164,7 @@ def sample_completion_ids(
     """
     _check_args(num_samples, max_new_tokens, batch_size, temperature)
     flat = [prompt for prompt in prompts for _ in range(num_samples)]
-    eos_ids = _eos_ids(model, tokenizer) | set(stop_token_ids)
+    eos_ids = eos_token_ids(model, tokenizer) | set(stop_token_ids)
     device = next(model.parameters()).device
     processors = LogitsProcessorList()
     if temperature > 0:
@@ -173,7 +173,7 @@ def sample_completion_ids(
     out: list[list[int]] = []
     with (
         _left_padding(tokenizer),
-        _eval_mode(model),
+        eval_mode(model),
         _plain_generation_config(model),
         torch.no_grad(),
     ):
@@ -228,7 +228,7 @@ def sample_completions(
     return [tokenizer.batch_decode(rows, skip_special_tokens=True) for rows in ids]
 
 
-def _eos_ids(model: torch.nn.Module, tokenizer: Any) -> set[int]:
+def eos_token_ids(model: torch.nn.Module, tokenizer: Any) -> set[int]:
     """EOS ids from the model's generation config (may be a list) and the tokenizer."""
     config = getattr(model, "generation_config", None)
     ids = getattr(config, "eos_token_id", None) if config is not None else None

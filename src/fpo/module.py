@@ -161,7 +161,6 @@ class FPOLightningModule(L.LightningModule):
             )
         field = "avg" if method.length_normalised else "sum"
         stats["logps"] = getattr(policy_logps, field).detach()
-        stats["tokens"] = policy_logps.n_tokens
         result = compute_loss(method, self.objective, policy_logps, ref_logps, seq_kl, feature_mse)
         return result, stats
 

@@ -17,14 +17,13 @@ re-encoding of the source file.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from fpo.errors import UserError
+from fpo.hashing import hash_json
 
 FORMATS = ("auto", "ultrafeedback", "plain")
 LOCAL_EXTENSIONS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
@@ -34,9 +33,8 @@ Message = dict[str, str]
 
 
 def short_hash(obj: Any, length: int = 16) -> str:
-    """First ``length`` hex chars of the sha256 of ``obj`` as canonical JSON (sorted keys)."""
-    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:length]
+    """First ``length`` hex chars of `fpo.hashing.hash_json` of ``obj``."""
+    return hash_json(obj)[:length]
 
 
 class BadRow(ValueError):

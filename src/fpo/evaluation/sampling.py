@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from fpo.errors import UserError
-from fpo.generation import _eos_ids, sample_completion_ids
+from fpo.generation import eos_token_ids, sample_completion_ids
 
 # generation_config fields that change the sampling distribution, with their neutral values.
 _NEUTRAL_GENERATION = {
@@ -79,7 +79,7 @@ def _check_plain_sampling(model: torch.nn.Module) -> None:
 
 def single_eos_id(model: torch.nn.Module, tokenizer: Any) -> int:
     """The one token id that stops generation (the sampler's EOS set must have one element)."""
-    eos_ids = _eos_ids(model, tokenizer)
+    eos_ids = eos_token_ids(model, tokenizer)
     if len(eos_ids) != 1:
         raise UserError(
             f"evaluation: generation stops at the EOS ids {sorted(eos_ids)} (model "

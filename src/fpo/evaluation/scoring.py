@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from fpo.evaluation.sampling import Samples
 from fpo.evaluation.stats import grouped_mean_stderr
 from fpo.forward import forward_response_positions
-from fpo.generation import _eval_mode
+from fpo.generation import eval_mode
 from fpo.logprobs import response_positions, response_token_stats, sequence_logps
 from fpo.models.hf import split_causal_lm
 
@@ -93,7 +93,7 @@ def sequence_logprob(
     order = sorted(range(total), key=lambda n: len(prompt_ids[n]) + len(completion_ids[n]))
     parts = split_causal_lm(model)
     device = next(model.parameters()).device
-    with _eval_mode(model), torch.no_grad():
+    with eval_mode(model), torch.no_grad():
         for start in range(0, total, step):
             rows = order[start : start + step]
             batch = scoring_batch(

@@ -17,13 +17,14 @@ exactly the components that differ.
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Mapping
 from importlib import metadata
 from typing import Any
 
 import numpy as np
 import torch
+
+from fpo.hashing import hash_json as hash_json  # re-exported for cache fingerprints
 
 #: Libraries whose version changes the numbers a cache holds (kernels, model code, SAE code).
 NUMERIC_LIBRARIES = ("torch", "transformers", "sae-lens")
@@ -64,15 +65,6 @@ def hash_state_dict(module_or_state_dict: torch.nn.Module | Mapping[str, Any]) -
         else:
             digest.update(f"{type(value).__qualname__}|{value!r}\0".encode())
     return digest.hexdigest()
-
-
-def hash_json(obj: Any) -> str:
-    """sha256 hex digest of ``obj`` as canonical JSON (sorted keys, no whitespace).
-
-    Objects JSON cannot encode (paths, numpy scalars) are encoded via ``str``.
-    """
-    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def library_versions() -> dict[str, str]:
