@@ -19,17 +19,15 @@ from pathlib import Path
 
 import hydra
 import torch
-from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
 from fpo.cli import user_errors
 from fpo.errors import UserError
-from fpo.methods import get_method
+from fpo.experiment import build_experiment
 from fpo.reference.build import build_reference_cache
 from fpo.reference.layout import MANIFEST
 from fpo.reference.reader import cache_info, format_cache_info
-from fpo.reference.settings import cache_settings
 
 log = logging.getLogger("fpo.cache")
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")
@@ -48,32 +46,26 @@ def info_text(path: str | os.PathLike) -> str:
 
 def build(cfg: DictConfig) -> tuple[Path, dict[str, dict]]:
     """Build the reference cache of every split; ``(root folder, per-split results)``."""
-    method = get_method(cfg.objective)
-    if not method.reference:
-        raise UserError(f"objective={method.name} uses no reference model: nothing to cache.")
-    if method.token_kl:
+    experiment = build_experiment(cfg)  # refuses objectives the cache cannot serve (TDPO)
+    if not experiment.objective.needs.reference:
         raise UserError(
-            f"objective={method.name} needs the reference's full-vocabulary logits every step, "
-            "which the cache does not store; train it with reference=online."
+            f"objective={experiment.objective.name} uses no reference model: nothing to cache."
         )
-    policy, tokenizer = instantiate(cfg.model.loader)
-    sae = instantiate(cfg.sae) if method.features else None
-    datamodule = instantiate(cfg.data, tokenizer=tokenizer)
-    settings = cache_settings(cfg, method, sae)
+    settings = experiment.cache_settings()
 
     def make_trainer(callbacks):
-        return instantiate(
-            cfg.trainer,
+        return experiment.build_trainer(
             logger=False,
             callbacks=callbacks,
             enable_checkpointing=False,
             use_distributed_sampler=False,
         )
 
+    datamodule = experiment.datamodule
     results = build_reference_cache(
         make_trainer,
-        policy,
-        sae,
+        experiment.policy,
+        experiment.sae,
         datamodule,
         settings,
         batch_size=int(cfg.cache.get("batch_size") or datamodule.eval_batch_size),

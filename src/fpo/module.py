@@ -11,11 +11,11 @@ model, or the offline cache's per-row fields in the batch). A training step is:
 from __future__ import annotations
 
 import inspect
-import time
 from collections.abc import Callable, Mapping
 
 import lightning as L
 import torch
+from omegaconf import OmegaConf
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
@@ -23,16 +23,10 @@ from fpo import objectives
 from fpo.errors import UserError
 from fpo.forward import forward_response_positions
 from fpo.logprobs import response_positions, response_token_stats, segment_sum, sequence_logps
-from fpo.methods import compute_loss, get_method, halves
 from fpo.models.hf import split_causal_lm
+from fpo.objective import Objective, build_objective
 from fpo.reference.base import ReferenceSource
-from fpo.sae import (
-    check_sae_fits_model,
-    encode_pooled,
-    reconstruction_report,
-    resolve_hook_module,
-    sae_hook_name,
-)
+from fpo.sae import encode_pooled, reconstruction_report, resolve_hook_module
 
 METRIC_NAMES = (
     "loss",
@@ -43,28 +37,30 @@ METRIC_NAMES = (
     "logps/chosen",
     "logps/rejected",
 )
-TDPO_METRICS = ("kl/chosen", "kl/rejected")
-FPO_METRICS = ("fmse/chosen", "fmse/rejected")
 
 
 class FPOLightningModule(L.LightningModule):
-    """Preference optimisation of ``policy`` with the objective named by ``objective.name``.
+    """Preference optimisation of ``policy`` with a composed objective (``fpo.objective``).
+
+    Build it from a config with :func:`fpo.experiment.build_experiment`; direct use:
 
     Args:
         policy: a Hugging Face causal LM (trained).
-        objective: ``{"name": dpo|simpo|tdpo1|tdpo2|fpo, "beta": ..., ...}`` (Hydra group).
+        objective: an :class:`~fpo.objective.Objective` or its config mapping
+            (``{"name": ..., "margin": dpo|ln_dpo|simpo, "beta": ..., "constraints": ...}``).
         optimizer: ``params -> Optimizer`` (a Hydra ``_partial_``).
         scheduler: ``optimizer -> LRScheduler`` partial, stepped every optimizer step;
             if it takes ``num_training_steps`` the trainer's estimate is passed.
-        reference: where reference statistics come from (``None`` for SimPO).
-        sae: frozen sae-lens SAE (FPO only).
-        hook_name: overrides the SAE's own hook name.
+        reference: where reference statistics come from (``None`` when nothing needs one).
+        sae: frozen sae-lens SAE (the feature constraint only), already checked against the
+            policy by the caller.
+        hook_name: the SAE's hook, resolved once by the caller (``fpo.sae.sae_hook_name``).
         logits_chunk_size: response positions per LM-head chunk (``None``: all at once).
         checkpoint_logits: recompute each logits chunk in backward (memory O(chunk * V)).
         sae_report_batches: batches used for the start-up SAE reconstruction report.
 
-    ``logps/chosen`` and ``logps/rejected`` are the log-probs the objective uses: sums for
-    DPO/TDPO, per-token averages for SimPO/FPO (as TRL logs them).
+    ``logps/chosen`` and ``logps/rejected`` are the log-probs the margin uses: sums for
+    margin ``dpo`` (DPO, TDPO), per-token averages for ``ln_dpo``/``simpo`` (FPO, SimPO).
     """
 
     def __init__(
@@ -81,22 +77,21 @@ class FPOLightningModule(L.LightningModule):
         sae_report_batches: int = 2,
     ) -> None:
         super().__init__()
-        self.objective = dict(objective)
-        self.method = get_method(self.objective)
-        if self.method.reference and reference is None:
-            raise UserError(f"objective={self.method.name} needs a reference (reference=...).")
-        if self.method.features and sae is None:
-            raise UserError("objective=fpo needs an SAE (sae=...).")
+        self.objective: Objective = build_objective(objective)
+        needs = self.objective.needs
+        if needs.reference and reference is None:
+            raise UserError(f"objective={self.objective.name} needs a reference (reference=...).")
+        self.objective.validate(sae=sae, cached_reference=False)
         # from_pretrained returns eval mode and Lightning keeps the modes it is given.
         self.policy = policy.train()
         self.parts = split_causal_lm(policy)
         self.reference = reference
-        self.sae = sae if self.method.features else None
-        self.hook_name = None
+        self.sae = sae if needs.features else None
+        self.hook_name = hook_name if needs.features else None
         if self.sae is not None:
+            if not self.hook_name:
+                raise ValueError("FPOLightningModule: an SAE needs its resolved hook_name.")
             self.sae.requires_grad_(False).eval()
-            check_sae_fits_model(self.sae, policy)
-            self.hook_name = hook_name or sae_hook_name(self.sae)
             resolve_hook_module(policy, self.hook_name)  # fail at start-up, not at step 1
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
@@ -104,9 +99,18 @@ class FPOLightningModule(L.LightningModule):
         self.checkpoint_logits = checkpoint_logits
         self.sae_report_batches = sae_report_batches
         self.strict_loading = False  # checkpoints hold the policy only
-        self.save_hyperparameters({"objective": self.objective})
-        names = METRIC_NAMES + (TDPO_METRICS if self.method.token_kl else ())
-        names += FPO_METRICS if self.method.features else ()
+        self.save_hyperparameters(
+            {
+                "objective": OmegaConf.to_container(
+                    OmegaConf.structured(self.objective), enum_to_str=True
+                )
+            }
+        )
+        names = METRIC_NAMES + tuple(
+            f"{term.stat}/{side}"
+            for term in self.objective.constraints.active()
+            for side in ("chosen", "rejected")
+        )
         self.metrics = nn.ModuleDict(
             {
                 self._key(f"{split}/{name}"): MeanMetric()
@@ -114,8 +118,8 @@ class FPOLightningModule(L.LightningModule):
                 for name in names
             }
         )
-        self._step_started = 0.0
-        self._tokens_since_step = 0
+        # Lightning's ThroughputMonitor asks for this; FLOPs are not counted here.
+        self.flops_per_batch = None
 
     @property
     def hook_module(self) -> nn.Module | None:
@@ -128,40 +132,42 @@ class FPOLightningModule(L.LightningModule):
 
     # ---------------------------------------------------------------- the step
     def preference_step(self, batch: dict) -> tuple[objectives.PreferenceLoss, dict[str, Tensor]]:
-        """Per-pair losses and per-row statistics for a batch of ``B`` pairs."""
-        method = self.method
+        """Per-pair losses and per-row ``[2B]`` statistics for a batch of ``B`` pairs.
+
+        ``stats`` holds ``logps`` (the field the margin uses) and each active constraint's
+        value by its ``stat`` name (``kl``, ``fmse``).
+        """
+        needs = self.objective.needs
         positions = response_positions(batch["labels"])
         rows = positions.num_rows
         policy_out = forward_response_positions(self.parts, batch, positions, self.hook_module)
         ref = None
-        if method.reference:
+        if needs.reference:
             ref = self.reference.stats(
-                batch, positions, features=method.features, token_kl=method.token_kl
+                batch, positions, features=needs.features, token_kl=needs.reference_logits
             )
         tokens = response_token_stats(
             policy_out.hidden,
             self.parts.head,
             positions.targets,
             self.logits_chunk_size,
-            ref_hidden=ref.hidden if method.token_kl else None,
-            ref_head=ref.head if method.token_kl else None,
+            ref_hidden=ref.hidden if needs.reference_logits else None,
+            ref_head=ref.head if needs.reference_logits else None,
             checkpoint=self.checkpoint_logits,
         )
         policy_logps = sequence_logps(tokens.policy_logps, positions.rows, rows)
         stats: dict[str, Tensor] = {}
-        seq_kl = feature_mse = None
         ref_logps = ref.logps if ref is not None else None
-        if method.token_kl:
+        if needs.reference_logits:
             ref_logps = sequence_logps(tokens.ref_logps, positions.rows, rows)
-            seq_kl = stats["kl"] = segment_sum(tokens.kl, positions.rows, rows)
-        if method.features:
+            stats["kl"] = segment_sum(tokens.kl, positions.rows, rows)
+        if needs.features:
             pooled = encode_pooled(self.sae, policy_out.hooked, positions.rows, rows)
-            feature_mse = stats["fmse"] = objectives.feature_mse(
-                pooled, ref.topk_indices, ref.topk_values, k=self.objective["k"]
+            stats["fmse"] = objectives.feature_mse(
+                pooled, ref.topk_indices, ref.topk_values, k=self.objective.feature_k
             )
-        field = "avg" if method.length_normalised else "sum"
-        stats["logps"] = getattr(policy_logps, field).detach()
-        result = compute_loss(method, self.objective, policy_logps, ref_logps, seq_kl, feature_mse)
+        result = self.objective.loss(policy_logps, ref_logps, stats)
+        stats["logps"] = getattr(policy_logps, self.objective.logps_field).detach()
         return result, stats
 
     def _shared_step(self, batch: dict, split: str) -> Tensor:
@@ -179,17 +185,15 @@ class FPOLightningModule(L.LightningModule):
             "rewards/accuracies": (result.chosen_rewards > result.rejected_rewards).float(),
             "rewards/margins": result.chosen_rewards - result.rejected_rewards,
         }
-        for name in ("logps", "kl", "fmse"):
-            if name in stats:
-                chosen, rejected = halves(stats[name].detach())
+        for name in stats:
+            if self._key(f"{split}/{name}/chosen") in self.metrics:
+                chosen, rejected = stats[name].detach().chunk(2)
                 values[f"{name}/chosen"], values[f"{name}/rejected"] = chosen, rejected
         for name, value in values.items():
             metric = self.metrics[self._key(f"{split}/{name}")]
             metric.update(value.float())
             if split == "val":
                 self.log(f"val/{name}", metric, on_epoch=True, batch_size=result.losses.shape[0])
-        if split == "train":
-            self._tokens_since_step += int(batch["attention_mask"].sum())
         return loss
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
@@ -199,10 +203,6 @@ class FPOLightningModule(L.LightningModule):
         self._shared_step(batch, "val")
 
     # --------------------------------------------------- per-optimizer-step logs
-    def on_train_start(self) -> None:
-        self._step_started = time.perf_counter()
-        self._tokens_since_step = 0
-
     def on_before_optimizer_step(self, optimizer) -> None:
         """Log ``train/*`` once per optimizer step.
 
@@ -219,10 +219,6 @@ class FPOLightningModule(L.LightningModule):
                     prog_bar=short in ("loss", "rewards__accuracies"),
                 )
                 metric.reset()
-        now = time.perf_counter()
-        elapsed = max(now - self._step_started, 1e-9)
-        self.log("train/tokens_per_sec", self._tokens_since_step / elapsed, on_step=True)
-        self._step_started, self._tokens_since_step = now, 0
 
     # ------------------------------------------------------------- start-up
     def on_fit_start(self) -> None:

@@ -2,16 +2,19 @@
 
 No model and no Lightning here: every function takes per-pair tensors of shape ``[B]``
 (w = chosen, l = rejected) and returns a :class:`PreferenceLoss` of per-pair losses and
-detached implicit rewards. All losses share one form, the logistic loss on a scaled margin,
+detached implicit rewards. All losses are one form, the logistic loss on a scaled margin
+minus optional constraint penalties (:func:`preference_loss`)::
 
-    loss = -log sigmoid(beta * margin - offset),
+    loss = -log sigmoid(beta * [margin - sum_j alpha_j * (P_l - sg(P_w))] - gamma)
 
-computed once in :func:`_logistic_preference` with ``F.logsigmoid`` (stable for any margin).
+The four named losses below are the published objectives as instances of it (their
+signatures are part of DESIGN.md section 3); ``fpo.objective`` composes new ones from config.
 ``sg`` below is stop-gradient (``Tensor.detach``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -19,10 +22,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
+    "Penalty",
     "PreferenceLoss",
     "dpo_loss",
     "feature_mse",
     "fpo_loss",
+    "preference_loss",
     "simpo_loss",
     "tdpo_loss",
 ]
@@ -47,19 +52,56 @@ def _check_same_shape(**tensors: Tensor) -> None:
         raise ValueError(f"per-pair tensors must all have the same shape [B]; got {listed}")
 
 
-def _logistic_preference(
-    margin: Tensor,
-    beta: float,
-    chosen_rewards: Tensor,
-    rejected_rewards: Tensor,
-    offset: float = 0.0,
-) -> PreferenceLoss:
-    """The one shared formula: ``losses = -logsigmoid(beta * margin - offset)``, shape ``[B]``.
+class Penalty(NamedTuple):
+    """A constraint term inside the logistic margin, per pair (``[B]`` tensors).
 
-    Rewards are detached here so no objective returns a reward that carries a gradient.
+    ``alpha * (rejected - sg(chosen))`` is subtracted from the margin (``sg`` only with
+    ``stop_gradient``); with ``in_rewards`` the chosen/rejected values are also added to the
+    implicit rewards (TDPO's sequential KL), otherwise the rewards ignore the term (FPO).
     """
-    losses = -F.logsigmoid(beta * margin - offset)
-    return PreferenceLoss(losses, chosen_rewards.detach(), rejected_rewards.detach())
+
+    chosen: Tensor
+    rejected: Tensor
+    alpha: float
+    stop_gradient: bool
+    in_rewards: bool
+
+
+def preference_loss(
+    chosen_margin: Tensor,
+    rejected_margin: Tensor,
+    beta: float,
+    gamma: float = 0.0,
+    penalties: Sequence[Penalty] = (),
+) -> PreferenceLoss:
+    """The one formula every objective is an instance of; all tensors ``[B]``.
+
+    With ``c_w, c_l`` the chosen/rejected margin terms (a log-ratio to the reference, or the
+    policy's own log-prob for SimPO) and penalties ``P^j``::
+
+        loss    = -logsig(beta * [(c_w - c_l) - sum_j alpha_j * (P^j_l - sg?(P^j_w))] - gamma)
+        rewards = beta * (c_w + sum_{j in rewards} P^j_w),  beta * (c_l + sum_{j in rewards} P^j_l)
+
+    ``F.logsigmoid`` keeps it stable for any margin; the rewards are detached.
+    """
+    _check_same_shape(chosen_margin=chosen_margin, rejected_margin=rejected_margin)
+    margin = chosen_margin - rejected_margin
+    chosen_reward, rejected_reward = chosen_margin, rejected_margin
+    for penalty in penalties:
+        _check_same_shape(
+            chosen_margin=chosen_margin,
+            penalty_chosen=penalty.chosen,
+            penalty_rejected=penalty.rejected,
+        )
+        chosen = penalty.chosen.detach() if penalty.stop_gradient else penalty.chosen
+        margin = margin - penalty.alpha * (penalty.rejected - chosen)
+        if penalty.in_rewards:
+            chosen_reward = chosen_reward + penalty.chosen
+            rejected_reward = rejected_reward + penalty.rejected
+    losses = -F.logsigmoid(beta * margin - gamma)
+    return PreferenceLoss(
+        losses, (beta * chosen_reward).detach(), (beta * rejected_reward).detach()
+    )
 
 
 def dpo_loss(
@@ -82,13 +124,8 @@ def dpo_loss(
         ref_chosen_logps=ref_chosen_logps,
         ref_rejected_logps=ref_rejected_logps,
     )
-    chosen_logratio = policy_chosen_logps - ref_chosen_logps
-    rejected_logratio = policy_rejected_logps - ref_rejected_logps
-    return _logistic_preference(
-        chosen_logratio - rejected_logratio,
-        beta,
-        beta * chosen_logratio,
-        beta * rejected_logratio,
+    return preference_loss(
+        policy_chosen_logps - ref_chosen_logps, policy_rejected_logps - ref_rejected_logps, beta
     )
 
 
@@ -101,7 +138,9 @@ def simpo_loss(
     """SimPO (Meng et al. 2024): reference-free, on length-averaged log-probs.
 
     With ``pw, pl`` the policy's ``avg_lp`` (``[B]``) and ``gamma`` the target margin in
-    reward units (TRL's ``simpo_gamma``; the SimPO repo's ``gamma_beta_ratio`` is gamma/beta)::
+    reward units. Conventions: TRL's ``CPOConfig(loss_type="simpo", simpo_gamma=g)`` is
+    ``gamma = g``; the SimPO repository's (and the FPO paper code's) ``beta * (margin -
+    gamma_beta_ratio)`` is ``gamma = beta * gamma_beta_ratio`` (the config speaks that one)::
 
         loss    = -logsig(beta * (pw - pl) - gamma)
         rewards = beta * pw,  beta * pl
@@ -109,13 +148,7 @@ def simpo_loss(
     _check_same_shape(
         policy_chosen_logps=policy_chosen_logps, policy_rejected_logps=policy_rejected_logps
     )
-    return _logistic_preference(
-        policy_chosen_logps - policy_rejected_logps,
-        beta,
-        beta * policy_chosen_logps,
-        beta * policy_rejected_logps,
-        offset=gamma,
-    )
+    return preference_loss(policy_chosen_logps, policy_rejected_logps, beta, gamma=gamma)
 
 
 def tdpo_loss(
@@ -147,16 +180,14 @@ def tdpo_loss(
         chosen_seq_kl=chosen_seq_kl,
         rejected_seq_kl=rejected_seq_kl,
     )
-    if version == 1:
-        kl_term = rejected_seq_kl - chosen_seq_kl
-    else:
-        kl_term = alpha * (rejected_seq_kl - chosen_seq_kl.detach())
-    return _logistic_preference(
-        (chosen_logps_margin - rejected_logps_margin) - kl_term,
-        beta,
-        beta * (chosen_logps_margin + chosen_seq_kl),
-        beta * (rejected_logps_margin + rejected_seq_kl),
+    kl = Penalty(
+        chosen_seq_kl,
+        rejected_seq_kl,
+        alpha=1.0 if version == 1 else alpha,
+        stop_gradient=version == 2,
+        in_rewards=True,
     )
+    return preference_loss(chosen_logps_margin, rejected_logps_margin, beta, penalties=[kl])
 
 
 def fpo_loss(
@@ -185,14 +216,14 @@ def fpo_loss(
         chosen_feature_mse=chosen_feature_mse,
         rejected_feature_mse=rejected_feature_mse,
     )
-    chosen_logratio = policy_chosen_logps - ref_chosen_logps
-    rejected_logratio = policy_rejected_logps - ref_rejected_logps
-    constraint = alpha * (rejected_feature_mse - chosen_feature_mse.detach())
-    return _logistic_preference(
-        (chosen_logratio - rejected_logratio) - constraint,
+    features = Penalty(
+        chosen_feature_mse, rejected_feature_mse, alpha, stop_gradient=True, in_rewards=False
+    )
+    return preference_loss(
+        policy_chosen_logps - ref_chosen_logps,
+        policy_rejected_logps - ref_rejected_logps,
         beta,
-        beta * chosen_logratio,
-        beta * rejected_logratio,
+        penalties=[features],
     )
 
 

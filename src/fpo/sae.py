@@ -77,12 +77,15 @@ def load_sae(
     path: str | None = None,
     device: str = "cpu",
     dtype: str = "float32",
+    hook_name: str | None = None,
 ) -> SAE:
     """Load a frozen sae-lens SAE from the hub (`release` + `sae_id`) or a local folder (`path`).
 
     Hub example (Gemma Scope, the paper's setting): ``release="gemma-scope-2b-pt-res"``,
     ``sae_id="layer_25/width_16k/average_l0_55"``. A local folder is one written by sae-lens's
-    ``SAE.save_model`` (``cfg.json`` + ``sae_weights.safetensors``).
+    ``SAE.save_model`` (``cfg.json`` + ``sae_weights.safetensors``). ``hook_name`` (config key
+    ``sae.hook_name``) replaces the hook in the SAE's metadata, for an SAE whose metadata lacks
+    it or names it differently; :func:`sae_hook_name` then reads it like any other.
 
     Raises:
         UserError: not exactly one source given, missing folder, or unknown release/id.
@@ -97,7 +100,9 @@ def load_sae(
     if not hub and path is None:
         raise UserError(f"No SAE source given: set {keys}.")
     if path is not None:
-        return _freeze(_load_from_folder(path, device, dtype), f"path={path}")
+        return _with_hook(
+            _freeze(_load_from_folder(path, device, dtype), f"path={path}"), hook_name
+        )
     if release is None or sae_id is None:
         raise UserError(
             f"A hub SAE needs both sae.release and sae.sae_id "
@@ -109,7 +114,13 @@ def load_sae(
         raise UserError(
             f"Cannot load SAE sae.release={release!r}, sae.sae_id={sae_id!r}: {error}"
         ) from error
-    return _freeze(sae, f"release={release}, sae_id={sae_id}")
+    return _with_hook(_freeze(sae, f"release={release}, sae_id={sae_id}"), hook_name)
+
+
+def _with_hook(sae: SAE, hook_name: str | None) -> SAE:
+    if hook_name:
+        sae.cfg.metadata.hook_name = hook_name
+    return sae
 
 
 def _load_from_folder(path: str, device: str, dtype: str) -> SAE:
@@ -125,20 +136,30 @@ def _load_from_folder(path: str, device: str, dtype: str) -> SAE:
 
 
 def build_random_sae(
-    d_in: int,
-    d_sae: int,
+    d_in: int | None = None,
+    d_sae: int = 128,
     architecture: str = "topk",
     k: int = 8,
-    hook_name: str = "blocks.0.hook_resid_post",
+    hook_name: str | None = None,
     seed: int = 0,
     dtype: str = "float32",
+    model: nn.Module | None = None,
 ) -> SAE:
     """A seeded, randomly initialised, frozen sae-lens SAE (for tests and smoke runs).
 
     Uses sae-lens's own initialisation (decoder Kaiming-uniform, encoder = decoder^T, zero
     biases); `k` applies to ``topk`` only; a ``jumprelu`` SAE gets a small positive threshold
     so that its encoding of a random input has both active and inactive features.
+    Given ``model``, ``d_in`` defaults to its hidden size and ``hook_name`` to the output of its
+    last decoder layer (``blocks.{L-1}.hook_resid_post``).
     """
+    if model is not None:
+        d_in = d_in or model_hidden_size(model)
+        hook_name = hook_name or f"blocks.{len(_decoder_layers(model)) - 1}.hook_resid_post"
+    if d_in is None or hook_name is None:
+        raise UserError(
+            "build_random_sae needs d_in and hook_name, or the model to read them from."
+        )
     if architecture not in RANDOM_SAE_ARCHITECTURES:
         raise UserError(
             f"Unknown SAE architecture {architecture!r}; choose one of {RANDOM_SAE_ARCHITECTURES}."

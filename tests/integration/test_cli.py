@@ -62,7 +62,10 @@ def test_smoke_multirun_all_objectives(tmp_path):
             "/nowhere/pairs.jsonl",
         ),
         (["sae.d_in=16"], "d_in"),
-        (["objective.name=orpo"], "objective.name='orpo'"),
+        (["objective.margin=orpo"], "orpo"),
+        (["objective.bta=0.1"], "Key 'bta' not in 'Objective'"),
+        (["objective=tdpo2", "reference=cached"], "use reference=online"),
+        (["objective.constraints.features.k=500"], "features.k=500"),
     ],
 )
 def test_user_errors_are_one_paragraph(tmp_path, overrides, expected):
@@ -70,6 +73,25 @@ def test_user_errors_are_one_paragraph(tmp_path, overrides, expected):
     assert result.returncode != 0
     assert expected in result.stderr, result.stderr[-2000:]
     assert "Traceback" not in result.stderr, result.stderr[-2000:]
+
+
+def test_new_combinations_train_in_the_smoke_setup(tmp_path):
+    """SimPO and DPO margins with FPO's feature term, with and without TDPO's token KL."""
+    result = run_train(
+        tmp_path,
+        "experiment=smoke",
+        "objective=simpo,dpo",
+        "objective.constraints.features.alpha=0.5",
+        "objective.constraints.token_kl.alpha=0,0.5",
+        multirun=True,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = sorted(p for p in (tmp_path / "smoke" / "multiruns").glob("*/*") if p.is_dir())
+    assert len(runs) == 4, runs
+    for run in runs:
+        metrics = json.loads((run / "metrics.json").read_text())
+        assert metrics["train/fmse/rejected"] > 0, run.name
+        assert ("train/kl/rejected" in metrics) == ("token_kl.alpha=0.5" in run.name), run.name
 
 
 def test_bad_row_with_fail_policy_names_the_row(tmp_path):

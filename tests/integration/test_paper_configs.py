@@ -15,10 +15,10 @@ from fpo.train import CONFIG_DIR, train
 
 PAPER = {
     "dpo": {"beta": 0.1},
-    "simpo": {"beta": 2.0},
-    "tdpo1": {"beta": 0.1},
-    "tdpo2": {"beta": 0.1, "alpha": 0.5},
-    "fpo": {"beta": 0.1, "alpha": 0.5, "k": 50},
+    "simpo": {"beta": 2.0, "gamma_beta_ratio": 0.5},
+    "tdpo1": {"beta": 0.1, "constraints.token_kl.alpha": 1.0},
+    "tdpo2": {"beta": 0.1, "constraints.token_kl.alpha": 0.5},
+    "fpo": {"beta": 0.1, "constraints.features.alpha": 0.5, "constraints.features.k": 50},
 }
 
 
@@ -35,7 +35,7 @@ def test_paper_hyperparameters(objective):
     cfg = compose_paper(objective)
     assert cfg.objective.name == objective
     for key, value in PAPER[objective].items():
-        assert cfg.objective[key] == value, key
+        assert OmegaConf.select(cfg.objective, key) == value, key
     assert cfg.model.loader.name_or_path == "google/gemma-2-2b"
     assert cfg.model.gradient_checkpointing is True
     assert (cfg.sae.release, cfg.sae.sae_id) == (
@@ -84,7 +84,7 @@ def tiny_stand_in(cfg, tmp_path):
         # The paper's 5e-7 after 150 warm-up steps (lr 0 at step 0) would not move it.
         cfg.optimizer.lr = 1e-3
         cfg.scheduler.num_warmup_steps = 0
-        cfg.objective.k = min(cfg.objective.get("k", 8), 16)
+        cfg.objective.constraints.features.k = 16
         cfg.global_batch_size = 8  # 2 per step x 4 accumulation on one device
     return cfg
 

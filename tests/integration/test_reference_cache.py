@@ -21,6 +21,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+from fpo.methods import METHODS
 from omegaconf import OmegaConf
 
 import fpo.cache
@@ -29,7 +30,6 @@ from fpo.data import PreferenceDataModule
 from fpo.errors import UserError
 from fpo.forward import forward_response_positions
 from fpo.logprobs import response_positions
-from fpo.methods import METHODS
 from fpo.models.hf import split_causal_lm
 from fpo.models.tiny import build_tiny_model, build_tiny_tokenizer
 from fpo.module import FPOLightningModule

@@ -29,12 +29,12 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from fpo.methods import METHODS
 from omegaconf import OmegaConf
 from sae_lens import SAE
 
 from fpo.data import PreferenceDataModule
 from fpo.logprobs import response_positions
-from fpo.methods import METHODS
 from fpo.models.gemma3_gguf import load_gemma3_270m
 from fpo.reference.base import OnlineReference
 from fpo.reference.build import build_reference_cache

@@ -17,7 +17,7 @@ from fpo.errors import UserError
 from fpo.forward import forward_response_positions
 from fpo.logprobs import ResponsePositions, SequenceLogps, response_token_stats, sequence_logps
 from fpo.models.hf import split_causal_lm
-from fpo.sae import encode_pooled, resolve_hook_module, sae_hook_name
+from fpo.sae import encode_pooled, resolve_hook_module
 
 
 class ReferenceStats(NamedTuple):
@@ -68,7 +68,9 @@ class OnlineReference(nn.Module):
         self.sae = sae
         self.hook_name = None
         if sae is not None:
-            self.hook_name = hook_name or sae_hook_name(sae)
+            if not hook_name:
+                raise ValueError("OnlineReference: an SAE needs its resolved hook_name.")
+            self.hook_name = hook_name
             resolve_hook_module(model, self.hook_name)  # fail at start-up
         self.k = k
         self.logits_chunk_size = logits_chunk_size

@@ -33,7 +33,6 @@ from torch.utils.data import DataLoader, Dataset
 
 from fpo.errors import UserError
 from fpo.logprobs import response_positions
-from fpo.methods import halves
 from fpo.reference.base import OnlineReference, ReferenceStats
 from fpo.reference.layout import completed_ids
 from fpo.reference.reader import ReferenceCache
@@ -60,7 +59,7 @@ def cache_rows(example_ids: Sequence[str], stats: ReferenceStats) -> dict[str, A
         fields |= {"topk_indices": stats.topk_indices, "topk_values": stats.topk_values}
     sides: dict[str, dict[str, Tensor]] = {"chosen": {}, "rejected": {}}
     for name, value in fields.items():
-        sides["chosen"][name], sides["rejected"][name] = (h.cpu() for h in halves(value))
+        sides["chosen"][name], sides["rejected"][name] = (h.cpu() for h in value.chunk(2))
     return {"example_id": list(example_ids), **sides}
 
 

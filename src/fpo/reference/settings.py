@@ -33,10 +33,8 @@ from omegaconf.errors import OmegaConfBaseException
 from torch import nn
 
 from fpo.errors import UserError
-from fpo.methods import Method
 from fpo.reference.fingerprint import hash_state_dict, library_versions
 from fpo.reference.layout import normalize_values_dtype
-from fpo.sae import sae_hook_name
 
 #: Command-line overrides that cannot change a cache's values (left out of the command
 #: printed to rebuild it). ``reference=`` is left out because fpo-cache forces ``cached``.
@@ -111,20 +109,12 @@ class CacheSettings:
         }
 
 
-def stored_k(method: Method, objective_k: Any, sae: nn.Module | None) -> int:
-    """Features stored per row: FPO's ``k`` capped at ``d_sae`` (all of them); else 0."""
-    if not method.features:
-        return 0
-    if sae is None:
-        raise UserError(f"objective={method.name} needs an SAE (sae=...) to cache its features.")
-    if objective_k is None or int(objective_k) < 1:
-        raise UserError(f"objective.k={objective_k}: the cache needs k >= 1 for FPO.")
-    return min(int(objective_k), int(sae.cfg.d_sae))
+def cache_settings(cfg: DictConfig, *, k: int, hook_name: str | None) -> CacheSettings:
+    """:class:`CacheSettings` from a composed fpo-train / fpo-cache config.
 
-
-def cache_settings(cfg: DictConfig, method: Method, sae: nn.Module | None) -> CacheSettings:
-    """:class:`CacheSettings` from a composed fpo-train / fpo-cache config."""
-    k = stored_k(method, cfg.objective.get("k"), sae)
+    ``k``: pooled SAE features stored per row (0: log-probs only), validated by the caller;
+    ``hook_name``: the SAE's resolved hook (``None`` when ``k == 0``).
+    """
     try:
         root = Path(str(cfg.reference.path)).expanduser()
     except OmegaConfBaseException as err:
@@ -136,7 +126,7 @@ def cache_settings(cfg: DictConfig, method: Method, sae: nn.Module | None) -> Ca
         root=root,
         k=k,
         values_dtype=normalize_values_dtype(cfg.reference.get("values_dtype", "float32")),
-        hook_name=(cfg.get("hook_name") or sae_hook_name(sae)) if k > 0 else None,
+        hook_name=hook_name if k > 0 else None,
         precision=str(cfg.trainer.get("precision", "32-true")),
         rebuild_command=rebuild_command(hydra_overrides(), root),
     )
