@@ -17,7 +17,6 @@ process, and its increase over the RSS after the imports (before the model is lo
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import platform
@@ -28,23 +27,20 @@ import subprocess
 import sys
 import tempfile
 import time
-from functools import partial
 from pathlib import Path
 
-FPO = {"name": "fpo", "beta": 0.1, "alpha": 0.5, "k": 50}
-DPO = {"name": "dpo", "beta": 0.1}
-#: name -> (objective, reference source or None); SimPO first: the baseline of the ratios.
+#: name -> (objective preset, reference source or None); SimPO first: the baseline of the
+#: ratios. Presets as in configs/objective (FPO k=50; DPO caches log-probs only).
 CONFIGS = {
-    "SimPO": ({"name": "simpo", "beta": 2.0, "gamma": 0.5}, None),
-    "FPO cached": (FPO, "cached"),
-    "FPO online": (FPO, "online"),
-    "TDPO-2": ({"name": "tdpo2", "beta": 0.1, "alpha": 0.5}, "online"),
-    "DPO cached": (DPO, "cached"),
-    "DPO online": (DPO, "online"),
+    "SimPO": ("simpo", None),
+    "FPO cached": ("fpo", "cached"),
+    "FPO online": ("fpo", "online"),
+    "TDPO-2": ("tdpo2", "online"),
+    "DPO cached": ("dpo", "cached"),
+    "DPO online": ("dpo", "online"),
 }
 #: Measured unless --only says otherwise (add "DPO cached" "DPO online" for DPO).
 DEFAULT_CONFIGS = ("SimPO", "FPO cached", "FPO online", "TDPO-2")
-HOOK = "blocks.17.hook_resid_post"
 #: docs/benchmarks.md keeps the hand-written text from this line on when regenerated.
 NOTES_MARKER = "<!-- hand-written notes below: kept when the script rewrites this file -->"
 POSITIVE = (
@@ -91,67 +87,54 @@ def peak_rss() -> int:
 
 
 # ----------------------------------------------------------------------------- workers
-def setup(args):
-    """Model, tokenizer, SAE and data module, identical in every worker."""
-    from fpo.data import PreferenceDataModule
-    from fpo.models.gemma3_gguf import load_gemma3_270m
-    from fpo.sae import build_random_sae
+def compose_config(args, objective: str, source: str | None):
+    """The fpo-train config of one configuration, built like any run (fpo.experiment)."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
 
-    policy, tokenizer = load_gemma3_270m(dtype="float32")
-    sae = build_random_sae(d_in=640, d_sae=args.d_sae, k=args.sae_k, hook_name=HOOK, seed=0)
-    datamodule = PreferenceDataModule(
-        train_source=str(Path(args.workdir) / "pairs.jsonl"),
-        tokenizer=tokenizer,
-        format="plain",
-        max_length=args.prompt_tokens + args.response_tokens,
-        max_prompt_length=args.prompt_tokens,
-        batch_size=args.batch_pairs,
-        eval_batch_size=args.build_batch,
-        shuffle=False,
-    )
-    return policy, sae, datamodule
+    from fpo.train import CONFIG_DIR
 
-
-def cache_settings(args, objective):
-    from fpo.reference.settings import CacheSettings
-
-    k = objective.get("k", 0)
-    root = Path(args.workdir) / "cache" / objective["name"]
-    return CacheSettings(root, k, "float32", HOOK if k else None, "32-true", "benchmark")
+    pairs = Path(args.workdir) / "pairs.jsonl"
+    overrides = [
+        "model=gemma3_270m",
+        f"objective={objective}",
+        f"reference={source or 'online'}",
+        f"reference.path={Path(args.workdir) / 'cache' / objective}",
+        "sae=random",  # d_in and the last layer (blocks.17) are read from the model
+        f"sae.d_sae={args.d_sae}",
+        f"sae.k={args.sae_k}",
+        "data=plain_fixture",
+        f"data.train_source={pairs}",
+        f"data.val_source={pairs}",
+        f"data.max_length={args.prompt_tokens + args.response_tokens}",
+        f"data.max_prompt_length={args.prompt_tokens}",
+        f"data.batch_size={args.batch_pairs}",
+        f"data.eval_batch_size={args.build_batch}",
+        "data.shuffle=false",
+        "+trainer.enable_progress_bar=false",
+        "optimizer.lr=1e-6",
+        "callbacks=none",
+    ]
+    name = "cache" if source == "cached" else "train"
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(config_name=name, overrides=overrides, return_hydra_config=True)
+    cfg.paths.output_dir = args.workdir
+    OmegaConf.resolve(cfg)
+    return cfg
 
 
 def worker_build(args) -> dict:
     """Build the FPO and DPO caches of all pairs; throughput and bytes per pair."""
-    import lightning as L
-
-    from fpo.reference.build import build_reference_cache
+    from fpo.cache import build
 
     base = current_rss()
-    policy, sae, datamodule = setup(args)
     out = {}
-    for objective in (FPO, DPO):
-        settings = cache_settings(args, objective)
-
-        def make_trainer(callbacks):
-            return L.Trainer(
-                accelerator="cpu",
-                logger=False,
-                enable_checkpointing=False,
-                enable_progress_bar=False,
-                use_distributed_sampler=False,
-                callbacks=callbacks,
-            )
-
-        result = build_reference_cache(
-            make_trainer,
-            policy,
-            sae if settings.k else None,
-            datamodule,
-            settings,
-            batch_size=args.build_batch,
-            overwrite=True,
-        )["train"]
-        out[objective["name"]] = {
+    for objective in ("fpo", "dpo"):
+        cfg = compose_config(args, objective, "cached")
+        cfg.cache.overwrite, cfg.cache.batch_size = True, args.build_batch
+        _, results = build(cfg)
+        result = results["train"]
+        out[objective] = {
             "pairs": result["manifest"]["num_pairs"],
             "seconds": result["seconds"],
             "pairs_per_s": result["computed"] / result["seconds"],
@@ -165,31 +148,15 @@ def worker_train(args) -> dict:
     """A few optimizer steps of one configuration on the first batch."""
     import torch
 
-    from fpo.methods import get_method
-    from fpo.module import FPOLightningModule
-    from fpo.reference.attach import attach_reference_cache
-    from fpo.reference.base import BatchReference, OnlineReference
+    from fpo.experiment import build_experiment
 
     base = current_rss()
-    objective, source = CONFIGS[args.config]
-    method = get_method(objective)
-    policy, sae, datamodule = setup(args)
-    policy.train()
-    sae = sae if method.features else None
-    reference = None
-    if source == "cached":
-        attach_reference_cache(cache_settings(args, objective), datamodule, policy, sae)
-        reference = BatchReference()
-    elif source == "online":
-        reference = OnlineReference(copy.deepcopy(policy), sae=sae, k=objective.get("k", 0))
-    module = FPOLightningModule(
-        policy,
-        objective=objective,
-        optimizer=partial(torch.optim.AdamW, lr=1e-6),
-        reference=reference,
-        sae=sae,
-        sae_report_batches=0,
-    )
+    experiment = build_experiment(compose_config(args, *CONFIGS[args.config]))
+    policy = experiment.policy
+    module = experiment.build_module()
+    module.sae_report_batches = 0
+    datamodule = experiment.datamodule
+    datamodule.setup("fit")
     optimizer = module.configure_optimizers()
     batch = next(iter(datamodule.train_dataloader()))
     times, cpu_times = [], []
@@ -339,7 +306,8 @@ def render(args, build: dict, results: dict[str, dict], command: str) -> str:
             "fastest measured step (least disturbed by other jobs), in wall-clock and in "
             "process CPU time (all threads). RSS increase = peak RSS minus the RSS after the "
             "imports (the highest over the rounds).",
-            f"SAE: random TopK (d_in 640, d_sae {args.d_sae}, k {args.sae_k}) at {HOOK}; "
+            f"SAE: random TopK (d_in 640, d_sae {args.d_sae}, k {args.sae_k}) at "
+            "blocks.17.hook_resid_post; "
             "fine for timing, meaningless values. FPO k = 50. LM head over all response "
             "positions at once (logits_chunk_size null, the default).",
             "",
