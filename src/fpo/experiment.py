@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import lightning as L
+import torch
 from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig
 from torch import nn
@@ -92,8 +93,11 @@ class Experiment:
             sizes = ", ".join(f"{split} {len(cache)} pairs" for split, cache in caches.items())
             log.info("reference: offline cache %s (%s); no reference model", settings.root, sizes)
             return BatchReference()
+        reference_model = copy.deepcopy(self.policy)
+        if self.cfg.reference.get("dtype"):
+            reference_model.to(getattr(torch, self.cfg.reference.dtype))
         return OnlineReference(
-            copy.deepcopy(self.policy),
+            reference_model,
             sae=self.sae,
             hook_name=self.hook_name,
             k=self.objective.feature_k,

@@ -53,13 +53,15 @@ def test_paper_hyperparameters(objective):
 
 
 def tiny_stand_in(cfg, tmp_path):
-    """Swap the hub model, SAE and data for local stand-ins; keep everything else."""
+    """Swap the hub model, SAE and data for local stand-ins; keep everything else (the
+    model's dtype and the trainer's precision included)."""
     with open_dict(cfg):
         cfg.model.loader = {
             "_target_": "fpo.models.tiny.load_tiny",
             "architecture": "gemma2",
             "hidden_size": 32,
             "num_hidden_layers": 2,
+            "dtype": cfg.model.loader.dtype,
         }
         cfg.sae = {
             "_target_": "fpo.sae.build_random_sae",
@@ -112,3 +114,57 @@ def test_paper_experiment_runs_with_tiny_stand_in(objective, tmp_path, monkeypat
     assert moved, "one optimizer step must change the policy"
     assert math.isfinite(metrics["train/loss"])
     assert (tmp_path / "metrics.json").exists()
+
+
+def first_update(cfg, monkeypatch) -> dict[str, torch.Tensor]:
+    """The change of every policy tensor after one optimizer step of ``cfg``."""
+    from fpo.models import tiny
+
+    built = {}
+    original = tiny.load_tiny
+
+    def spy(**kwargs):
+        model, tokenizer = original(**kwargs)
+        built["model"], built["before"] = model, copy.deepcopy(model.state_dict())
+        return model, tokenizer
+
+    monkeypatch.setattr(tiny, "load_tiny", spy)
+    OmegaConf.resolve(cfg)
+    train(cfg)
+    after = built["model"].state_dict()
+    return {k: (after[k].float() - v.float()) for k, v in built["before"].items()}
+
+
+@pytest.mark.parametrize("experiment", ["dpo_gemma2_2b_ultrafeedback", "sentiment_gemma3"])
+def test_updates_at_the_paper_learning_rate_reach_the_weights(experiment, tmp_path, monkeypatch):
+    """fp32 master weights: one AdamW step at lr 5e-7 under the experiment's own precision
+    and model dtype (bf16-mixed for the paper, on the CPU here) moves the weights like the
+    same step in full fp32. A bf16 parameter would keep most of them unchanged."""
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(config_name="train", overrides=[f"experiment={experiment}"])
+    if experiment == "sentiment_gemma3":  # the experiment's settings, the tiny model
+        with open_dict(cfg):
+            cfg.objective = compose_paper("dpo").objective
+            cfg.reference = {"source": "online"}
+            cfg.evaluation = None
+            cfg.global_batch_size = None
+    cfg = tiny_stand_in(cfg, tmp_path)
+    cfg.data.format, cfg.data.chat_template = "ultrafeedback", "auto"  # the fixture's rows
+    cfg.optimizer.lr = 5e-7
+    fp32 = copy.deepcopy(cfg)
+    fp32.trainer.precision = "32-true"
+    fp32.model.loader.dtype = "float32"
+    fp32.paths.output_dir = str(tmp_path / "fp32")
+    (tmp_path / "fp32").mkdir()
+    update = first_update(cfg, monkeypatch)
+    reference_update = first_update(fp32, monkeypatch)
+    moved = sum(int((u != 0).sum()) for u in update.values())
+    moved_fp32 = sum(int((u != 0).sum()) for u in reference_update.values())
+    # (Embedding rows of tokens absent from the batch get no gradient in either run.)
+    assert moved > 0.95 * moved_fp32, f"{moved} weights moved, {moved_fp32} in fp32"
+    for name, u in update.items():
+        if reference_update[name].abs().sum() > 0:
+            cosine = torch.nn.functional.cosine_similarity(
+                u.flatten(), reference_update[name].flatten(), dim=0
+            )
+            assert cosine > 0.9, f"{name}: update direction differs from fp32 ({cosine:.3f})"
