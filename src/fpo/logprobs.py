@@ -28,7 +28,6 @@ __all__ = [
     "segment_counts",
     "segment_mean",
     "segment_sum",
-    "selective_log_softmax",
     "sequence_logps",
 ]
 
@@ -98,31 +97,6 @@ def _chunk_bounds(num_positions: int, chunk_size: int | None) -> list[tuple[int,
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size}")
     return [(s, min(s + chunk_size, num_positions)) for s in range(0, num_positions, chunk_size)]
-
-
-def _target_logps(logits: Tensor, targets: Tensor) -> Tensor:
-    """``logits[m, targets[m]] - logsumexp_v logits[m, v]`` for float32 ``logits[C, V]``."""
-    picked = logits.gather(1, targets.unsqueeze(1)).squeeze(1)
-    return picked - torch.logsumexp(logits, dim=1)
-
-
-def selective_log_softmax(logits: Tensor, targets: Tensor, chunk_size: int | None = None) -> Tensor:
-    """``log_softmax(logits)[m, targets[m]]`` without the ``[M, V]`` log-softmax.
-
-    Args:
-        logits: ``[M, V]`` in any float dtype; each chunk is upcast to float32 on its own,
-            so at most ``chunk_size * V`` float32 values exist at a time (without grad).
-        targets: ``LongTensor[M]``.
-        chunk_size: positions per chunk; ``None`` = all at once.
-
-    Returns:
-        ``[M]`` float32: ``logits[m, y_m] - logsumexp_v logits[m, v]``.
-    """
-    parts = [
-        _target_logps(logits[s:e].float(), targets[s:e])
-        for s, e in _chunk_bounds(logits.shape[0], chunk_size)
-    ]
-    return _cat_float(parts, logits)
 
 
 def _chunk_token_stats(

@@ -1,4 +1,4 @@
-"""Sequence log-probabilities of given completions, and the sampled KL estimate.
+"""Sequence log-probabilities of given completions, and the log-ratios of the sampled KL.
 
 ``sequence_logprob`` scores ``log pi(y | x) = sum_t log pi(y_t | x, y_<t)`` with the
 training code path (right-padded batch, labels ``-100`` on the prompt, packed response
@@ -13,7 +13,6 @@ import torch
 from torch import Tensor, nn
 
 from fpo.evaluation.sampling import Samples
-from fpo.evaluation.stats import grouped_mean_stderr
 from fpo.forward import forward_response_positions
 from fpo.generation import eval_mode
 from fpo.logprobs import response_positions, response_token_stats, sequence_logps
@@ -118,27 +117,15 @@ def kl_log_ratios(
     chunk_size: int | None = None,
     batch_size: int | None = None,
 ) -> Tensor:
-    """``log pi(y_n | x_n) - log pi_ref(y_n | x_n)`` for the policy's samples: ``[N]``."""
+    """``log pi(y_n | x_n) - log pi_ref(y_n | x_n)`` for the policy's samples: ``[N]``.
+
+    Their mean is the Monte-Carlo ``KL(pi || pi_ref)`` per completion, in nats:
+    ``KL(pi || pi_ref) = E_x E_{y ~ pi(.|x)} [log pi(y|x) - log pi_ref(y|x)]``, when
+    ``samples`` are the POLICY's own samples drawn at temperature 1 without top-k / top-p
+    (`sample_for_scoring`), with EOS kept on stopped completions. The estimate is unbiased,
+    but a single log-ratio can be negative and its variance is large, so on few samples the
+    mean can be noisy or even below 0 (the true KL never is); `grouped_mean_stderr` over
+    ``samples.prompt_index`` gives its standard error over prompts.
+    """
     args = (pad_id, samples.prompt_ids, samples.completion_ids, chunk_size, batch_size)
     return sequence_logprob(policy, *args) - sequence_logprob(reference, *args)
-
-
-def estimate_kl(
-    policy: nn.Module,
-    reference: nn.Module,
-    samples: Samples,
-    pad_id: int,
-    chunk_size: int | None = None,
-    batch_size: int | None = None,
-) -> tuple[float, float | None]:
-    """Monte-Carlo ``KL(pi || pi_ref)`` per completion, in nats: ``(mean, stderr)``.
-
-    ``KL(pi || pi_ref) = E_x E_{y ~ pi(.|x)} [log pi(y|x) - log pi_ref(y|x)]``, estimated by
-    the mean log-ratio over ``samples``, which must be the POLICY's own samples drawn at
-    temperature 1 without top-k / top-p (`sample_for_scoring`), with EOS kept on stopped
-    completions. The estimate is unbiased, but a single log-ratio can be negative and its
-    variance is large, so on few samples the mean can be noisy or even below 0 (the true KL
-    never is). ``stderr`` is over prompts (`grouped_mean_stderr`), ``None`` for one prompt.
-    """
-    ratios = kl_log_ratios(policy, reference, samples, pad_id, chunk_size, batch_size)
-    return grouped_mean_stderr(ratios.tolist(), samples.prompt_index)

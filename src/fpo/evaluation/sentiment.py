@@ -55,10 +55,10 @@ def evaluate_sentiment(
     Returns:
         A JSON-ready dict: ``policy_judge_mean``, ``reference_judge_mean``, ``win_rate``
         (policy sample ``s`` vs reference sample ``s`` of the same prompt, ties count half)
-        and ``kl`` (`fpo.evaluation.scoring.estimate_kl`, nats per completion), each with a
-        ``*_stderr`` over prompts; mean completion lengths and EOS fractions; counts,
-        ``seed`` and ``settings``; and ``generations``: per prompt, the first sample of each
-        model with its score (``{"prompt", "policy", "reference", ...}``).
+        and ``kl`` (the mean of `fpo.evaluation.scoring.kl_log_ratios`, nats per
+        completion), each with a ``*_stderr`` over prompts; mean completion lengths and EOS
+        fractions; counts, ``seed`` and ``settings``; and ``generations``: per prompt, the
+        first sample of each model with its score (``{"prompt", "policy", "reference", ...}``).
     """
     if not prompts:
         raise UserError("evaluation: no held-out prompts to evaluate on")
