@@ -19,6 +19,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
 __all__ = [
+    "IGNORE_INDEX",
     "ResponsePositions",
     "SequenceLogps",
     "TokenStats",
@@ -32,6 +33,9 @@ __all__ = [
 ]
 
 Head = Callable[[Tensor], Tensor]
+
+IGNORE_INDEX = -100
+"""The ``labels`` value of prompt and pad positions (not scored; PyTorch's and HF's default)."""
 
 
 class ResponsePositions(NamedTuple):
@@ -72,7 +76,7 @@ class SequenceLogps(NamedTuple):
     n_tokens: Tensor
 
 
-def response_positions(labels: Tensor, ignore_index: int = -100) -> ResponsePositions:
+def response_positions(labels: Tensor, ignore_index: int = IGNORE_INDEX) -> ResponsePositions:
     """Pack the positions of ``labels[N, T]`` that predict a response token.
 
     Position ``(n, t)`` is included iff ``labels[n, t + 1] != ignore_index``; its target is

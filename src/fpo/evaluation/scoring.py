@@ -11,14 +11,13 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils.rnn import pad_sequence
 
 from fpo.evaluation.sampling import Samples
 from fpo.forward import forward_response_positions
 from fpo.generation import eval_mode
-from fpo.logprobs import response_positions, response_token_stats, sequence_logps
+from fpo.logprobs import IGNORE_INDEX, response_positions, response_token_stats, sequence_logps
 from fpo.models.hf import split_causal_lm
-
-IGNORE_INDEX = -100
 
 
 def scoring_batch(
@@ -37,24 +36,21 @@ def scoring_batch(
         raise ValueError(
             f"scoring_batch: {len(prompt_ids)} prompts but {len(completion_ids)} completions"
         )
+    if not prompt_ids:
+        raise ValueError("scoring_batch: no rows")
     if any(len(prompt) == 0 for prompt in prompt_ids):
         raise ValueError("scoring_batch: empty prompt; the first completion token needs context")
-    lengths = [len(p) + len(c) for p, c in zip(prompt_ids, completion_ids, strict=True)]
-    width = max(lengths, default=0)
-    shape = (len(prompt_ids), width)
-    input_ids = torch.full(shape, pad_id, dtype=torch.long)
-    attention_mask = torch.zeros(shape, dtype=torch.long)
-    labels = torch.full(shape, IGNORE_INDEX, dtype=torch.long)
-    for n, (prompt, completion, length) in enumerate(
-        zip(prompt_ids, completion_ids, lengths, strict=True)
-    ):
-        input_ids[n, :length] = torch.tensor([*prompt, *completion], dtype=torch.long)
-        attention_mask[n, :length] = 1
-        labels[n, len(prompt) : length] = torch.tensor(list(completion), dtype=torch.long)
+    rows, labels = [], []
+    for prompt, completion in zip(prompt_ids, completion_ids, strict=True):
+        rows.append(torch.tensor([*prompt, *completion], dtype=torch.long))
+        labels.append(torch.tensor([IGNORE_INDEX] * len(prompt) + [*completion], dtype=torch.long))
+    lengths = torch.tensor([len(row) for row in rows])
+    input_ids = pad_sequence(rows, batch_first=True, padding_value=pad_id)
+    attention_mask = (torch.arange(input_ids.shape[1]) < lengths[:, None]).long()
     return {
         "input_ids": input_ids.to(device),
         "attention_mask": attention_mask.to(device),
-        "labels": labels.to(device),
+        "labels": pad_sequence(labels, batch_first=True, padding_value=IGNORE_INDEX).to(device),
     }
 
 
