@@ -94,13 +94,13 @@ def gather_positions(x: Tensor, positions: ResponsePositions) -> Tensor:
     return x[positions.rows, positions.cols]
 
 
-def _chunk_bounds(num_positions: int, chunk_size: int | None) -> list[tuple[int, int]]:
+def _chunk_bounds(num_positions: int, size: int | None) -> list[tuple[int, int]]:
     """``[(start, end), ...]`` covering ``range(num_positions)``; one chunk when ``None``."""
-    if chunk_size is None:
+    if size is None:
         return [(0, num_positions)]
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size}")
-    return [(s, min(s + chunk_size, num_positions)) for s in range(0, num_positions, chunk_size)]
+    if size < 1:
+        raise ValueError(f"logits_chunk_size must be a positive integer or None, got {size}")
+    return [(s, min(s + size, num_positions)) for s in range(0, num_positions, size)]
 
 
 def _chunk_token_stats(
@@ -131,7 +131,7 @@ def response_token_stats(
     policy_hidden: Tensor,
     policy_head: Head,
     targets: Tensor,
-    chunk_size: int | None = None,
+    logits_chunk_size: int | None = None,
     ref_hidden: Tensor | None = None,
     ref_head: Head | None = None,
     checkpoint: bool = False,
@@ -142,7 +142,7 @@ def response_token_stats(
         policy_hidden: ``[M, H]`` the policy's final hidden states at the packed positions.
         policy_head: hidden -> logits ``[C, V]`` (include any final-logit soft-capping).
         targets: ``LongTensor[M]`` the tokens those positions predict.
-        chunk_size: positions per chunk; ``None`` = one chunk.
+        logits_chunk_size: positions per chunk; ``None`` = one chunk.
         ref_hidden, ref_head: the reference's ``[M, H]`` hidden states and head; given
             together, they add ``ref_logps`` (no grad) and the full-vocabulary
             ``kl = sum_v p_ref(v) (log p_ref(v) - log p_theta(v))`` (grad to the policy).
@@ -165,7 +165,7 @@ def response_token_stats(
         )
     use_checkpoint = checkpoint and torch.is_grad_enabled()
     policy_parts, ref_parts, kl_parts = [], [], []
-    for s, e in _chunk_bounds(targets.shape[0], chunk_size):
+    for s, e in _chunk_bounds(targets.shape[0], logits_chunk_size):
         args = (
             policy_head,
             ref_head,

@@ -59,7 +59,7 @@ def sequence_logprob(
     tokenizer_pad_id: int,
     prompt_ids: Sequence[Sequence[int]],
     completion_ids: Sequence[Sequence[int]],
-    chunk_size: int | None = None,
+    logits_chunk_size: int | None = None,
     batch_size: int | None = None,
 ) -> Tensor:
     """``log pi(completion_n | prompt_n)`` summed over the completion's tokens, no grad.
@@ -68,8 +68,8 @@ def sequence_logprob(
         tokenizer_pad_id: filler for the padding (masked out, never scored).
         prompt_ids, completion_ids: ``N`` token-id lists each; a completion that stopped at
             EOS must end with the EOS id (its probability is part of the sequence's).
-        chunk_size: positions per LM-head chunk (at most ``chunk_size * vocab`` float32
-            logits at a time); ``None`` = all response positions of a batch at once.
+        logits_chunk_size: positions per LM-head chunk (at most ``logits_chunk_size * vocab``
+            float32 logits at a time); ``None`` = all response positions of a batch at once.
         batch_size: rows per forward pass; ``None`` = all ``N`` rows at once. Rows are
             batched by length (less padding) and returned in input order.
 
@@ -99,7 +99,7 @@ def sequence_logprob(
             )
             positions = response_positions(batch["labels"], IGNORE_INDEX)
             hidden = forward_response_positions(parts, batch, positions).hidden
-            stats = response_token_stats(hidden, parts.head, positions.targets, chunk_size)
+            stats = response_token_stats(hidden, parts.head, positions.targets, logits_chunk_size)
             sums = sequence_logps(stats.policy_logps, positions.rows, positions.num_rows).sum
             out[torch.tensor(rows)] = sums.float().cpu()
     return out
@@ -110,7 +110,7 @@ def kl_log_ratios(
     reference: nn.Module,
     samples: Samples,
     pad_id: int,
-    chunk_size: int | None = None,
+    logits_chunk_size: int | None = None,
     batch_size: int | None = None,
 ) -> Tensor:
     """``log pi(y_n | x_n) - log pi_ref(y_n | x_n)`` for the policy's samples: ``[N]``.
@@ -123,5 +123,5 @@ def kl_log_ratios(
     mean can be noisy or even below 0 (the true KL never is); `grouped_mean_stderr` over
     ``samples.prompt_index`` gives its standard error over prompts.
     """
-    args = (pad_id, samples.prompt_ids, samples.completion_ids, chunk_size, batch_size)
+    args = (pad_id, samples.prompt_ids, samples.completion_ids, logits_chunk_size, batch_size)
     return sequence_logprob(policy, *args) - sequence_logprob(reference, *args)

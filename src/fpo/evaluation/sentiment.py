@@ -42,7 +42,7 @@ def evaluate_sentiment(
     max_new_tokens: int = 48,
     batch_size: int = 32,
     seed: int = 0,
-    logit_chunk_size: int | None = 256,
+    logits_chunk_size: int | None = 256,
 ) -> dict[str, Any]:
     """Sample, judge and compare the policy and the reference on held-out ``prompts``.
 
@@ -50,7 +50,7 @@ def evaluate_sentiment(
         judge: ``judge(texts) -> scores`` (e.g. `fpo.sentiment.SentimentJudge`), higher is
             better; called on the policy's completions first, then on the reference's.
         num_samples: completions per prompt and model (``N = P * num_samples`` each).
-        logit_chunk_size: response positions per LM-head chunk when scoring log-probs.
+        logits_chunk_size: response positions per LM-head chunk when scoring log-probs.
 
     Returns:
         A JSON-ready dict: ``policy_judge_mean``, ``reference_judge_mean``, ``win_rate``
@@ -69,7 +69,7 @@ def evaluate_sentiment(
 
     pad_id = tokenizer.pad_token_id
     pad_id = tokenizer.eos_token_id if pad_id is None else pad_id
-    ratios = kl_log_ratios(policy, reference, ours, pad_id, logit_chunk_size, batch_size).tolist()
+    ratios = kl_log_ratios(policy, reference, ours, pad_id, logits_chunk_size, batch_size).tolist()
     policy_scores = _judge(judge, ours.texts)
     reference_scores = _judge(judge, theirs.texts)
     wins = pairwise_wins(policy_scores, reference_scores)
