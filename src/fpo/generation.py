@@ -17,8 +17,7 @@ RNG is untouched. ``temperature``/``top_k``/``top_p`` reuse transformers' warper
 Only the new tokens are returned: generation stops at EOS or after ``max_new_tokens``; the
 EOS and the padding after it are not part of the completion. The model's saved
 ``generation_config`` (repetition penalty, suppressed tokens, ...) is ignored while sampling,
-only its special-token ids are kept. Decoded completions keep
-their leading whitespace, so ``prompt + completion`` is the sampled text.
+only its special-token ids are kept.
 """
 
 from __future__ import annotations
@@ -193,39 +192,6 @@ def sample_completion_ids(
             if progress is not None:
                 progress(len(out), len(flat))
     return [out[p * num_samples : (p + 1) * num_samples] for p in range(len(prompts))]
-
-
-def sample_completions(
-    model: torch.nn.Module,
-    tokenizer: Any,
-    prompts: Sequence[str],
-    num_samples: int,
-    max_new_tokens: int,
-    temperature: float = 1.0,
-    top_k: int | None = 0,
-    top_p: float = 1.0,
-    batch_size: int = 32,
-    seed: int = 0,
-    progress: Callable[[int, int], None] | None = None,
-    stop_token_ids: Sequence[int] = (),
-) -> list[list[str]]:
-    """Like `sample_completion_ids`, decoded: ``texts[p][s]`` is the completion text of
-    sample ``s`` of prompt ``p`` (special tokens skipped, leading whitespace kept)."""
-    ids = sample_completion_ids(
-        model,
-        tokenizer,
-        prompts,
-        num_samples,
-        max_new_tokens,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        batch_size=batch_size,
-        seed=seed,
-        progress=progress,
-        stop_token_ids=stop_token_ids,
-    )
-    return [tokenizer.batch_decode(rows, skip_special_tokens=True) for rows in ids]
 
 
 def eos_token_ids(model: torch.nn.Module, tokenizer: Any) -> set[int]:

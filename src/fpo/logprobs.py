@@ -19,6 +19,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
 __all__ = [
+    "IGNORE_INDEX",
     "ResponsePositions",
     "SequenceLogps",
     "TokenStats",
@@ -28,11 +29,13 @@ __all__ = [
     "segment_counts",
     "segment_mean",
     "segment_sum",
-    "selective_log_softmax",
     "sequence_logps",
 ]
 
 Head = Callable[[Tensor], Tensor]
+
+IGNORE_INDEX = -100
+"""The ``labels`` value of prompt and pad positions (not scored; PyTorch's and HF's default)."""
 
 
 class ResponsePositions(NamedTuple):
@@ -73,7 +76,7 @@ class SequenceLogps(NamedTuple):
     n_tokens: Tensor
 
 
-def response_positions(labels: Tensor, ignore_index: int = -100) -> ResponsePositions:
+def response_positions(labels: Tensor, ignore_index: int = IGNORE_INDEX) -> ResponsePositions:
     """Pack the positions of ``labels[N, T]`` that predict a response token.
 
     Position ``(n, t)`` is included iff ``labels[n, t + 1] != ignore_index``; its target is
@@ -91,38 +94,13 @@ def gather_positions(x: Tensor, positions: ResponsePositions) -> Tensor:
     return x[positions.rows, positions.cols]
 
 
-def _chunk_bounds(num_positions: int, chunk_size: int | None) -> list[tuple[int, int]]:
+def _chunk_bounds(num_positions: int, size: int | None) -> list[tuple[int, int]]:
     """``[(start, end), ...]`` covering ``range(num_positions)``; one chunk when ``None``."""
-    if chunk_size is None:
+    if size is None:
         return [(0, num_positions)]
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size}")
-    return [(s, min(s + chunk_size, num_positions)) for s in range(0, num_positions, chunk_size)]
-
-
-def _target_logps(logits: Tensor, targets: Tensor) -> Tensor:
-    """``logits[m, targets[m]] - logsumexp_v logits[m, v]`` for float32 ``logits[C, V]``."""
-    picked = logits.gather(1, targets.unsqueeze(1)).squeeze(1)
-    return picked - torch.logsumexp(logits, dim=1)
-
-
-def selective_log_softmax(logits: Tensor, targets: Tensor, chunk_size: int | None = None) -> Tensor:
-    """``log_softmax(logits)[m, targets[m]]`` without the ``[M, V]`` log-softmax.
-
-    Args:
-        logits: ``[M, V]`` in any float dtype; each chunk is upcast to float32 on its own,
-            so at most ``chunk_size * V`` float32 values exist at a time (without grad).
-        targets: ``LongTensor[M]``.
-        chunk_size: positions per chunk; ``None`` = all at once.
-
-    Returns:
-        ``[M]`` float32: ``logits[m, y_m] - logsumexp_v logits[m, v]``.
-    """
-    parts = [
-        _target_logps(logits[s:e].float(), targets[s:e])
-        for s, e in _chunk_bounds(logits.shape[0], chunk_size)
-    ]
-    return _cat_float(parts, logits)
+    if size < 1:
+        raise ValueError(f"logits_chunk_size must be a positive integer or None, got {size}")
+    return [(s, min(s + size, num_positions)) for s in range(0, num_positions, size)]
 
 
 def _chunk_token_stats(
@@ -153,7 +131,7 @@ def response_token_stats(
     policy_hidden: Tensor,
     policy_head: Head,
     targets: Tensor,
-    chunk_size: int | None = None,
+    logits_chunk_size: int | None = None,
     ref_hidden: Tensor | None = None,
     ref_head: Head | None = None,
     checkpoint: bool = False,
@@ -164,7 +142,7 @@ def response_token_stats(
         policy_hidden: ``[M, H]`` the policy's final hidden states at the packed positions.
         policy_head: hidden -> logits ``[C, V]`` (include any final-logit soft-capping).
         targets: ``LongTensor[M]`` the tokens those positions predict.
-        chunk_size: positions per chunk; ``None`` = one chunk.
+        logits_chunk_size: positions per chunk; ``None`` = one chunk.
         ref_hidden, ref_head: the reference's ``[M, H]`` hidden states and head; given
             together, they add ``ref_logps`` (no grad) and the full-vocabulary
             ``kl = sum_v p_ref(v) (log p_ref(v) - log p_theta(v))`` (grad to the policy).
@@ -187,7 +165,7 @@ def response_token_stats(
         )
     use_checkpoint = checkpoint and torch.is_grad_enabled()
     policy_parts, ref_parts, kl_parts = [], [], []
-    for s, e in _chunk_bounds(targets.shape[0], chunk_size):
+    for s, e in _chunk_bounds(targets.shape[0], logits_chunk_size):
         args = (
             policy_head,
             ref_head,

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from fpo.errors import UserError
-from fpo.generation import sample_completions
+from fpo.generation import sample_completion_ids
 from fpo.models import gemma3_gguf
 from fpo.models.gemma3_gguf import FP32_SUBDIR, ensure_fp32_folder, fp32_folder, load_gemma3_270m
 
@@ -71,9 +71,10 @@ def test_greedy_text_is_sensible(gemma):
         top5 = model(**ids).logits[0, -1].topk(5).indices
     assert " Paris" in [tokenizer.decode(int(i)) for i in top5]
     prompts = ["The capital of France is the city of", "One, two, three, four,"]
-    greedy = sample_completions(model, tokenizer, prompts, 1, 6, temperature=0)
-    assert greedy[0][0].startswith(" Paris")
-    assert greedy[1][0].startswith(" five, six")
+    greedy = sample_completion_ids(model, tokenizer, prompts, 1, 6, temperature=0)
+    texts = [tokenizer.decode(rows[0], skip_special_tokens=True) for rows in greedy]
+    assert texts[0].startswith(" Paris")
+    assert texts[1].startswith(" five, six")
 
 
 def test_one_optimizer_step_changes_parameters(gemma):

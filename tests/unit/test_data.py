@@ -72,7 +72,7 @@ def test_plain_template_exact_ids_and_batch(tiny_tokenizer):
     assert item["rejected_labels"] == [M] * 7 + [*asc("No"), EOS]
     assert item["prompt"] == "Hi"
 
-    batch = next(iter(dm.predict_dataloader()))
+    batch = dm.collator([dm.train_dataset[0], dm.train_dataset[1]])
     p1 = [BOS, *asc("Q:Ok?=>")]
     rows_ids = [
         [*prompt, *asc("Yes"), EOS],
@@ -397,8 +397,6 @@ def test_example_id_stable_under_shuffling_and_filtering(tiny_tokenizer, plain_p
 def test_dataloader_orders(tiny_tokenizer, plain_path):
     dm = make_dm(plain_path, tiny_tokenizer, batch_size=8, eval_batch_size=3, seed=1)
     file_order = dm.train_dataset.example_ids
-    predicted = [i for b in dm.predict_dataloader() for i in b["example_id"]]
-    assert predicted == file_order
     first = next(iter(dm.train_dataloader()))["example_id"]
     again = next(iter(make_dm(plain_path, tiny_tokenizer, batch_size=8, seed=1).train_dataloader()))
     assert first == again["example_id"]

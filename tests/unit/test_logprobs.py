@@ -13,7 +13,6 @@ from fpo.logprobs import (
     response_token_stats,
     segment_mean,
     segment_sum,
-    selective_log_softmax,
     sequence_logps,
 )
 
@@ -71,44 +70,55 @@ def test_gather_positions():
     assert torch.equal(out, expected)
 
 
-# --------------------------------------------------------------------------- log-softmax
+# --------------------------------------------------------------------------- log-probs
+# With the identity as the head, ``response_token_stats`` takes the logits themselves.
 
 
-@pytest.mark.parametrize("chunk_size", [None, 1, 8, 100])
-def test_selective_log_softmax_fp32(chunk_size):
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+def _naive_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The dense reference: ``log_softmax(logits)[m, targets[m]]`` in float32."""
+    return logits.float().log_softmax(-1).gather(1, targets[:, None]).squeeze(1)
+
+
+@pytest.mark.parametrize("chunk", [None, 1, 8, 100])
+def test_policy_logps_match_dense_log_softmax_fp32(chunk):
     logits = torch.randn(37, 50, generator=_gen(0)) * 5
     targets = torch.randint(0, 50, (37,), generator=_gen(1))
-    expected = logits.log_softmax(-1).gather(1, targets[:, None]).squeeze(1)
-    out = selective_log_softmax(logits, targets, chunk_size=chunk_size)
+    out = response_token_stats(logits, _identity, targets, logits_chunk_size=chunk).policy_logps
     assert out.dtype == torch.float32
-    torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(out, _naive_logps(logits, targets), atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("chunk_size", [None, 8])
-def test_selective_log_softmax_bf16_is_computed_in_fp32(chunk_size):
+@pytest.mark.parametrize("chunk", [None, 8])
+def test_policy_logps_of_bf16_logits_are_computed_in_fp32(chunk):
     logits = (torch.randn(37, 300, generator=_gen(2)) * 8).bfloat16()
     targets = torch.randint(0, 300, (37,), generator=_gen(3))
-    expected = logits.float().log_softmax(-1).gather(1, targets[:, None]).squeeze(1)
-    out = selective_log_softmax(logits, targets, chunk_size=chunk_size)
+    out = response_token_stats(logits, _identity, targets, logits_chunk_size=chunk).policy_logps
     assert out.dtype == torch.float32
     # bf16 arithmetic would be off by ~1e-2; an fp32 computation agrees to rounding
-    torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(out, _naive_logps(logits, targets), atol=1e-5, rtol=0)
 
 
-def test_selective_log_softmax_gradient_and_empty_input():
+def test_policy_logps_gradient_and_empty_input():
     logits = torch.randn(6, 10, generator=_gen(4), requires_grad=True)
     targets = torch.tensor([0, 3, 9, 1, 1, 5])
-    selective_log_softmax(logits, targets, chunk_size=4).sum().backward()
+    stats = response_token_stats(logits, _identity, targets, logits_chunk_size=4)
+    stats.policy_logps.sum().backward()
     expected = F.one_hot(targets, 10).float() - logits.detach().softmax(-1)
     torch.testing.assert_close(logits.grad, expected)
 
-    empty = selective_log_softmax(torch.zeros(0, 10), torch.zeros(0, dtype=torch.long), 4)
-    assert empty.shape == (0,) and empty.dtype == torch.float32
+    empty = response_token_stats(torch.zeros(0, 10), _identity, torch.zeros(0, dtype=torch.long), 4)
+    assert empty.policy_logps.shape == (0,) and empty.policy_logps.dtype == torch.float32
 
 
-def test_chunk_size_must_be_positive():
-    with pytest.raises(ValueError, match="chunk_size"):
-        selective_log_softmax(torch.zeros(2, 3), torch.zeros(2, dtype=torch.long), chunk_size=0)
+def test_logits_chunk_size_must_be_positive():
+    with pytest.raises(ValueError, match="logits_chunk_size"):
+        response_token_stats(
+            torch.zeros(2, 3), _identity, torch.zeros(2, dtype=torch.long), logits_chunk_size=0
+        )
 
 
 # --------------------------------------------------------------------------- token stats
@@ -163,13 +173,13 @@ def test_response_token_stats_kl_is_zero_for_identical_models():
 def test_response_token_stats_without_reference():
     policy_head, _ = _heads()
     policy_hidden, _, targets = _inputs()
-    stats = response_token_stats(policy_hidden, policy_head, targets, chunk_size=4)
+    stats = response_token_stats(policy_hidden, policy_head, targets, logits_chunk_size=4)
     assert stats.ref_logps is None and stats.kl is None
-    expected = selective_log_softmax(policy_head(policy_hidden), targets)
+    expected = _naive_logps(policy_head(policy_hidden), targets)
     torch.testing.assert_close(stats.policy_logps, expected)
 
 
-def _stats_and_grads(chunk_size, checkpoint):
+def _stats_and_grads(chunk, checkpoint):
     policy_head, ref_head = _heads()
     policy_hidden, ref_hidden, targets = _inputs()
     policy_hidden.requires_grad_(True)
@@ -177,7 +187,7 @@ def _stats_and_grads(chunk_size, checkpoint):
         policy_hidden,
         policy_head,
         targets,
-        chunk_size=chunk_size,
+        logits_chunk_size=chunk,
         ref_hidden=ref_hidden,
         ref_head=ref_head,
         checkpoint=checkpoint,
@@ -188,10 +198,10 @@ def _stats_and_grads(chunk_size, checkpoint):
     return stats, policy_hidden.grad, policy_head.weight.grad
 
 
-@pytest.mark.parametrize(("chunk_size", "checkpoint"), [(4, False), (5, True), (None, True)])
-def test_response_token_stats_chunking_and_checkpoint_agree(chunk_size, checkpoint):
+@pytest.mark.parametrize(("chunk", "checkpoint"), [(4, False), (5, True), (None, True)])
+def test_response_token_stats_chunking_and_checkpoint_agree(chunk, checkpoint):
     ref_stats, ref_hidden_grad, ref_weight_grad = _stats_and_grads(None, False)
-    stats, hidden_grad, weight_grad = _stats_and_grads(chunk_size, checkpoint)
+    stats, hidden_grad, weight_grad = _stats_and_grads(chunk, checkpoint)
     for got, want in zip(stats, ref_stats, strict=True):
         torch.testing.assert_close(got, want)
     assert ref_weight_grad.abs().sum() > 0
@@ -215,7 +225,7 @@ def _saved_floats(checkpoint: bool) -> int:
             policy_hidden,
             policy_head,
             targets,
-            chunk_size=4,
+            logits_chunk_size=4,
             ref_hidden=ref_hidden,
             ref_head=ref_head,
             checkpoint=checkpoint,

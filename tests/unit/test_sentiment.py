@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fpo.errors import UserError
-from fpo.generation import InverseCdfSampler, sample_completion_ids, sample_completions
+from fpo.generation import InverseCdfSampler, sample_completion_ids
 from fpo.sentiment import SentimentJudge, make_prompt_splits, make_prompts
 from fpo.sentiment.build import (
     ScoredPrompt,
@@ -102,16 +102,17 @@ def test_inverse_cdf_sampler_top_k_one_is_argmax_and_temperature_sharpens():
     assert cold.sample(None, logits).eq(1).float().mean() > 0.99
 
 
-def test_sample_completions_is_seeded_and_restores_state(tiny_model, tiny_tokenizer):
+def test_sample_completion_ids_is_seeded_and_restores_state(tiny_model, tiny_tokenizer):
     tiny_tokenizer.padding_side = "right"
     rng_before = torch.get_rng_state()
-    first = sample_completions(tiny_model, tiny_tokenizer, PROMPTS, 3, 6, batch_size=4, seed=1)
+    sample = lambda *args, **kw: sample_completion_ids(tiny_model, tiny_tokenizer, *args, **kw)  # noqa: E731
+    first = sample(PROMPTS, 3, 6, batch_size=4, seed=1)
     assert torch.equal(torch.get_rng_state(), rng_before)
     assert tiny_tokenizer.padding_side == "right" and tiny_model.training
     assert [len(row) for row in first] == [3, 3, 3]
-    assert first == sample_completions(tiny_model, tiny_tokenizer, PROMPTS, 3, 6, 1.0, 0, 1.0, 4, 1)
-    assert first != sample_completions(tiny_model, tiny_tokenizer, PROMPTS, 3, 6, seed=2)
-    assert len({text for row in first for text in row}) > 1
+    assert first == sample(PROMPTS, 3, 6, 1.0, 0, 1.0, 4, 1)
+    assert first != sample(PROMPTS, 3, 6, seed=2)
+    assert len({tuple(ids) for row in first for ids in row}) > 1
 
 
 def test_left_padded_greedy_batch_equals_one_by_one(tiny_model, tiny_tokenizer):
@@ -145,9 +146,9 @@ def test_sampling_ignores_distorting_generation_config(tiny_model, tiny_tokenize
 
 def test_sampling_rejects_bad_arguments(tiny_model, tiny_tokenizer):
     with pytest.raises(UserError, match="num_samples"):
-        sample_completions(tiny_model, tiny_tokenizer, PROMPTS, 0, 4)
+        sample_completion_ids(tiny_model, tiny_tokenizer, PROMPTS, 0, 4)
     with pytest.raises(UserError, match="temperature"):
-        sample_completions(tiny_model, tiny_tokenizer, PROMPTS, 1, 4, temperature=-1)
+        sample_completion_ids(tiny_model, tiny_tokenizer, PROMPTS, 1, 4, temperature=-1)
 
 
 # --------------------------------------------------------------------------- builder

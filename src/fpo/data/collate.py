@@ -18,20 +18,18 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
-from fpo.data.tokenize import IGNORE_INDEX
+from fpo.logprobs import IGNORE_INDEX
 
 SIDES = ("chosen", "rejected")
 REF_PREFIX = {side: f"ref_{side}_" for side in SIDES}
 
 
-def pad_right(rows: Sequence[Any], value: int) -> torch.Tensor:
+def _pad_right(rows: Sequence[Any], value: int) -> torch.Tensor:
     """Stack 1-D int sequences into ``LongTensor[N, max_len]``, filling the tail with ``value``."""
     tensors = [torch.as_tensor(row, dtype=torch.long) for row in rows]
-    out = torch.full((len(tensors), max(t.numel() for t in tensors)), value, dtype=torch.long)
-    for i, t in enumerate(tensors):
-        out[i, : t.numel()] = t
-    return out
+    return pad_sequence(tensors, batch_first=True, padding_value=value)
 
 
 def _ref_names(item: Mapping[str, Any]) -> list[str]:
@@ -56,13 +54,13 @@ class PreferenceCollator:
             raise ValueError("cannot collate an empty list of preference pairs")
         ids = [item[f"{side}_input_ids"] for side in SIDES for item in items]
         labels = [item[f"{side}_labels"] for side in SIDES for item in items]
-        input_ids = pad_right(ids, self.pad_token_id)
+        input_ids = _pad_right(ids, self.pad_token_id)
         lengths = torch.tensor([len(row) for row in ids])
         attention_mask = (torch.arange(input_ids.shape[1]) < lengths[:, None]).long()
         batch: dict[str, Any] = {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
-            "labels": pad_right(labels, IGNORE_INDEX),
+            "labels": _pad_right(labels, IGNORE_INDEX),
             "example_id": [item["example_id"] for item in items],
         }
         for name in _ref_names(items[0]):

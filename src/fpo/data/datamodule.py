@@ -313,7 +313,3 @@ class PreferenceDataModule(LightningDataModule):
         if "val" not in self.specs:
             return []
         return self._loader(self.val_dataset, self.eval_batch_size, shuffle=False)
-
-    def predict_dataloader(self) -> DataLoader:
-        """Train pairs in fixed order, no shuffle (the reference-cache builder's input)."""
-        return self._loader(self.train_dataset, self.eval_batch_size, shuffle=False)

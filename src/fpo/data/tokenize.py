@@ -34,8 +34,8 @@ import numpy as np
 
 from fpo.data.formats import Message, PreferencePair, short_hash
 from fpo.errors import UserError
+from fpo.logprobs import IGNORE_INDEX
 
-IGNORE_INDEX = -100
 CHAT_TEMPLATE_SETTINGS = {"auto": "auto", "true": True, "false": False}
 
 

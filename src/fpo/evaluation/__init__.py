@@ -5,7 +5,7 @@ the reference, scored by a judge (mean score, win rate), and a Monte-Carlo estim
 ``KL(policy || reference)`` from the policy's own samples.
 
 - `sampling`: seeded samples whose token ids are exactly what the sampler drew (EOS kept).
-- `scoring`: batched sequence log-probs and the KL estimate.
+- `scoring`: batched sequence log-probs and the log-ratios of the KL estimate.
 - `stats`: per-prompt means, standard errors and pairwise win rates.
 - `sentiment`: `evaluate_sentiment`, the controlled-sentiment evaluation.
 - `report`: `write_evaluation` (summary.json, generations.jsonl, plot) and `format_summary`.
@@ -13,13 +13,12 @@ the reference, scored by a judge (mean score, win rate), and a Monte-Carlo estim
 
 from fpo.evaluation.report import format_summary, plot_judge_vs_kl, write_evaluation
 from fpo.evaluation.sampling import Samples, sample_for_scoring
-from fpo.evaluation.scoring import estimate_kl, kl_log_ratios, scoring_batch, sequence_logprob
+from fpo.evaluation.scoring import kl_log_ratios, scoring_batch, sequence_logprob
 from fpo.evaluation.sentiment import evaluate_sentiment
 from fpo.evaluation.stats import grouped_mean_stderr, pairwise_wins
 
 __all__ = [
     "Samples",
-    "estimate_kl",
     "evaluate_sentiment",
     "format_summary",
     "grouped_mean_stderr",

@@ -57,6 +57,7 @@ def evaluate_after_fit(
     batch_size: int = 32,
     seed: int = 0,
     latest_dir: str | Path | None = None,
+    logits_chunk_size: int | None = 256,
 ) -> dict[str, Any]:
     """Run the sentiment evaluation and write ``summary.json``, generations and the plot.
 
@@ -64,6 +65,7 @@ def evaluate_after_fit(
         load_reference: builds the reference model (a fresh load of the initial weights).
         output_dir: the run folder; files go to ``output_dir/evaluation``.
         latest_dir: if set, the files are also copied there (``logs/latest``).
+        logits_chunk_size: response positions per LM-head chunk when scoring log-probs.
     """
     prompts = read_prompts(prompts_file, num_prompts)
     reference = load_reference()
@@ -77,6 +79,7 @@ def evaluate_after_fit(
         max_new_tokens=max_new_tokens,
         batch_size=batch_size,
         seed=seed,
+        logits_chunk_size=logits_chunk_size,
     )
     summary = write_evaluation(result, Path(output_dir) / "evaluation")
     print(format_summary(result), flush=True)

@@ -1,4 +1,4 @@
-"""Sequence log-probabilities of given completions, and the sampled KL estimate.
+"""Sequence log-probabilities of given completions, and the log-ratios of the sampled KL.
 
 ``sequence_logprob`` scores ``log pi(y | x) = sum_t log pi(y_t | x, y_<t)`` with the
 training code path (right-padded batch, labels ``-100`` on the prompt, packed response
@@ -11,15 +11,13 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils.rnn import pad_sequence
 
 from fpo.evaluation.sampling import Samples
-from fpo.evaluation.stats import grouped_mean_stderr
 from fpo.forward import forward_response_positions
 from fpo.generation import eval_mode
-from fpo.logprobs import response_positions, response_token_stats, sequence_logps
+from fpo.logprobs import IGNORE_INDEX, response_positions, response_token_stats, sequence_logps
 from fpo.models.hf import split_causal_lm
-
-IGNORE_INDEX = -100
 
 
 def scoring_batch(
@@ -38,24 +36,21 @@ def scoring_batch(
         raise ValueError(
             f"scoring_batch: {len(prompt_ids)} prompts but {len(completion_ids)} completions"
         )
+    if not prompt_ids:
+        raise ValueError("scoring_batch: no rows")
     if any(len(prompt) == 0 for prompt in prompt_ids):
         raise ValueError("scoring_batch: empty prompt; the first completion token needs context")
-    lengths = [len(p) + len(c) for p, c in zip(prompt_ids, completion_ids, strict=True)]
-    width = max(lengths, default=0)
-    shape = (len(prompt_ids), width)
-    input_ids = torch.full(shape, pad_id, dtype=torch.long)
-    attention_mask = torch.zeros(shape, dtype=torch.long)
-    labels = torch.full(shape, IGNORE_INDEX, dtype=torch.long)
-    for n, (prompt, completion, length) in enumerate(
-        zip(prompt_ids, completion_ids, lengths, strict=True)
-    ):
-        input_ids[n, :length] = torch.tensor([*prompt, *completion], dtype=torch.long)
-        attention_mask[n, :length] = 1
-        labels[n, len(prompt) : length] = torch.tensor(list(completion), dtype=torch.long)
+    rows, labels = [], []
+    for prompt, completion in zip(prompt_ids, completion_ids, strict=True):
+        rows.append(torch.tensor([*prompt, *completion], dtype=torch.long))
+        labels.append(torch.tensor([IGNORE_INDEX] * len(prompt) + [*completion], dtype=torch.long))
+    lengths = torch.tensor([len(row) for row in rows])
+    input_ids = pad_sequence(rows, batch_first=True, padding_value=pad_id)
+    attention_mask = (torch.arange(input_ids.shape[1]) < lengths[:, None]).long()
     return {
         "input_ids": input_ids.to(device),
         "attention_mask": attention_mask.to(device),
-        "labels": labels.to(device),
+        "labels": pad_sequence(labels, batch_first=True, padding_value=IGNORE_INDEX).to(device),
     }
 
 
@@ -64,7 +59,7 @@ def sequence_logprob(
     tokenizer_pad_id: int,
     prompt_ids: Sequence[Sequence[int]],
     completion_ids: Sequence[Sequence[int]],
-    chunk_size: int | None = None,
+    logits_chunk_size: int | None = None,
     batch_size: int | None = None,
 ) -> Tensor:
     """``log pi(completion_n | prompt_n)`` summed over the completion's tokens, no grad.
@@ -73,8 +68,8 @@ def sequence_logprob(
         tokenizer_pad_id: filler for the padding (masked out, never scored).
         prompt_ids, completion_ids: ``N`` token-id lists each; a completion that stopped at
             EOS must end with the EOS id (its probability is part of the sequence's).
-        chunk_size: positions per LM-head chunk (at most ``chunk_size * vocab`` float32
-            logits at a time); ``None`` = all response positions of a batch at once.
+        logits_chunk_size: positions per LM-head chunk (at most ``logits_chunk_size * vocab``
+            float32 logits at a time); ``None`` = all response positions of a batch at once.
         batch_size: rows per forward pass; ``None`` = all ``N`` rows at once. Rows are
             batched by length (less padding) and returned in input order.
 
@@ -104,7 +99,7 @@ def sequence_logprob(
             )
             positions = response_positions(batch["labels"], IGNORE_INDEX)
             hidden = forward_response_positions(parts, batch, positions).hidden
-            stats = response_token_stats(hidden, parts.head, positions.targets, chunk_size)
+            stats = response_token_stats(hidden, parts.head, positions.targets, logits_chunk_size)
             sums = sequence_logps(stats.policy_logps, positions.rows, positions.num_rows).sum
             out[torch.tensor(rows)] = sums.float().cpu()
     return out
@@ -115,30 +110,18 @@ def kl_log_ratios(
     reference: nn.Module,
     samples: Samples,
     pad_id: int,
-    chunk_size: int | None = None,
+    logits_chunk_size: int | None = None,
     batch_size: int | None = None,
 ) -> Tensor:
-    """``log pi(y_n | x_n) - log pi_ref(y_n | x_n)`` for the policy's samples: ``[N]``."""
-    args = (pad_id, samples.prompt_ids, samples.completion_ids, chunk_size, batch_size)
-    return sequence_logprob(policy, *args) - sequence_logprob(reference, *args)
+    """``log pi(y_n | x_n) - log pi_ref(y_n | x_n)`` for the policy's samples: ``[N]``.
 
-
-def estimate_kl(
-    policy: nn.Module,
-    reference: nn.Module,
-    samples: Samples,
-    pad_id: int,
-    chunk_size: int | None = None,
-    batch_size: int | None = None,
-) -> tuple[float, float | None]:
-    """Monte-Carlo ``KL(pi || pi_ref)`` per completion, in nats: ``(mean, stderr)``.
-
-    ``KL(pi || pi_ref) = E_x E_{y ~ pi(.|x)} [log pi(y|x) - log pi_ref(y|x)]``, estimated by
-    the mean log-ratio over ``samples``, which must be the POLICY's own samples drawn at
-    temperature 1 without top-k / top-p (`sample_for_scoring`), with EOS kept on stopped
-    completions. The estimate is unbiased, but a single log-ratio can be negative and its
-    variance is large, so on few samples the mean can be noisy or even below 0 (the true KL
-    never is). ``stderr`` is over prompts (`grouped_mean_stderr`), ``None`` for one prompt.
+    Their mean is the Monte-Carlo ``KL(pi || pi_ref)`` per completion, in nats:
+    ``KL(pi || pi_ref) = E_x E_{y ~ pi(.|x)} [log pi(y|x) - log pi_ref(y|x)]``, when
+    ``samples`` are the POLICY's own samples drawn at temperature 1 without top-k / top-p
+    (`sample_for_scoring`), with EOS kept on stopped completions. The estimate is unbiased,
+    but a single log-ratio can be negative and its variance is large, so on few samples the
+    mean can be noisy or even below 0 (the true KL never is); `grouped_mean_stderr` over
+    ``samples.prompt_index`` gives its standard error over prompts.
     """
-    ratios = kl_log_ratios(policy, reference, samples, pad_id, chunk_size, batch_size)
-    return grouped_mean_stderr(ratios.tolist(), samples.prompt_index)
+    args = (pad_id, samples.prompt_ids, samples.completion_ids, logits_chunk_size, batch_size)
+    return sequence_logprob(policy, *args) - sequence_logprob(reference, *args)

@@ -42,7 +42,7 @@ def evaluate_sentiment(
     max_new_tokens: int = 48,
     batch_size: int = 32,
     seed: int = 0,
-    logit_chunk_size: int | None = 256,
+    logits_chunk_size: int | None = 256,
 ) -> dict[str, Any]:
     """Sample, judge and compare the policy and the reference on held-out ``prompts``.
 
@@ -50,15 +50,15 @@ def evaluate_sentiment(
         judge: ``judge(texts) -> scores`` (e.g. `fpo.sentiment.SentimentJudge`), higher is
             better; called on the policy's completions first, then on the reference's.
         num_samples: completions per prompt and model (``N = P * num_samples`` each).
-        logit_chunk_size: response positions per LM-head chunk when scoring log-probs.
+        logits_chunk_size: response positions per LM-head chunk when scoring log-probs.
 
     Returns:
         A JSON-ready dict: ``policy_judge_mean``, ``reference_judge_mean``, ``win_rate``
         (policy sample ``s`` vs reference sample ``s`` of the same prompt, ties count half)
-        and ``kl`` (`fpo.evaluation.scoring.estimate_kl`, nats per completion), each with a
-        ``*_stderr`` over prompts; mean completion lengths and EOS fractions; counts,
-        ``seed`` and ``settings``; and ``generations``: per prompt, the first sample of each
-        model with its score (``{"prompt", "policy", "reference", ...}``).
+        and ``kl`` (the mean of `fpo.evaluation.scoring.kl_log_ratios`, nats per
+        completion), each with a ``*_stderr`` over prompts; mean completion lengths and EOS
+        fractions; counts, ``seed`` and ``settings``; and ``generations``: per prompt, the
+        first sample of each model with its score (``{"prompt", "policy", "reference", ...}``).
     """
     if not prompts:
         raise UserError("evaluation: no held-out prompts to evaluate on")
@@ -69,7 +69,7 @@ def evaluate_sentiment(
 
     pad_id = tokenizer.pad_token_id
     pad_id = tokenizer.eos_token_id if pad_id is None else pad_id
-    ratios = kl_log_ratios(policy, reference, ours, pad_id, logit_chunk_size, batch_size).tolist()
+    ratios = kl_log_ratios(policy, reference, ours, pad_id, logits_chunk_size, batch_size).tolist()
     policy_scores = _judge(judge, ours.texts)
     reference_scores = _judge(judge, theirs.texts)
     wins = pairwise_wins(policy_scores, reference_scores)

@@ -1,5 +1,5 @@
 """Model loaders (each returns ``(model, tokenizer)``) and model-structure helpers."""
 
-from fpo.models.hf import CausalLMParts, hidden_size, load_hf_causal_lm, split_causal_lm
+from fpo.models.hf import CausalLMParts, load_hf_causal_lm, split_causal_lm
 
-__all__ = ["CausalLMParts", "hidden_size", "load_hf_causal_lm", "split_causal_lm"]
+__all__ = ["CausalLMParts", "load_hf_causal_lm", "split_causal_lm"]

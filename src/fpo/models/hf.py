@@ -45,11 +45,6 @@ def split_causal_lm(model: PreTrainedModel) -> CausalLMParts:
     return CausalLMParts(decoder, head)
 
 
-def hidden_size(model: PreTrainedModel) -> int:
-    """The residual-stream width of ``model`` (text config for multimodal wrappers)."""
-    return getattr(model.config, "text_config", model.config).hidden_size
-
-
 def load_hf_causal_lm(
     name_or_path: str,
     dtype: str = "float32",

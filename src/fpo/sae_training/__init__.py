@@ -9,7 +9,8 @@ Pipeline, each step a function so tests can run it end to end on a tiny model:
 - `evaluate_sae(sae, activations) -> dict`: variance explained, L0, dead fraction;
 - `save_sae(sae, folder, card)`: sae-lens disk format plus ``SAE_CARD.md``.
 
-The command line (``python -m fpo.sae_training``) is in `fpo.sae_training.cli`.
+The command that builds the shipped SAE (and its offline corpus) is an asset-building
+script, ``scripts/train_sae.py`` (with ``scripts/sae_corpus.py``), not part of the package.
 """
 
 from fpo.sae_training.activations import collect_activations, hook_name_for_layer

@@ -18,6 +18,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
+from torch.nn.utils.rnn import pad_sequence
 
 from fpo.errors import UserError
 from fpo.sae import resolve_hook_module
@@ -54,13 +55,10 @@ def token_windows(
 
 def _pad_batch(windows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-pad windows into ``input_ids [B, T]`` and ``attention_mask [B, T]``."""
-    width = max(len(w) for w in windows)
-    input_ids = torch.full((len(windows), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(windows), width), dtype=torch.long)
-    for row, window in enumerate(windows):
-        input_ids[row, : len(window)] = torch.tensor(window)
-        attention_mask[row, : len(window)] = 1
-    return input_ids, attention_mask
+    rows = [torch.tensor(window, dtype=torch.long) for window in windows]
+    input_ids = pad_sequence(rows, batch_first=True, padding_value=pad_id)
+    lengths = torch.tensor([len(window) for window in windows])
+    return input_ids, (torch.arange(input_ids.shape[1]) < lengths[:, None]).long()
 
 
 class _StopForward(Exception):

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fpo.cli import user_errors
 from fpo.errors import UserError
 from fpo.generation import sample_completion_ids
 from fpo.sentiment.judge import SentimentJudge
@@ -308,11 +309,9 @@ def run(argv: Sequence[str]) -> dict[str, dict[str, Any]]:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    try:
+    """Entry point: a `UserError` prints its message and exits with status 2."""
+    with user_errors():
         run(sys.argv[1:] if argv is None else argv)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -1,5 +1,8 @@
 """Offline English text for SAE training: preference rows plus text already on the machine.
 
+Used by ``scripts/train_sae.py`` to build the shipped SAE's corpus; it reads system
+documentation folders, so it lives with the asset-building scripts, not in the package.
+
 Sources (all local; nothing touches the network):
 
 - ``preference_texts``: a JSONL preference file (``prompt`` + ``chosen`` / ``rejected``

@@ -1,9 +1,13 @@
-"""``python -m fpo.sae_training``: collect activations, train a TopK SAE, evaluate, ship it.
+"""Build the shipped SAE: collect activations, train a TopK SAE, evaluate, save the folder.
 
-Example (the shipped SAE; the exact command is recorded in its ``SAE_CARD.md``)::
+An asset-building script, not part of the installed package: it trains on an offline
+English corpus scraped from this machine (`sae_corpus`, next to it) with the library parts
+in `fpo.sae_training`. Run it from the repository root; the exact command that made the
+shipped SAE is recorded in its ``SAE_CARD.md``::
 
-    python -m fpo.sae_training --layer 17 --d-sae 4096 --k 32 --tokens 300000 \\
-        --epochs 10 --out assets/sae/gemma3-270m-layer17 --seed 0
+    python scripts/train_sae.py --layer 17 --d-sae 2048 --k 64 --tokens 150000 \\
+        --heldout-tokens 15000 --epochs 8 --preference-file data/sentiment/train.jsonl \\
+        --storage-dtype float32 --out assets/sae/gemma3-270m-layer17 --seed 0
 
 Steps: load the model -> build an offline English corpus (preference rows + local docs)
 -> hold out every 10th document -> collect layer activations once (train and held-out)
@@ -21,11 +25,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+import sae_corpus as corpus
 import sae_lens
 import torch
 
+from fpo.cli import user_errors
 from fpo.errors import UserError
-from fpo.sae_training import corpus
 from fpo.sae_training.activations import collect_activations, hook_name_for_layer
 from fpo.sae_training.io import folder_size_bytes, round_to_storage, save_sae
 from fpo.sae_training.trainer import evaluate_sae, train_sae
@@ -35,7 +40,7 @@ CHARS_PER_TOKEN = 4.7  # measured on this corpus with the Gemma-3 tokenizer
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     """Command-line options (see ``--help``)."""
-    p = argparse.ArgumentParser(prog="python -m fpo.sae_training", description=__doc__)
+    p = argparse.ArgumentParser(prog="python scripts/train_sae.py", description=__doc__)
     p.add_argument("--model", default="gemma3-270m", help="gemma3-270m | tiny | HF name/folder")
     p.add_argument("--layer", type=int, default=17, help="decoder layer whose output is hooked")
     p.add_argument("--d-sae", type=int, default=4096, help="number of SAE latents")
@@ -208,7 +213,7 @@ def build_card(args, argv, model_name, sae, data, metrics, times) -> dict[str, A
         "weights size (MB)": round(weights_bytes / 1e6, 2),
         "seed": args.seed,
         "torch / sae-lens": f"{torch.__version__} / {sae_lens.__version__}",
-        "command": "python -m fpo.sae_training " + shlex.join(argv),
+        "command": "python scripts/train_sae.py " + shlex.join(argv),
     }
 
 
@@ -262,8 +267,9 @@ def run(argv: list[str]) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: a `UserError` prints its message and exits with status 2."""
-    try:
+    with user_errors():
         run(sys.argv[1:] if argv is None else argv)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()
