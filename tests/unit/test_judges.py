@@ -152,6 +152,13 @@ def test_reward_model_scores_do_not_depend_on_padding(tmp_path):
     assert one[1] == pytest.approx(judge.model(**ids).logits[0, 0].item(), abs=1e-5)
 
 
+def test_reward_model_truncation_keeps_the_completion(tmp_path):
+    judge = RewardModelJudge(save_reward_model(tmp_path / "rm"), max_length=16)
+    prompt = "A long shared prompt that is much longer than sixteen tokens. "
+    first, second = judge.score([prompt, prompt], ["wonderful", "dreadful"])
+    assert first != pytest.approx(second, abs=1e-6)
+
+
 def test_reward_model_two_labels_give_positive_probability(tmp_path):
     folder = save_reward_model(
         tmp_path / "clf", num_labels=2, id2label={0: "POSITIVE", 1: "NEGATIVE"}
