@@ -160,7 +160,8 @@ def test_outputs_csv_markdown_and_figures(sweep, tmp_path):
 
 
 def test_single_seed_shows_dash_and_missing_evaluation_is_blank(tmp_path):
-    make_run(tmp_path, "run", DPO, 0, {"val/rewards/accuracies": 0.75})
+    metrics = {"val/rewards/accuracies": 0.75, "run/peak_memory_gb": math.nan}  # NaN: blank
+    make_run(tmp_path, "run", DPO, 0, metrics)
     out = tmp_path / "out"
     result = compare([tmp_path / "run"], out)
     assert not result["frontier"] and not result["curves"]
@@ -169,6 +170,7 @@ def test_single_seed_shows_dash_and_missing_evaluation_is_blank(tmp_path):
     assert "0.75 ± -" in markdown and "nan" not in markdown.lower()
     row = next(csv.DictReader((out / "comparison.csv").open()))
     assert row["run"] == "run" and row["win_rate"] == "" and row["kl_stderr"] == ""
+    assert row["peak_memory_gb"] == ""
     assert (out / "frontier.png").read_bytes().startswith(b"\x89PNG")
 
 
