@@ -64,6 +64,9 @@ def summary(judge: float, kl: float, win: float) -> dict:
         "kl": kl,
         "settings": {"judge": "vader-compound"},
         "judges": {"afinn-165": {"win_rate": win / 2}},
+        "policy_tokens_mean": 4.0,
+        "policy_tokens_stderr": 0.5,
+        "seed": 99,
         "generations": "/somewhere/generations.jsonl",
     }
 
@@ -113,8 +116,10 @@ def test_configuration_rows_average_over_seeds(sweep):
     assert configs["dpo"]["judge"] == "vader-compound"
     assert configs["dpo"]["eval:judges/afinn-165/win_rate"] == pytest.approx(0.3)
     assert configs["dpo"]["wall_seconds"] == pytest.approx(12.0)
-    # A run's own evaluation stderr is kept in its row.
+    # A run's own evaluation stderr is kept in its row; X_stderr pairs with X_mean.
     assert rows[0]["judge_score_stderr"] == 0.01
+    assert rows[0]["eval:policy_tokens_mean_stderr"] == 0.5
+    assert "eval:seed" not in rows[0] and rows[0]["seed"] == 0
 
 
 def test_hyperparameters_are_flattened_for_old_and_new_objective_shapes(sweep):
@@ -155,6 +160,7 @@ def test_outputs_csv_markdown_and_figures(sweep, tmp_path):
     markdown = (out / "comparison.md").read_text()
     assert "nan" not in markdown.lower() and "None" not in markdown
     assert "| dpo beta=0.1 | 2 |" in markdown and "0.7 ± 0.1" in markdown
+    assert "in comparison.csv: eval:judges/afinn-165/win_rate, eval:policy_tokens_mean" in markdown
     for name in ("frontier.png", "curves.png"):
         assert (out / name).read_bytes().startswith(b"\x89PNG"), name
 

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from fpo.compare.table import columns
+from fpo.compare.table import EXTRA, columns
 
 _IDENTITY = {"level", "config", "n"}
 
@@ -16,7 +16,7 @@ def _number(value: Any) -> str:
     if value is None:
         return ""
     if isinstance(value, float):
-        return f"{value:.4g}"
+        return f"{value:.0f}" if abs(value) >= 1e4 else f"{value:.4g}"
     return str(value)
 
 
@@ -38,6 +38,7 @@ def _table(rows: Sequence[dict[str, Any]], leading: list[str], seeds: bool) -> l
     if not rows:
         return ["(none)"]
     shown = [c for c in columns(rows) if c not in _IDENTITY and not c.endswith("_stderr")]
+    shown = [c for c in shown if not c.startswith(EXTRA)]
     shown = [*leading, *(c for c in shown if c not in leading)]
     shown = [c for c in shown if any(row.get(c) not in (None, "") for row in rows)]
     header = [c.removeprefix("objective.") for c in shown]
@@ -51,7 +52,11 @@ def _table(rows: Sequence[dict[str, Any]], leading: list[str], seeds: bool) -> l
 def write_markdown(
     runs: Sequence[dict[str, Any]], configs: Sequence[dict[str, Any]], path: str | os.PathLike
 ) -> Path:
-    """Write the two tables (columns empty in every row are left out)."""
+    """Write the two tables (columns empty in every row are left out; other evaluation
+    numbers, the ``eval:*`` columns, are only named: they are in comparison.csv)."""
+    extra = [c for c in columns(runs) if c.startswith(EXTRA) and not c.endswith("_stderr")]
+    extra = [c for c in extra if any(row.get(c) is not None for row in runs)]
+    more = f"More evaluation columns in comparison.csv: {', '.join(extra)}." if extra else ""
     lines = [
         "# Comparison",
         "",
@@ -67,6 +72,7 @@ def write_markdown(
         "",
         *_table(configs, ["config", "n"], seeds=True),
         "",
+        *([more, ""] if more else []),
     ]
     path = Path(path)
     path.write_text("\n".join(lines), encoding="utf-8")

@@ -41,6 +41,7 @@ EVAL_METRICS = {
 METRIC_COLUMNS = ["accuracy", *EVAL_METRICS, "wall_seconds", "peak_memory_gb", "tokens_per_sec"]
 _KNOWN_SUMMARY_KEYS = {key for pair in EVAL_METRICS.values() for key in pair}
 _SKIPPED_SUMMARY_BLOCKS = {"settings", "generations", "plot"}
+_SKIPPED_EXTRA = {"seed"}  # the run's seed, already a column
 EXTRA = "eval:"  # prefix of the columns of other evaluation numbers
 
 
@@ -50,19 +51,28 @@ def _eval_value(run: Run, key: str) -> float | None:
 
 
 def _extra_eval(run: Run) -> dict[str, float]:
-    """Numbers the standard columns do not cover, as ``eval:<path>`` columns: per-judge
-    blocks of summary.json (``eval:judges/afinn/win_rate``...) and other ``eval/*`` keys
-    of metrics.json (``eval:<key>``)."""
-    extra: dict[str, float] = {}
-    for block, value in run.evaluation.items():
-        if isinstance(value, dict) and block not in _SKIPPED_SUMMARY_BLOCKS:
-            for key, item in flatten(value, block).items():
-                if as_number(item) is not None:
-                    extra[EXTRA + key.replace(".", "/")] = as_number(item)
+    """Numbers the standard columns do not cover, as ``eval:<name>`` columns: other numbers
+    of summary.json (per-judge blocks flattened: ``eval:judges/afinn/win_rate``) and other
+    ``eval/*`` keys of metrics.json. ``X_stderr`` beside ``X_mean`` becomes
+    ``X_mean_stderr``, so it pairs with its value."""
+    found: dict[str, Any] = {}
     for key, value in run.metrics.items():
-        known = key[5:] in _KNOWN_SUMMARY_KEYS
-        if key.startswith("eval/") and not known and as_number(value) is not None:
-            extra[EXTRA + key[5:]] = as_number(value)
+        if key.startswith("eval/"):
+            found[key[5:]] = value
+    for key, value in run.evaluation.items():
+        if isinstance(value, dict) and key not in _SKIPPED_SUMMARY_BLOCKS:
+            found.update({k.replace(".", "/"): v for k, v in flatten(value, key).items()})
+        elif key not in _SKIPPED_SUMMARY_BLOCKS:
+            found[key] = value
+    extra: dict[str, float] = {}
+    for key, value in found.items():
+        number = as_number(value)
+        if number is None or key in _KNOWN_SUMMARY_KEYS or key in _SKIPPED_EXTRA:
+            continue
+        base = key.removesuffix("_stderr")
+        if key != base and f"{base}_mean" in found:
+            key = f"{base}_mean_stderr"
+        extra[EXTRA + key] = number
     return extra
 
 
@@ -119,9 +129,11 @@ def mean_stderr(values: Sequence[float]) -> tuple[float | None, float | None]:
 
 
 def _value_columns(rows: Sequence[dict[str, Any]]) -> list[str]:
-    """The metric columns, then the extra evaluation columns in first-seen order."""
-    extra = [k for row in rows for k in row if k.startswith(EXTRA) and not k.endswith("_stderr")]
-    return [*METRIC_COLUMNS, *dict.fromkeys(extra)]
+    """The metric columns, then the extra evaluation columns in first-seen order (an
+    ``X_stderr`` column goes with ``X`` when there is one, else it is a value itself)."""
+    extra = list(dict.fromkeys(k for row in rows for k in row if k.startswith(EXTRA)))
+    paired = {f"{k}_stderr" for k in extra}
+    return [*METRIC_COLUMNS, *(k for k in extra if k not in paired)]
 
 
 def config_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
