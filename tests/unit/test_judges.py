@@ -110,6 +110,16 @@ def test_afinn_judge_is_a_different_lexicon_than_vader():
     assert per_word == pytest.approx(judge.score(["p"], ["good good good good"])[0] / 4)
 
 
+def test_judges_follow_the_protocols():
+    from fpo.evaluation.judges import Judge, PairwiseJudge
+
+    assert isinstance(AfinnJudge(), Judge) and isinstance(SentimentJudge(), Judge)
+    llm_judge = LLMPairwiseJudge("http://127.0.0.1:1/v1", "m")
+    assert isinstance(llm_judge, PairwiseJudge) and is_pairwise(llm_judge)
+    # A pointwise judge's win rate: "great" beats "awful", a tie counts half.
+    assert win_rate(AfinnJudge(), ["p", "p"], ["great", "fine"], ["awful", "fine"])[0] == 0.75
+
+
 def test_judges_instantiate_from_hydra_target():
     judge = instantiate({"_target_": "fpo.evaluation.judges.AfinnJudge", "per_word": True})
     assert isinstance(judge, AfinnJudge) and judge.per_word
