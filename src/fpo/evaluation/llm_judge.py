@@ -156,7 +156,7 @@ class LLMPairwiseJudge:
             except (OSError, http.client.HTTPException) as error:
                 reason = f"connection failed ({error!r})"
                 continue
-            except json.JSONDecodeError as error:
+            except ValueError as error:  # not UTF-8 or not JSON
                 raise _ItemFailure(f"the reply is not JSON ({error})") from error
             try:
                 return str(payload["choices"][0]["message"]["content"])
