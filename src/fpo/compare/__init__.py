@@ -1,0 +1,32 @@
+"""Comparing runs of a sweep: ``fpo-compare DIR [DIR ...] --out OUT``.
+
+- `runs`: find run folders (``.hydra/config.yaml``) and read them into `Run`.
+- `table`: one row per run and per configuration (mean ± stderr over seeds), CSV.
+- `markdown`: the same tables as markdown.
+- `plots`: the judge-vs-KL frontier and the training curves.
+- `cli`: `compare` (everything above into one folder) and the command line.
+"""
+
+from fpo.compare.cli import compare, main
+from fpo.compare.markdown import write_markdown
+from fpo.compare.plots import mean_curves, plot_curves, plot_frontier, read_curves
+from fpo.compare.runs import Run, find_runs, load_run, load_runs
+from fpo.compare.table import config_rows, mean_stderr, run_rows, write_csv
+
+__all__ = [
+    "Run",
+    "compare",
+    "config_rows",
+    "find_runs",
+    "load_run",
+    "load_runs",
+    "main",
+    "mean_curves",
+    "mean_stderr",
+    "plot_curves",
+    "plot_frontier",
+    "read_curves",
+    "run_rows",
+    "write_csv",
+    "write_markdown",
+]

@@ -1,0 +1,174 @@
+"""Finding and reading run folders: config, overrides, final metrics, curves, evaluation.
+
+A *run folder* is one with ``.hydra/config.yaml`` (``fpo-train`` writes it): a single run
+``logs/<task>/runs/<time>/`` or a multirun job ``logs/<task>/multiruns/<time>/<n>_<overrides>/``.
+Everything else in it is optional and read defensively: ``metrics.json`` (final metrics),
+``csv/version_*/metrics.csv`` (per-step CSV logger) and ``evaluation/summary.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fpo.errors import UserError
+
+CONFIG = Path(".hydra") / "config.yaml"
+OVERRIDES = Path(".hydra") / "overrides.yaml"
+METRICS = "metrics.json"
+SUMMARY = Path("evaluation") / "summary.json"
+
+# Overrides that never make two runs different configurations.
+_NOT_CONFIGURATION = re.compile(r"^(seed|objective|objective\..*|hydra\..*|paths\..*)$")
+
+
+@dataclass
+class Run:
+    """One run folder, read. Missing files give empty values; ``problems`` says why."""
+
+    path: Path
+    name: str
+    config: dict[str, Any]
+    overrides: dict[str, str] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    evaluation: dict[str, Any] = field(default_factory=dict)
+    curves: Path | None = None
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def objective(self) -> str | None:
+        """``objective.name`` of the composed config."""
+        objective = self.config.get("objective")
+        return str(objective.get("name")) if isinstance(objective, dict) else None
+
+    @property
+    def seed(self) -> Any:
+        return self.config.get("seed")
+
+    @property
+    def hyperparameters(self) -> dict[str, Any]:
+        """Every scalar set under ``objective`` (but its name), flattened: ``objective.beta``,
+        ``objective.constraints.features.alpha``... Unset (null) values are left out."""
+        flat = flatten(self.config.get("objective") or {}, "objective")
+        flat.pop("objective.name", None)
+        return {key: value for key, value in flat.items() if value is not None}
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``; keys starting with ``_`` are skipped and lists
+    of scalars become strings."""
+    if not isinstance(tree, dict):
+        if isinstance(tree, list):
+            tree = ",".join(str(item) for item in tree)
+        return {prefix: tree}
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if str(key).startswith("_"):
+            continue
+        flat.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return flat
+
+
+def as_number(value: Any) -> float | None:
+    """A finite float, or ``None`` for anything else (missing, text, NaN, inf, bools)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    number = float(value)
+    return number if math.isfinite(number) else None
+
+
+def _natural_key(path: Path) -> list[Any]:
+    """Sort ``2_x`` before ``10_x``."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", str(path))]
+
+
+def find_runs(directory: str | os.PathLike) -> list[Path]:
+    """Run folders at or under ``directory`` (naturally sorted); `UserError` if none."""
+    root = Path(directory)
+    if not root.is_dir():
+        raise UserError(f"{root} is not a folder: give run or multirun folders under logs/.")
+    if (root / CONFIG).is_file():
+        return [root]
+    runs = sorted({p.parent.parent for p in root.rglob("config.yaml") if p.parent.name == ".hydra"})
+    if not runs:
+        raise UserError(
+            f"{root} holds no runs: no folder under it has .hydra/config.yaml. Give the folder "
+            "of a run (logs/<task>/runs/<time>) or of a multirun (logs/<task>/multiruns/<time>)."
+        )
+    return sorted(runs, key=_natural_key)
+
+
+def _read_json(path: Path, problems: list[str]) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        problems.append(f"{path}: unreadable ({error}); left out")
+        return {}
+    if not isinstance(data, dict):
+        problems.append(f"{path}: not a JSON object; left out")
+        return {}
+    return data
+
+
+def _read_overrides(path: Path) -> dict[str, str]:
+    """``key=value`` lines of Hydra's ``overrides.yaml`` (``+``/``++``/``~`` stripped)."""
+    if not path.is_file():
+        return {}
+    items = yaml.safe_load(path.read_text(encoding="utf-8")) or []
+    pairs = (str(item).lstrip("+~").split("=", 1) for item in items)
+    return {pair[0]: pair[1] if len(pair) > 1 else "" for pair in pairs}
+
+
+def _curves_file(run: Path) -> Path | None:
+    """The newest ``<logger>/version_<n>/metrics.csv`` of the CSV logger, if any."""
+    found = list(run.glob("*/version_*/metrics.csv"))
+    return max(found, key=lambda p: _natural_key(p.parent)) if found else None
+
+
+def load_run(path: str | os.PathLike, name: str | None = None) -> Run:
+    """Read one run folder (see the module docstring)."""
+    folder = Path(path)
+    try:
+        config = yaml.safe_load((folder / CONFIG).read_text(encoding="utf-8")) or {}
+        overrides = _read_overrides(folder / OVERRIDES)
+    except (OSError, yaml.YAMLError) as error:
+        raise UserError(f"{folder / '.hydra'}: cannot read the run's config ({error}).") from None
+    run = Run(path=folder, name=name or folder.name, config=config, overrides=overrides)
+    run.metrics = _read_json(folder / METRICS, run.problems)
+    if not run.metrics:
+        run.problems.append(f"{folder}: no {METRICS} (unfinished or failed run?)")
+    run.evaluation = _read_json(folder / SUMMARY, run.problems)
+    run.curves = _curves_file(folder)
+    return run
+
+
+def load_runs(directories: Sequence[str | os.PathLike] | Iterable[str]) -> list[Run]:
+    """Every run under ``directories``; names are paths relative to the folder given
+    (prefixed by that folder's name when several are given)."""
+    directories = [Path(d) for d in directories]
+    runs = []
+    for directory in directories:
+        for path in find_runs(directory):
+            relative = path.relative_to(directory).as_posix()
+            name = directory.resolve().name if relative == "." else relative
+            if len(directories) > 1 and relative != ".":
+                name = f"{directory.resolve().name}/{relative}"
+            runs.append(load_run(path, name))
+    return runs
+
+
+def differing_overrides(runs: Sequence[Run]) -> list[str]:
+    """Override keys (not seed, objective or hydra) whose values differ between runs."""
+    keys = sorted({key for run in runs for key in run.overrides})
+    keys = [key for key in keys if not _NOT_CONFIGURATION.match(key)]
+    return [key for key in keys if len({run.overrides.get(key) for run in runs}) > 1]

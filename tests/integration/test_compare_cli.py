@@ -1,0 +1,58 @@
+"""fpo-compare over a real smoke multirun: 2 objectives x 2 seeds, with the evaluation."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+ENV = {**os.environ, "FPO_ROOT": str(ROOT), "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", *args]
+    return subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+
+
+def test_compare_a_smoke_multirun(tmp_path):
+    trained = run(
+        "fpo.train",
+        "--multirun",
+        f"paths.log_dir={tmp_path}",
+        "experiment=smoke",
+        "objective=dpo,fpo",
+        "seed=0,1",
+        "trainer.max_epochs=1",
+        "evaluation=sentiment",
+        f"evaluation.prompts_file={ROOT}/tests/fixtures/plain_pairs.jsonl",
+        "evaluation.num_prompts=3",
+        "evaluation.max_new_tokens=4",
+        f"evaluation.latest_dir={tmp_path}/latest",
+    )
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    (sweep,) = (tmp_path / "smoke" / "multiruns").iterdir()
+
+    out = tmp_path / "comparison"
+    compared = run("fpo.compare", str(sweep), "--out", str(out))
+    assert compared.returncode == 0, compared.stderr[-3000:]
+    assert "compared 4 runs in 2 configurations" in compared.stdout
+    assert "placeholder" not in compared.stdout
+
+    with (out / "comparison.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    configs = {row["objective"]: row for row in rows if row["level"] == "config"}
+    assert set(configs) == {"dpo", "fpo"}
+    for row in configs.values():
+        assert row["n"] == "2" and row["seed"] == "0,1" and row["judge"] == "vader-compound"
+        assert 0.0 <= float(row["accuracy"]) <= 1.0 and row["accuracy_stderr"] != ""
+        assert row["kl"] != "" and row["win_rate"] != "" and row["tokens_per_sec"] != ""
+    assert configs["fpo"]["objective.alpha"] != "" and configs["dpo"]["objective.alpha"] == ""
+    for name in ("frontier.png", "curves.png"):
+        assert (out / name).read_bytes().startswith(b"\x89PNG"), name
+
+    missing = run("fpo.compare", str(tmp_path / "nowhere"), "--out", str(out))
+    assert missing.returncode == 2 and "nowhere" in missing.stderr
+    assert "Traceback" not in missing.stderr

@@ -1,0 +1,217 @@
+"""fpo-compare on fake run folders with known numbers: tables, statistics, figures, errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fpo.compare import compare, config_rows, load_runs, main, mean_curves, run_rows
+from fpo.compare.runs import find_runs
+
+DPO = {"name": "dpo", "beta": 0.1}
+# The redesigned objective shape: nested constraints, one of them unset.
+FPO = {
+    "name": "fpo",
+    "beta": 0.1,
+    "margin": 0.0,
+    "constraints": {"token_kl": None, "features": {"alpha": 0.5, "k": 16, "stop_gradient": True}},
+}
+
+
+def make_run(
+    root: Path,
+    name: str,
+    objective: dict,
+    seed: int,
+    metrics: dict | None = None,
+    summary: dict | None = None,
+    losses: list[float] | None = None,
+    overrides: list[str] = (),
+) -> Path:
+    run = root / name
+    (run / ".hydra").mkdir(parents=True)
+    config = {"seed": seed, "objective": objective, "model": {"name": "tiny"}}
+    (run / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
+    all_overrides = [f"objective={objective['name']}", f"seed={seed}", *overrides]
+    (run / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(all_overrides))
+    if metrics is not None:
+        (run / "metrics.json").write_text(json.dumps(metrics))
+    if summary is not None:
+        (run / "evaluation").mkdir()
+        (run / "evaluation" / "summary.json").write_text(json.dumps(summary))
+    if losses is not None:
+        (run / "csv" / "version_0").mkdir(parents=True)
+        with (run / "csv" / "version_0" / "metrics.csv").open("w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["epoch", "step", "train/loss", "train/rewards/margins", "val/loss"])
+            for step, loss in enumerate(losses):
+                writer.writerow([0, step, loss, -loss, ""])
+            writer.writerow([0, len(losses) - 1, "", "", 0.5])  # a validation row
+    return run
+
+
+def summary(judge: float, kl: float, win: float) -> dict:
+    return {
+        "policy_judge_mean": judge,
+        "policy_judge_stderr": 0.01,
+        "reference_judge_mean": 0.0,
+        "win_rate": win,
+        "kl": kl,
+        "settings": {"judge": "vader-compound"},
+        "judges": {"afinn-165": {"win_rate": win / 2}},
+        "policy_tokens_mean": 4.0,
+        "policy_tokens_stderr": 0.5,
+        "seed": 99,
+        "generations": "/somewhere/generations.jsonl",
+    }
+
+
+@pytest.fixture
+def sweep(tmp_path) -> Path:
+    """dpo and fpo x seeds 0, 1; dpo has an evaluation, fpo has none."""
+    root = tmp_path / "multiruns" / "2026-01-01_00-00-00"
+    make_run(
+        root,
+        "0_objective=dpo,seed=0",
+        DPO,
+        0,
+        {"val/rewards/accuracies": 0.6, "run/wall_seconds": 10.0, "train/loss": 0.5},
+        summary(judge=0.2, kl=1.0, win=0.5),
+        losses=[1.0, 0.8],
+    )
+    make_run(
+        root,
+        "1_objective=dpo,seed=1",
+        DPO,
+        1,
+        {"val/rewards/accuracies": 0.8, "run/wall_seconds": 14.0},
+        summary(judge=0.4, kl=3.0, win=0.7),
+        losses=[3.0, 0.4],
+    )
+    make_run(root, "2_objective=fpo,seed=0", FPO, 0, {"val/rewards/accuracies": 0.5}, losses=[2.0])
+    make_run(root, "3_objective=fpo,seed=1", FPO, 1, {"val/rewards/accuracies": 0.9}, losses=[2.0])
+    return root
+
+
+def by_config(rows):
+    return {row["objective"]: row for row in rows}
+
+
+def test_configuration_rows_average_over_seeds(sweep):
+    rows = run_rows(load_runs([sweep]))
+    assert [row["run"] for row in rows] == [p.name for p in sorted(sweep.iterdir())]
+    configs = by_config(config_rows(rows))
+    assert len(configs) == 2 and configs["dpo"]["n"] == 2 and configs["dpo"]["seed"] == "0,1"
+    assert configs["dpo"]["accuracy"] == pytest.approx(0.7)
+    # stderr = sample std / sqrt(n): std(0.6, 0.8) = 0.1414 -> 0.1
+    assert configs["dpo"]["accuracy_stderr"] == pytest.approx(0.1)
+    assert configs["fpo"]["accuracy_stderr"] == pytest.approx(0.2)
+    assert configs["dpo"]["kl"] == pytest.approx(2.0) and configs["dpo"]["kl_stderr"] == 1.0
+    assert configs["dpo"]["judge_score"] == pytest.approx(0.3)
+    assert configs["dpo"]["judge"] == "vader-compound"
+    assert configs["dpo"]["eval:judges/afinn-165/win_rate"] == pytest.approx(0.3)
+    assert configs["dpo"]["wall_seconds"] == pytest.approx(12.0)
+    # A run's own evaluation stderr is kept in its row; X_stderr pairs with X_mean.
+    assert rows[0]["judge_score_stderr"] == 0.01
+    assert rows[0]["eval:policy_tokens_mean_stderr"] == 0.5
+    assert "eval:seed" not in rows[0] and rows[0]["seed"] == 0
+
+
+def test_hyperparameters_are_flattened_for_old_and_new_objective_shapes(sweep):
+    rows = by_config(run_rows(load_runs([sweep])))
+    assert rows["fpo"]["objective.constraints.features.alpha"] == 0.5
+    assert rows["fpo"]["objective.constraints.features.stop_gradient"] is True
+    assert "objective.constraints.token_kl" not in rows["fpo"]  # unset: not a hyperparameter
+    assert rows["dpo"]["objective.beta"] == 0.1 and "objective.name" not in rows["dpo"]
+    assert rows["fpo"]["config"].startswith("fpo beta=0.1 constraints.features.alpha=0.5")
+
+
+def test_differing_overrides_split_configurations_but_seed_does_not(tmp_path):
+    for i, (lr, seed) in enumerate([("1e-3", 0), ("1e-3", 1), ("1e-4", 0)]):
+        overrides = [f"optimizer.lr={lr}", "experiment=smoke"]
+        metrics = {"val/rewards/accuracies": 0.5 + i / 10}
+        make_run(tmp_path, f"{i}_run", DPO, seed, metrics, overrides=overrides)
+    configs = config_rows(run_rows(load_runs([tmp_path])))
+    assert [(c["optimizer.lr"], c["n"]) for c in configs] == [("1e-3", 2), ("1e-4", 1)]
+    assert all("experiment" not in c for c in configs)  # the same in every run
+    assert configs[1]["accuracy_stderr"] is None  # one seed: no stderr
+
+
+def test_outputs_csv_markdown_and_figures(sweep, tmp_path):
+    out = tmp_path / "out"
+    result = compare([sweep], out)
+    assert (result["runs"], result["configurations"], result["frontier"]) == (4, 2, True)
+    with (out / "comparison.csv").open() as handle:
+        table = list(csv.DictReader(handle))
+    header = list(table[0])
+    for column in ["level", "run", "objective", "objective.beta", "seed", "accuracy",
+                   "accuracy_stderr", "judge", "win_rate", "kl", "entropy", "feature_drift",
+                   "wall_seconds", "peak_memory_gb", "tokens_per_sec"]:  # fmt: skip
+        assert column in header, column
+    assert [row["level"] for row in table] == ["run"] * 4 + ["config"] * 2
+    fpo_run = table[2]
+    assert fpo_run["judge_score"] == "" and fpo_run["kl"] == "" and fpo_run["entropy"] == ""
+    assert float(table[4]["accuracy_stderr"]) == pytest.approx(0.1)
+    markdown = (out / "comparison.md").read_text()
+    assert "nan" not in markdown.lower() and "None" not in markdown
+    assert "| dpo beta=0.1 | 2 |" in markdown and "0.7 ± 0.1" in markdown
+    assert "in comparison.csv: eval:judges/afinn-165/win_rate, eval:policy_tokens_mean" in markdown
+    for name in ("frontier.png", "curves.png"):
+        assert (out / name).read_bytes().startswith(b"\x89PNG"), name
+
+
+def test_single_seed_shows_dash_and_missing_evaluation_is_blank(tmp_path):
+    metrics = {"val/rewards/accuracies": 0.75, "run/peak_memory_gb": math.nan}  # NaN: blank
+    make_run(tmp_path, "run", DPO, 0, metrics)
+    out = tmp_path / "out"
+    result = compare([tmp_path / "run"], out)
+    assert not result["frontier"] and not result["curves"]
+    assert any("frontier.png is a placeholder" in note for note in result["notes"])
+    markdown = (out / "comparison.md").read_text()
+    assert "0.75 ± -" in markdown and "nan" not in markdown.lower()
+    row = next(csv.DictReader((out / "comparison.csv").open()))
+    assert row["run"] == "run" and row["win_rate"] == "" and row["kl_stderr"] == ""
+    assert row["peak_memory_gb"] == ""
+    assert (out / "frontier.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_training_curves_are_averaged_per_objective_and_step(sweep):
+    curves = mean_curves(load_runs([sweep]))
+    assert curves["dpo"]["train/loss"] == {0: 2.0, 1: pytest.approx(0.6)}
+    assert curves["dpo"]["train/rewards/margins"][0] == -2.0
+    assert curves["fpo"]["train/loss"] == {0: 2.0}
+
+
+def test_unreadable_or_missing_files_become_notes(sweep, tmp_path):
+    (sweep / "0_objective=dpo,seed=0" / "metrics.json").write_text("{truncated")
+    (sweep / "1_objective=dpo,seed=1" / "metrics.json").unlink()
+    result = compare([sweep], tmp_path / "out")
+    notes = "\n".join(result["notes"])
+    assert "unreadable" in notes and "no metrics.json" in notes
+    dpo = by_config(config_rows(run_rows(load_runs([sweep]))))["dpo"]
+    assert dpo["accuracy"] is None and not math.isnan(dpo["kl"])
+
+
+def test_several_directories_prefix_run_names(sweep, tmp_path):
+    other = tmp_path / "single"
+    make_run(other, "2026-02-02", DPO, 5, {"val/rewards/accuracies": 1.0})
+    names = [run.name for run in load_runs([sweep, other / "2026-02-02"])]
+    assert names[0] == "2026-01-01_00-00-00/0_objective=dpo,seed=0" and names[-1] == "2026-02-02"
+    assert find_runs(sweep.parent) == sorted(p for p in sweep.iterdir())
+
+
+def test_cli_writes_outputs_and_names_a_folder_without_runs(sweep, tmp_path, capsys):
+    main([str(sweep), "--out", str(tmp_path / "out")])
+    assert "compared 4 runs in 2 configurations" in capsys.readouterr().out
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for folder in (empty, tmp_path / "missing"):
+        with pytest.raises(SystemExit) as exit_info:
+            main([str(folder), "--out", str(tmp_path / "out2")])
+        assert exit_info.value.code == 2
+        assert str(folder) in capsys.readouterr().err
