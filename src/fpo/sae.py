@@ -151,15 +151,14 @@ def build_random_sae(
     biases); `k` applies to ``topk`` only; a ``jumprelu`` SAE gets a small positive threshold
     so that its encoding of a random input has both active and inactive features.
     Given ``model``, ``d_in`` defaults to its hidden size and ``hook_name`` to the output of its
-    last decoder layer (``blocks.{L-1}.hook_resid_post``).
+    last decoder layer (``blocks.{L-1}.hook_resid_post``); without it, to layer 0.
     """
     if model is not None:
         d_in = d_in or model_hidden_size(model)
         hook_name = hook_name or f"blocks.{len(_decoder_layers(model)) - 1}.hook_resid_post"
-    if d_in is None or hook_name is None:
-        raise UserError(
-            "build_random_sae needs d_in and hook_name, or the model to read them from."
-        )
+    if d_in is None:
+        raise UserError("build_random_sae needs d_in, or the model to read it from.")
+    hook_name = hook_name or "blocks.0.hook_resid_post"
     if architecture not in RANDOM_SAE_ARCHITECTURES:
         raise UserError(
             f"Unknown SAE architecture {architecture!r}; choose one of {RANDOM_SAE_ARCHITECTURES}."
