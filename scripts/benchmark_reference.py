@@ -181,7 +181,8 @@ def worker_train(args) -> dict:
         attach_reference_cache(cache_settings(args, objective), datamodule, policy, sae)
         reference = BatchReference()
     elif source == "online":
-        reference = OnlineReference(copy.deepcopy(policy), sae=sae, k=objective.get("k", 0))
+        hook = HOOK if sae is not None else None
+        reference = OnlineReference(copy.deepcopy(policy), sae, hook, k=objective.get("k", 0))
     module = FPOLightningModule(
         policy,
         objective=objective,

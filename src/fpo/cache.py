@@ -27,9 +27,9 @@ from fpo.cli import user_errors
 from fpo.errors import UserError
 from fpo.methods import get_method
 from fpo.reference.build import build_reference_cache
-from fpo.reference.layout import MANIFEST
-from fpo.reference.reader import cache_info, format_cache_info
 from fpo.reference.settings import cache_settings
+from fpo.reference.store import MANIFEST, cache_info, format_cache_info
+from fpo.sae import sae_hook_name
 
 log = logging.getLogger("fpo.cache")
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")
@@ -59,7 +59,9 @@ def build(cfg: DictConfig) -> tuple[Path, dict[str, dict]]:
     policy, tokenizer = instantiate(cfg.model.loader)
     sae = instantiate(cfg.sae) if method.features else None
     datamodule = instantiate(cfg.data, tokenizer=tokenizer)
-    settings = cache_settings(cfg, method, sae)
+    k = int(cfg.objective.k) if method.features else 0
+    hook_name = (cfg.get("hook_name") or sae_hook_name(sae)) if k else None
+    settings = cache_settings(cfg, k=k, hook_name=hook_name)
 
     def make_trainer(callbacks):
         return instantiate(

@@ -22,6 +22,7 @@ from fpo.module import FPOLightningModule
 from fpo.reference.attach import attach_reference_cache
 from fpo.reference.base import BatchReference, OnlineReference
 from fpo.reference.settings import cache_settings
+from fpo.sae import sae_hook_name
 
 log = logging.getLogger("fpo.train")
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")
@@ -37,12 +38,14 @@ def build_reference(cfg: DictConfig, method: Method, policy, sae, datamodule):
     if not method.reference:
         return None
     source = cfg.reference.source
+    k = int(cfg.objective.k) if method.features else 0
+    hook_name = (cfg.get("hook_name") or sae_hook_name(sae)) if sae is not None else None
     if source == "online":
         return OnlineReference(
             copy.deepcopy(policy),
             sae=sae,
-            hook_name=cfg.get("hook_name"),
-            k=cfg.objective.get("k", 0),
+            hook_name=hook_name,
+            k=k,
             logits_chunk_size=cfg.logits_chunk_size,
         )
     if source == "cached":
@@ -51,7 +54,7 @@ def build_reference(cfg: DictConfig, method: Method, policy, sae, datamodule):
                 f"objective={method.name} needs the reference's full-vocabulary logits every "
                 "step; the offline cache cannot provide them. Use reference=online."
             )
-        settings = cache_settings(cfg, method, sae)
+        settings = cache_settings(cfg, k=k, hook_name=hook_name)
         caches = attach_reference_cache(settings, datamodule, policy, sae)
         sizes = ", ".join(f"{split} {len(cache)} pairs" for split, cache in caches.items())
         log.info("reference: offline cache %s (%s); no reference model", settings.root, sizes)

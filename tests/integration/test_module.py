@@ -45,7 +45,8 @@ def make_module(name, model, lr=1e-3, chunk=None, optimizer=torch.optim.AdamW):
     objective = OBJECTIVES[name]
     method = METHODS[name]
     sae = build_random_sae(d_in=32, d_sae=64, k=8, hook_name="blocks.1.hook_resid_post")
-    reference = OnlineReference(copy.deepcopy(model), sae=sae, k=16) if method.reference else None
+    hook = "blocks.1.hook_resid_post"
+    reference = OnlineReference(copy.deepcopy(model), sae, hook, k=16) if method.reference else None
     return FPOLightningModule(
         model,
         objective=objective,
