@@ -1,9 +1,5 @@
-"""Reference statistics behind one interface, from two sources.
-
-`OnlineReference` runs a frozen copy of the model; `BatchReference` reads the per-row
-``ref_*`` fields that the offline cache (`fpo.reference.store`) puts into each batch.
-The Lightning module asks either for `ReferenceStats` and does not care which it has.
-"""
+"""Reference statistics behind one interface: `OnlineReference` runs a frozen copy of the
+model, `BatchReference` reads the ``ref_*`` fields the offline cache puts into each batch."""
 
 from __future__ import annotations
 
@@ -65,14 +61,12 @@ class OnlineReference(nn.Module):
         super().__init__()
         self.model = model.eval().requires_grad_(False)
         self.parts = split_causal_lm(model)
-        self.sae = sae
-        self.hook_name = hook_name if sae is not None else None
+        self.sae, self.hook_name = sae, hook_name if sae is not None else None
+        if sae is not None and not hook_name:
+            raise ValueError("OnlineReference needs the resolved hook_name with an SAE")
         if sae is not None:
-            if not hook_name:
-                raise ValueError("OnlineReference needs hook_name together with an SAE")
             resolve_hook_module(model, hook_name)  # fail at start-up
-        self.k = k
-        self.logits_chunk_size = logits_chunk_size
+        self.k, self.logits_chunk_size = k, logits_chunk_size
 
     def train(self, mode: bool = True) -> OnlineReference:
         """The reference stays in eval mode (no dropout) whatever Lightning asks."""
@@ -113,15 +107,12 @@ class BatchReference:
     ) -> ReferenceStats:
         if token_kl:  # the objective layer refuses this combination for the user
             raise ValueError("the offline cache has no full-vocabulary logits for a token KL")
-        if "ref_sum_logps" not in batch:
-            raise ValueError("the batch has no ref_* fields: it was not joined to a cache")
-        logps = SequenceLogps(
-            batch["ref_sum_logps"].float(), batch["ref_avg_logps"].float(), batch["ref_n_tokens"]
+        sums, avgs, counts = (
+            batch[f"ref_{name}"] for name in ("sum_logps", "avg_logps", "n_tokens")
         )
+        logps = SequenceLogps(sums.float(), avgs.float(), counts)
         if not features:
             return ReferenceStats(logps)
-        if batch["ref_topk_indices"].shape[-1] == 0:
-            raise ValueError("SAE features asked of a reference cache built with k = 0")
         return ReferenceStats(
             logps, batch["ref_topk_indices"].long(), batch["ref_topk_values"].float()
         )

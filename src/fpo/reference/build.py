@@ -1,19 +1,16 @@
 """Building the offline cache as a Lightning predict loop (it shards across devices).
 
-The values are computed by the same code as the online reference,
-``OnlineReference.stats(batch, positions, features=k > 0, token_kl=False)``, so a cached
-value equals the online one by construction. Per split (one cache folder each)::
+Values come from the online reference's own code, ``OnlineReference.stats(...,
+features=k > 0, token_kl=False)``, so a cached value equals the online one. Per split::
 
-    every rank: writer = ReferenceCacheWriter(path, components, k, dtype, rank, world)
-    barrier; todo = pairs in no completed shard (the same list on every rank)
-    barrier; batches of todo, batch b computed and written by rank b % world
-    every rank: writer.close() (writer.abort() on an error); barrier
-    rank 0: writer.finalize() writes manifest.json last
+    every rank: open its ReferenceCacheWriter; barrier
+    every rank: todo = pairs in no completed shard (the same list everywhere); barrier
+    batch b of todo is computed and written by rank b % world_size
+    every rank: writer.close() (abort() on an error); barrier; rank 0: writer.finalize()
 
-Resuming: pairs already in a completed shard are skipped before the loaders are built, so
-an interrupted build continues where it stopped. Dealing whole batches round-robin keeps
-the batches (hence their padding) identical for any number of ranks, and for a resumed
-build whose shards end on batch boundaries: the values are then bit-identical.
+An interrupted build resumes where it stopped (done pairs are skipped). Dealing whole
+batches keeps them, hence their padding, the same for any number of ranks, and a resumed
+build's too (shards end on batch boundaries): the values are then bit-identical.
 """
 
 from __future__ import annotations
@@ -28,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.callbacks import Callback
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -48,7 +44,7 @@ class SplitBuild:
 
     split: str
     path: Path
-    dataset: Any  # PreferenceDataset: indexable items with example_id, .example_ids
+    dataset: Any  # PreferenceDataset: items with example_id, and .example_ids
     components: dict[str, str]
     writer: ReferenceCacheWriter | None = None
     batches: list[list[int]] = field(default_factory=list)
@@ -56,8 +52,8 @@ class SplitBuild:
 
 
 class PairBatches(Dataset):
-    """Item ``i`` is the collated batch of the pairs ``batches[i]`` (pre-batched: load it
-    with ``batch_size=None``), so the batches are exactly the ones dealt to this rank."""
+    """Item ``i`` is the collated batch of the pairs ``batches[i]`` (load it with
+    ``batch_size=None``), so the batches are exactly the ones dealt to this rank."""
 
     def __init__(self, dataset: Any, batches: list[list[int]], collate: Callable) -> None:
         self.dataset, self.batches, self.collate = dataset, batches, collate
@@ -76,7 +72,7 @@ class CachePredictor(L.LightningModule):
     def __init__(
         self,
         reference: OnlineReference,
-        builds: list,
+        builds: list[SplitBuild],
         new_writer: Callable,
         collate: Callable,
         batch_size: int,
@@ -99,25 +95,22 @@ class CachePredictor(L.LightningModule):
             build.batches = [todo[s : s + size] for s in range(0, len(todo), size)][rank::world]
             build.computed = len(todo)
         self.trainer.strategy.barrier("fpo-cache-todo-listed")
-        self.builds_to_run = [build for build in self.builds if build.batches]
+        self.to_run = [build for build in self.builds if build.batches]
 
     def predict_dataloader(self) -> list[DataLoader]:
-        return [
-            DataLoader(PairBatches(build.dataset, build.batches, self.collate), batch_size=None)
-            for build in self.builds_to_run
-        ]
+        loaders = [PairBatches(b.dataset, b.batches, self.collate) for b in self.to_run]
+        return [DataLoader(batches, batch_size=None) for batches in loaders]
 
     def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         """Reference statistics ``[2B]``/``[2B, k]``, written as B rows (chosen, rejected)."""
-        positions = response_positions(batch["labels"])
-        features = self.reference.k > 0
+        positions, features = response_positions(batch["labels"]), self.reference.k > 0
         stats = self.reference.stats(batch, positions, features=features, token_kl=False)
         fields = dict(zip(("sum_logps", "avg_logps", "n_tokens"), stats.logps, strict=True))
         if features:
             fields |= {"topk_indices": stats.topk_indices, "topk_values": stats.topk_values}
         halves = {name: value.cpu().chunk(2) for name, value in fields.items()}
         chosen, rejected = ({name: pair[i] for name, pair in halves.items()} for i in (0, 1))
-        self.builds_to_run[dataloader_idx].writer.add(batch["example_id"], chosen, rejected)
+        self.to_run[dataloader_idx].writer.add(batch["example_id"], chosen, rejected)
 
 
 def is_complete(path: Path, components: dict[str, str]) -> bool:
@@ -130,7 +123,7 @@ def is_complete(path: Path, components: dict[str, str]) -> bool:
 
 
 def build_reference_cache(
-    make_trainer: Callable[[list[Callback]], L.Trainer],
+    make_trainer: Callable[[list], L.Trainer],
     policy: nn.Module,
     sae: nn.Module | None,
     datamodule: Any,
@@ -148,30 +141,28 @@ def build_reference_cache(
             it must pass ``use_distributed_sampler=False`` (batches are dealt out here).
         policy, sae: the reference model (the initial policy) and the SAE (``k > 0``).
         datamodule: a ``PreferenceDataModule`` with its tokenizer set.
-        batch_size: pairs per predict batch.
+        batch_size: pairs per predict batch; ``shard_size``: rows per shard (at least).
 
     Returns:
         ``{split: {"manifest": ..., "computed": pairs computed now, "seconds": ...}}`` on
         global rank 0 (other ranks: ``{}``). Splits already complete are kept as they are.
     """
-    fingerprints = settings.model_fingerprints(policy, sae)
-    builds = []
+    fingerprints, builds = settings.model_fingerprints(policy, sae), []
     for split in datamodule.splits:
-        path = settings.split_path(split)
-        components = settings.components(datamodule, split, fingerprints)
+        path, components = (
+            settings.split_path(split),
+            settings.components(datamodule, split, fingerprints),
+        )
         if not overwrite and is_complete(path, components):
             log.info("reference cache %s is complete and up to date; kept", path)
-            continue
-        builds.append(SplitBuild(split, path, datamodule.dataset(split, wrapped=False), components))
+        else:
+            builds.append(
+                SplitBuild(split, path, datamodule.dataset(split, wrapped=False), components)
+            )
     if not builds:
         return {}
-    reference = OnlineReference(
-        policy,
-        sae=sae if settings.k > 0 else None,
-        hook_name=settings.hook_name,
-        k=settings.k,
-        logits_chunk_size=logits_chunk_size,
-    )
+    sae = sae if settings.k > 0 else None
+    reference = OnlineReference(policy, sae, settings.hook_name, settings.k, logits_chunk_size)
     new_writer = partial(
         ReferenceCacheWriter,
         k=settings.k,
@@ -180,8 +171,7 @@ def build_reference_cache(
         overwrite=overwrite,
     )
     predictor = CachePredictor(reference, builds, new_writer, datamodule.collator, batch_size)
-    trainer = make_trainer([])
-    started = time.perf_counter()
+    trainer, started = make_trainer([]), time.perf_counter()
     try:
         with warnings.catch_warnings():  # pre-batched loaders: Lightning needs no indices
             warnings.filterwarnings("ignore", message="Couldn't infer the batch indices")
@@ -194,15 +184,13 @@ def build_reference_cache(
     for build in builds:
         build.writer.close()
     trainer.strategy.barrier("fpo-cache-closed")
-    seconds = time.perf_counter() - started
-    results = {}
-    if trainer.is_global_zero:
-        for build in builds:
-            manifest = build.writer.finalize(build.dataset.example_ids)
-            results[build.split] = {
-                "manifest": manifest,
-                "computed": build.computed,
-                "seconds": seconds,
-            }
+    seconds, results = time.perf_counter() - started, {}
+    for build in builds if trainer.is_global_zero else ():
+        manifest = build.writer.finalize(build.dataset.example_ids)
+        results[build.split] = {
+            "manifest": manifest,
+            "computed": build.computed,
+            "seconds": seconds,
+        }
     trainer.strategy.barrier("fpo-cache-finalized")
     return results

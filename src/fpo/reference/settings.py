@@ -46,13 +46,10 @@ IRRELEVANT_OVERRIDES += ("optimizer", "scheduler", "ckpt_path", "optimized_metri
 IRRELEVANT_OVERRIDES += ("hparams_search", "tags", "task_name")
 #: The command-line switch that lets fpo-cache replace a cache built for other inputs.
 OVERWRITE_OVERRIDE = "cache.overwrite=true"
-#: Libraries whose version changes the numbers a cache holds (kernels, model code, SAE code).
 NUMERIC_LIBRARIES = ("torch", "transformers", "sae-lens")
 #: Model-config fields that cannot change the reference's values (at any nesting level).
 VALUE_FREE_CONFIG_FIELDS = {"_name_or_path", "transformers_version", "_commit_hash", "use_cache"}
 VALUE_FREE_CONFIG_FIELDS |= {"return_dict", "output_hidden_states", "output_attentions"}
-VALUES_DTYPES = ("float16", "float32")
-_DTYPE_ALIASES = {"fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
 
 
 @dataclass(frozen=True)
@@ -81,10 +78,8 @@ class CacheSettings:
     def model_fingerprints(
         self, reference: torch.nn.Module, sae: torch.nn.Module | None
     ) -> dict[str, str]:
-        """Weights and config hashes of the reference and the SAE (``none`` when ``k == 0``).
-
-        Call it BEFORE any training step: the reference is the *initial* policy.
-        """
+        """Weights and config hashes of the reference (call it BEFORE any training step: the
+        reference is the *initial* policy) and of the SAE (``none`` when ``k == 0``)."""
         use_sae = self.k > 0 and sae is not None
         return {
             "reference_weights": hash_state_dict(reference),
@@ -115,13 +110,9 @@ class CacheSettings:
 
 
 def cache_settings(cfg: DictConfig, *, k: int, hook_name: str | None) -> CacheSettings:
-    """:class:`CacheSettings` from a composed fpo-train / fpo-cache config.
-
-    Args:
-        k: pooled SAE features stored per row (0: log-probs only); the caller has checked
-            ``1 <= k <= d_sae`` when features are used.
-        hook_name: the resolved hook the SAE reads (ignored when ``k == 0``).
-    """
+    """:class:`CacheSettings` from a composed fpo-train / fpo-cache config; ``k``: pooled SAE
+    features stored per row (0: log-probs only; the caller checked ``1 <= k <= d_sae``),
+    ``hook_name``: the resolved hook the SAE reads (ignored when ``k == 0``)."""
     try:
         root = Path(str(cfg.reference.path)).expanduser()
     except OmegaConfBaseException as err:
@@ -141,8 +132,8 @@ def cache_settings(cfg: DictConfig, *, k: int, hook_name: str | None) -> CacheSe
 
 def normalize_values_dtype(name: str) -> str:
     """``"float16"`` or ``"float32"`` (aliases fp16/half/fp32/float accepted)."""
-    name = _DTYPE_ALIASES.get(str(name).lower(), str(name).lower())
-    if name not in VALUES_DTYPES:
+    name = {"fp16": "float16", "half": "float16", "fp32": "float32"}.get(str(name), str(name))
+    if name not in ("float16", "float32"):
         raise UserError(f"values_dtype must be float16 or float32 for the cache, got {name!r}.")
     return name
 
@@ -155,10 +146,8 @@ def hydra_overrides() -> list[str] | None:
 
 
 def rebuild_command(overrides: Sequence[str] | None, root: Path) -> str:
-    """``fpo-cache`` with the run's overrides that can change the cache (quoted for a shell).
-
-    Outside Hydra (``overrides is None``) the cache folder is named explicitly instead.
-    """
+    """``fpo-cache`` with the run's overrides that can change the cache (quoted for a shell);
+    outside Hydra (``overrides is None``) the cache folder is named explicitly instead."""
     if overrides is None:
         path = shlex.quote(f"reference.path={root}")
         return f"fpo-cache {path} <the model/data/sae/objective overrides of this run>"
@@ -168,11 +157,8 @@ def rebuild_command(overrides: Sequence[str] | None, root: Path) -> str:
 
 # ------------------------------------------------------------------------ fingerprints
 def hash_state_dict(module_or_state_dict: torch.nn.Module | Mapping[str, Any]) -> str:
-    """sha256 of a module's (or a state dict's) names, dtypes, shapes and bytes.
-
-    Entries are visited in sorted name order; non-tensor entries (``_extra_state``)
-    contribute their type and ``repr``. Cost: one sha256 pass over the bytes (~1 s per GB).
-    """
+    """sha256 of a module's (or a state dict's) names, dtypes, shapes and bytes, in sorted
+    name order (non-tensor entries: type and ``repr``). About 1 s per GB."""
     state = module_or_state_dict
     state = state.state_dict() if isinstance(state, torch.nn.Module) else state
     digest = hashlib.sha256()
@@ -208,14 +194,8 @@ def sae_config_hash(sae: torch.nn.Module) -> str:
 
 
 def library_versions() -> dict[str, str]:
-    """Installed versions of the libraries that change numerics, ``"absent"`` when missing."""
-    versions = {}
-    for name in NUMERIC_LIBRARIES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = "absent"
-    return versions
+    """Installed versions of the libraries that change numerics (torch, transformers, sae-lens)."""
+    return {name: metadata.version(name) for name in NUMERIC_LIBRARIES}
 
 
 def short(value: Any, length: int = 12) -> str:

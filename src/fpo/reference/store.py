@@ -1,24 +1,16 @@
 """Storage of the offline reference cache: per-rank Arrow shards and a manifest written last.
 
-Layout of a cache folder ``PATH`` (one per data split)::
+A cache folder ``PATH`` (one per data split) holds ``PATH/shards/rank{r}-{n:05d}.arrow``,
+Arrow IPC files each written atomically by rank r alone, their schema metadata holding the
+fingerprint (so a partial build can be checked and resumed), and ``PATH/manifest.json``,
+written LAST by rank 0 (fingerprint, each shard's rows and bytes): without it the cache is
+incomplete and never loaded. Opening checks shard sizes and Arrow footers, no checksums.
 
-    PATH/shards/rank{r}-{n:05d}.arrow  Arrow IPC files, written only by rank r, each
-                                       atomically (temp name, fsync, os.replace); the
-                                       schema metadata holds the fingerprint, so even a
-                                       partial build can be checked and resumed
-    PATH/manifest.json                 written LAST, atomically, by rank 0: fingerprint
-                                       and each shard's rows and bytes; without it the
-                                       cache is incomplete and never loaded
-
-Columns (one row per pair, key: the stable string ``example_id``), for each side
-``chosen``/``rejected``: ``{side}_sum_logps``, ``{side}_avg_logps`` (float32),
-``{side}_n_tokens`` (int32) and, when ``k > 0``, ``{side}_topk_indices`` (int32 ``[k]``)
-and ``{side}_topk_values`` (float16 or float32 ``[k]``).
-
-Plain Arrow IPC files rather than ``datasets``: the string key sits next to the numbers in
-one self-describing file, fixed-size lists carry the ``[k]`` arrays, ``pa.memory_map`` gives
-zero-copy numpy views, and one file per shard makes per-rank atomic writing trivial.
-Opening checks each shard's byte size and Arrow footer (cheap), not a checksum.
+One row per pair, keyed by the stable string ``example_id``; per side (chosen, rejected):
+``sum_logps``, ``avg_logps`` (float32), ``n_tokens`` (int32) and, when ``k > 0``,
+``topk_indices`` (int32 ``[k]``) and ``topk_values`` (float16 or float32 ``[k]``). Plain
+Arrow rather than ``datasets``: string keys beside fixed-size ``[k]`` lists in one file,
+zero-copy numpy views through ``pa.memory_map``, and per-rank atomic files are trivial.
 """
 
 from __future__ import annotations
@@ -96,8 +88,7 @@ def shard_fingerprint(reader: pa.ipc.RecordBatchFileReader) -> dict[str, str]:
 
 
 def shard_ids(reader: pa.ipc.RecordBatchFileReader) -> list[str]:
-    batches = (reader.get_batch(b) for b in range(reader.num_record_batches))
-    return [i for batch in batches for i in batch.column("example_id").to_pylist()]
+    return reader.read_all().column("example_id").to_pylist()
 
 
 def completed_ids(path: str | os.PathLike) -> set[str]:
@@ -203,19 +194,17 @@ def _checked_shard(
 ) -> pa.ipc.RecordBatchFileReader:
     """A manifest's shard, opened after cheap checks: it exists, has the recorded bytes,
     an Arrow footer, the columns and the rows (else UserError naming the file)."""
-    problem = "is missing"
-    if file.is_file():
-        size = file.stat().st_size
-        problem = f"has {size} bytes where the manifest records {entry['bytes']} (truncated?)"
-    if file.is_file() and size == entry["bytes"]:
+    size = file.stat().st_size if file.is_file() else None
+    problem = f"has {size} bytes where the manifest records {entry['bytes']} (truncated?)"
+    if size is None:
+        problem = "is missing"
+    elif size == entry["bytes"]:
         try:
             reader = pa.ipc.open_file(pa.memory_map(str(file)))
-            rows = sum(reader.get_batch(b).num_rows for b in range(reader.num_record_batches))
+            same = reader.schema.equals(schema, check_metadata=False)
+            problem = None if same and reader.read_all().num_rows == entry["rows"] else "is stale"
         except (OSError, pa.ArrowException) as err:
             problem = f"cannot be read ({err})"
-        else:
-            same = reader.schema.equals(schema, check_metadata=False) and rows == entry["rows"]
-            problem = None if same else "does not hold the columns and rows of its manifest"
     if problem:
         raise UserError(
             f"The reference cache at {file.parent.parent} is damaged: shard {file} {problem}. "
@@ -225,8 +214,7 @@ def _checked_shard(
 
 
 def _numpy(column: pa.Array) -> np.ndarray | list[str]:
-    """Zero-copy numpy view of a column (``[N]``, or ``[N, k]`` for fixed-size lists);
-    strings as a list."""
+    """Zero-copy numpy view of a column (``[N]``, ``[N, k]`` for lists); strings as a list."""
     if pa.types.is_string(column.type):
         return column.to_pylist()
     if pa.types.is_fixed_size_list(column.type):
@@ -236,11 +224,8 @@ def _numpy(column: pa.Array) -> np.ndarray | list[str]:
 
 
 class CachedReferenceDataset(torch.utils.data.Dataset):
-    """``dataset[i]`` (a dict with ``example_id``) updated with the cache's ``ref_*`` fields.
-
-    The join is by ``example_id``, never by row order, so the wrapped dataset may be
-    shuffled, filtered or re-tokenized freely.
-    """
+    """``dataset[i]`` (a dict with ``example_id``) updated with the cache's ``ref_*`` fields:
+    joined by id, never by row order, so rows may be shuffled or filtered freely."""
 
     def __init__(self, dataset: Any, cache: ReferenceCache) -> None:
         self.dataset, self.cache = dataset, cache
@@ -268,8 +253,13 @@ def cache_info(path: str | os.PathLike) -> dict[str, Any]:
     readers = [open_shard(file) for file in shard_files(path)]
     rows = sum(len(shard_ids(reader)) for reader in readers)
     components = shard_fingerprint(readers[0]) if readers else {}
-    progress = {"path": str(path), "complete": False, "num_shards": len(readers)}
-    return progress | {"num_rows": rows, "components": components}
+    return {
+        "path": str(path),
+        "complete": False,
+        "num_shards": len(readers),
+        "num_rows": rows,
+        "components": components,
+    }
 
 
 def format_cache_info(info: Mapping[str, Any]) -> str:
@@ -282,8 +272,7 @@ def format_cache_info(info: Mapping[str, Any]) -> str:
             f"{info['values_dtype']}, indices int32",
             f"  size {info['total_bytes']} bytes in {info['num_shards']} shards, "
             f"{info['bytes_per_pair']:.1f} bytes per pair",
-            f"  built {info['created']} in {info['build_seconds']:.1f} s on "
-            f"{info['world_size']} rank(s)",
+            f"  built by {info['world_size']} rank(s)",
         ]
     else:
         lines.append(f"  {info['num_rows']} rows written in {info['num_shards']} shards so far")

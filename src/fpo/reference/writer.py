@@ -11,9 +11,7 @@ import json
 import logging
 import os
 import re
-import time
 from collections.abc import Iterable, Mapping
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +36,7 @@ from fpo.reference.store import (
 )
 
 log = logging.getLogger("fpo.cache")
-_SHARD_RANK = re.compile(r"\.?rank(\d+)-(\d+)\.arrow")  # a shard or its temp file
+_SHARD = re.compile(r"\.?rank(\d+)-(\d+)\.arrow")  # a shard or its temp file
 
 
 class ReferenceCacheWriter:
@@ -72,20 +70,17 @@ class ReferenceCacheWriter:
         self.fingerprint |= {"k": str(self.k), "dtype": self.values_dtype}
         self.schema = cache_schema(self.k, self.values_dtype, self.fingerprint)
         (self.path / "shards").mkdir(parents=True, exist_ok=True)
-        if overwrite:
-            self._remove_my_share()
-        else:
-            self._refuse_other_fingerprints()
-        ranks = [_SHARD_RANK.match(file.name).groups() for file in shard_files(self.path)]
-        self._next = max((int(n) for r, n in ranks if int(r) == rank), default=-1) + 1
+        self._clear_my_share() if overwrite else self._refuse_other_fingerprints()
+        names = [_SHARD.match(file.name).groups() for file in shard_files(self.path)]
+        self._next = max((int(n) for r, n in names if int(r) == rank), default=-1) + 1
         self._pending: list[pa.RecordBatch] = []
-        self._started, self._closed = time.monotonic(), False
+        self._closed = False
 
-    def _remove_my_share(self) -> None:
+    def _clear_my_share(self) -> None:
         for file in (self.path / "shards").iterdir():
-            match = _SHARD_RANK.match(file.name)
+            match = _SHARD.match(file.name)
             if match and int(match[1]) % self.world_size == self.rank:
-                file.unlink(missing_ok=True)
+                file.unlink()
         if self.rank == 0:
             (self.path / MANIFEST).unlink(missing_ok=True)
 
@@ -149,19 +144,10 @@ class ReferenceCacheWriter:
                 f"(first: {missing[:3]}); resume the build before finalizing."
             )
         total = sum(entry["bytes"] for entry in entries)
-        manifest = {
-            "num_pairs": len(ids),
-            "num_rows": sum(entry["rows"] for entry in entries),
-            "k": self.k,
-            "values_dtype": self.values_dtype,
-            "total_bytes": total,
-            "bytes_per_pair": total / max(len(ids), 1),
-            "build_seconds": time.monotonic() - self._started,
-            "created": datetime.now(UTC).isoformat(timespec="seconds"),
-            "world_size": self.world_size,
-            "components": self.fingerprint,
-            "shards": entries,
-        }
+        manifest = {"num_pairs": len(ids), "num_rows": sum(e["rows"] for e in entries)}
+        manifest |= {"k": self.k, "values_dtype": self.values_dtype, "total_bytes": total}
+        manifest |= {"bytes_per_pair": total / max(len(ids), 1), "world_size": self.world_size}
+        manifest |= {"components": self.fingerprint, "shards": entries}
         atomic_write(self.path / MANIFEST, json.dumps(manifest, indent=1).encode())
         return manifest
 
