@@ -70,7 +70,10 @@ class ReferenceCacheWriter:
         self.fingerprint |= {"k": str(self.k), "dtype": self.values_dtype}
         self.schema = cache_schema(self.k, self.values_dtype, self.fingerprint)
         (self.path / "shards").mkdir(parents=True, exist_ok=True)
-        self._clear_my_share() if overwrite else self._refuse_other_fingerprints()
+        if overwrite:
+            self._clear_my_share()
+        else:
+            self._refuse_other_fingerprints()
         names = [_SHARD.match(file.name).groups() for file in shard_files(self.path)]
         self._next = max((int(n) for r, n in names if int(r) == rank), default=-1) + 1
         self._pending: list[pa.RecordBatch] = []
