@@ -26,8 +26,7 @@ from fpo.cli import user_errors
 from fpo.errors import UserError
 from fpo.experiment import build_experiment
 from fpo.reference.build import build_reference_cache
-from fpo.reference.layout import MANIFEST
-from fpo.reference.reader import cache_info, format_cache_info
+from fpo.reference.store import MANIFEST, cache_info, format_cache_info
 
 log = logging.getLogger("fpo.cache")
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")

@@ -14,6 +14,7 @@ import re
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from fpo.methods import METHODS
 from omegaconf import OmegaConf
 
 import fpo.cache
+import fpo.reference.settings
 import fpo.train
 from fpo.data import PreferenceDataModule
 from fpo.errors import UserError
@@ -36,7 +38,7 @@ from fpo.module import FPOLightningModule
 from fpo.reference.attach import attach_reference_cache
 from fpo.reference.base import BatchReference, OnlineReference
 from fpo.reference.build import build_reference_cache
-from fpo.reference.settings import CacheSettings
+from fpo.reference.settings import CacheSettings, hash_state_dict
 from fpo.reference.store import ReferenceCache
 from fpo.sae import build_random_sae, encode_pooled, resolve_hook_module
 
@@ -48,11 +50,11 @@ FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "ultrafeedback_bina
 
 
 # ---------------------------------------------------------------------------- helpers
-def make_sae(seed: int = 0):
-    return build_random_sae(d_in=32, d_sae=D_SAE, k=8, hook_name=HOOK, seed=seed)
+def make_sae(seed: int = 0, sae_k: int = 8):
+    return build_random_sae(d_in=32, d_sae=D_SAE, k=sae_k, hook_name=HOOK, seed=seed)
 
 
-def make_dm(tokenizer, source=FIXTURE, max_length=128, batch_size=2, shuffle=False):
+def make_dm(tokenizer, source=FIXTURE, max_length=128, batch_size=2, shuffle=False, **kwargs):
     return PreferenceDataModule(
         train_source=str(source),
         val_source=str(source),
@@ -62,7 +64,12 @@ def make_dm(tokenizer, source=FIXTURE, max_length=128, batch_size=2, shuffle=Fal
         batch_size=batch_size,
         eval_batch_size=4,
         shuffle=shuffle,
+        **kwargs,
     )
+
+
+def online_reference(model, sae=None, k=0):
+    return OnlineReference(model, sae, HOOK if sae is not None else None, k=k)
 
 
 def make_settings(root: Path, k: int) -> CacheSettings:
@@ -95,11 +102,18 @@ def build(root, model, tokenizer, sae, k, dm=None, extra_callbacks=(), **kwargs)
     )
 
 
+IDS = (
+    PreferenceDataModule(train_source=str(FIXTURE), tokenizer=build_tiny_tokenizer())
+    .dataset("train", wrapped=False)
+    .example_ids
+)
+
+
 def contents(path: Path) -> dict[str, dict]:
+    """Every stored value of the fixture's pairs (and the cache holds nothing else)."""
     cache = ReferenceCache.open(path)
-    return {
-        i: {key: np.asarray(v).tolist() for key, v in cache.get(i).items()} for i in cache.ids()
-    }
+    assert len(cache) == len(IDS) and not cache.missing(IDS)
+    return {i: {key: np.asarray(v).tolist() for key, v in cache.get(i).items()} for i in IDS}
 
 
 def perturbed(model, scale=0.05, seed=1):
@@ -175,7 +189,7 @@ def test_dpo_from_cache_equals_dpo_online(tmp_path, tiny_tokenizer):
     dm_cached = make_dm(tiny_tokenizer, shuffle=True)
     attach_reference_cache(make_settings(tmp_path, 0), dm_cached, reference, None)
     cached = module_for("dpo", copy.deepcopy(reference), BatchReference())
-    online = module_for("dpo", copy.deepcopy(reference), OnlineReference(copy.deepcopy(reference)))
+    online = module_for("dpo", copy.deepcopy(reference), online_reference(copy.deepcopy(reference)))
     n_policy = sum(p.numel() for p in reference.parameters())
     assert sum(p.numel() for p in cached.parameters()) == n_policy  # no reference model
 
@@ -197,7 +211,7 @@ def test_fpo_from_cache_equals_online_and_the_feature_formula(tmp_path, tiny_tok
     dm = make_dm(tiny_tokenizer, batch_size=4)
     attach_reference_cache(make_settings(tmp_path, k), dm, reference, sae)
     cached = module_for("fpo", policy, BatchReference(), sae, k=k)
-    online = module_for("fpo", policy, OnlineReference(reference, sae=sae, k=k), sae, k=k)
+    online = module_for("fpo", policy, online_reference(reference, sae, k), sae, k=k)
     union_larger_than_k = 0
     for batch in dm.val_dataloader():
         result, stats = cached.preference_step(batch)
@@ -230,10 +244,10 @@ def test_shuffled_and_filtered_rows_join_to_their_own_values(built, tmp_path, ti
     reference, sae = build_tiny_model(seed=0), make_sae()
     dm = make_dm(tiny_tokenizer, source=source)
     attach_reference_cache(make_settings(root, K), dm, reference, sae)
-    online = OnlineReference(reference, sae=sae, k=K)
+    reference = online_reference(reference, sae, K)
     assert len(dm.val_dataset) == 5
     for batch in dm.val_dataloader():
-        expected = online.stats(batch, response_positions(batch["labels"]), features=True,
+        expected = reference.stats(batch, response_positions(batch["labels"]), features=True,
                                 token_kl=False)  # fmt: skip
         torch.testing.assert_close(batch["ref_sum_logps"], expected.logps.sum, atol=1e-5, rtol=0)
         torch.testing.assert_close(batch["ref_avg_logps"], expected.logps.avg, atol=1e-6, rtol=0)
@@ -242,10 +256,31 @@ def test_shuffled_and_filtered_rows_join_to_their_own_values(built, tmp_path, ti
 
 
 # ------------------------------------------------------------------------------ refusals
-def _changed(name, tmp_path):
-    """(datamodule, policy, sae, k) of a run that differs from `built` in ``name`` only."""
-    tokenizer, source, max_length = build_tiny_tokenizer(), FIXTURE, 128
-    model, sae, k = build_tiny_model(seed=0), make_sae(), K
+#: (component, what changes): each changes that one fingerprint component and nothing else.
+CHANGES = [
+    ("data", "one chosen response edited"),
+    ("tokenizer", "one token added"),
+    ("template", "append_eos=False"),
+    ("truncation", "max_length=100"),
+    ("reference_weights", "one weight moved"),
+    ("reference_config", "final_logit_softcapping"),
+    ("reference_config", "attn_implementation"),
+    ("sae_weights", "another seed"),
+    ("sae_config", "TopK k=16 instead of 8, same weights"),
+    ("sae_config", "normalize_activations"),
+    ("sae_config", "apply_b_dec_to_input"),
+    ("sae_hook", "another hook"),
+    ("k", "k=8"),
+    ("dtype", "float16 values"),
+    ("precision", "bf16-mixed"),
+    ("versions", "another torch"),
+]
+
+
+def _changed(name, change, root, tmp_path, monkeypatch):
+    """(datamodule, policy, sae, settings) of a run that differs from `built` in ``change``."""
+    tokenizer, source, dm_kwargs = build_tiny_tokenizer(), FIXTURE, {}
+    model, sae, settings = build_tiny_model(seed=0), make_sae(), make_settings(root, K)
     if name == "data":
         rows = [json.loads(line) for line in FIXTURE.read_text().splitlines()]
         rows[2]["chosen"][-1]["content"] += " (edited)"
@@ -253,32 +288,61 @@ def _changed(name, tmp_path):
         source.write_text("".join(json.dumps(row) + "\n" for row in rows))
     elif name == "tokenizer":
         tokenizer.add_tokens(["<extra_token>"])
+    elif name == "template":
+        dm_kwargs["append_eos"] = False
     elif name == "truncation":
-        max_length = 100
+        dm_kwargs["max_length"] = 100
     elif name == "reference_weights":
         with torch.no_grad():
             next(model.parameters())[0, 0] += 1e-3
+    elif change == "final_logit_softcapping":
+        model.config.final_logit_softcapping = 30.0
+    elif change == "attn_implementation":
+        model.set_attn_implementation("eager")
     elif name == "sae_weights":
         sae = make_sae(seed=1)
+    elif change.startswith("TopK"):
+        sae = make_sae(sae_k=16)
+        assert hash_state_dict(sae) == hash_state_dict(make_sae())
+    elif change == "normalize_activations":
+        sae.cfg.normalize_activations = "layer_norm"
+    elif change == "apply_b_dec_to_input":
+        sae.cfg.apply_b_dec_to_input = False
+    elif name == "sae_hook":
+        settings = replace(settings, hook_name="blocks.0.hook_resid_post")
     elif name == "k":
-        k = 8
-    return make_dm(tokenizer, source, max_length=max_length), model, sae, k
+        settings = replace(settings, k=8)
+    elif name == "dtype":
+        settings = replace(settings, values_dtype="float16")
+    elif name == "precision":
+        settings = replace(settings, precision="bf16-mixed")
+    elif name == "versions":
+        versions = {**fpo.reference.settings.library_versions(), "torch": "0.0.1"}
+        monkeypatch.setattr(fpo.reference.settings, "library_versions", lambda: versions)
+    dm = make_dm(tokenizer, source, **dm_kwargs)
+    return dm, model, sae, settings
 
 
-@pytest.mark.parametrize(
-    "name", ["data", "tokenizer", "truncation", "reference_weights", "sae_weights", "k"]
-)
-def test_each_changed_component_is_refused_by_name(built, tmp_path, name):
+@pytest.mark.parametrize(("name", "change"), CHANGES, ids=[f"{n}:{c}" for n, c in CHANGES])
+def test_each_changed_component_is_refused_by_name(built, tmp_path, monkeypatch, name, change):
     root, _ = built
-    dm, model, sae, k = _changed(name, tmp_path)
+    dm, model, sae, settings = _changed(name, change, root, tmp_path, monkeypatch)
     with pytest.raises(UserError) as err:
-        attach_reference_cache(make_settings(root, k), dm, model, sae)
+        attach_reference_cache(settings, dm, model, sae)
     message = str(err.value)
     named = [line.split(":")[0].strip() for line in message.splitlines() if line[:2] == "  "]
     assert named == [name], message
     assert f"Rebuild it with: {REBUILD} cache.overwrite=true" in message
     if name == "data":
         assert "1 of the 8 pairs of the train split are not in the cache" in message
+
+
+def test_every_component_has_a_refusal_test(built):
+    root, _ = built
+    stored = json.loads((root / "train" / "manifest.json").read_text())["components"]
+    assert list(stored) == list(dict.fromkeys(name for name, _ in CHANGES))
+    dm, model, sae = make_dm(build_tiny_tokenizer()), build_tiny_model(seed=0), make_sae()
+    attach_reference_cache(make_settings(root, K), dm, model, sae)  # unchanged: accepted
 
 
 def test_missing_incomplete_and_damaged_caches_are_refused(built, tmp_path, tiny_tokenizer):
@@ -291,7 +355,7 @@ def test_missing_incomplete_and_damaged_caches_are_refused(built, tmp_path, tiny
     shutil.copytree(root, copy_root)
     shard = sorted((copy_root / "val" / "shards").glob("*.arrow"))[0]
     shard.write_bytes(shard.read_bytes()[:-100])
-    with pytest.raises(UserError, match=rf"damaged: shard {re.escape(str(shard))}.*truncated"):
+    with pytest.raises(UserError, match=rf"damaged: shard {re.escape(str(shard))} has .*truncated"):
         attach_reference_cache(make_settings(copy_root, K), make_dm(tiny_tokenizer), model, sae)
     (copy_root / "train" / "manifest.json").unlink()
     with pytest.raises(UserError, match=r"train is incomplete: it has no manifest\.json"):
@@ -424,7 +488,10 @@ def test_cli_cache_built_by_two_ddp_processes_equals_one_process(cli_cache, tmp_
         single, double = cache_root(tmp) / split, cache_root(tmp_path) / split
         manifest = json.loads((double / "manifest.json").read_text())
         assert manifest["world_size"] == 2
-        assert {shard["rank"] for shard in manifest["shards"]} == {0, 1}
+        assert {shard["file"][:13] for shard in manifest["shards"]} == {
+            "shards/rank0-",
+            "shards/rank1-",
+        }
         assert (
             manifest["components"]
             == json.loads((single / "manifest.json").read_text())["components"]

@@ -31,7 +31,6 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from fpo.methods import METHODS
 from omegaconf import OmegaConf
 from sae_lens import SAE
 
@@ -40,7 +39,7 @@ from fpo.logprobs import response_positions
 from fpo.models.gemma3_gguf import load_gemma3_270m
 from fpo.reference.base import OnlineReference
 from fpo.reference.build import build_reference_cache
-from fpo.reference.settings import CacheSettings, stored_k
+from fpo.reference.settings import CacheSettings
 from fpo.reference.store import ReferenceCache
 from fpo.sae import check_sae_fits_model, load_sae, resolve_hook_module, sae_hook_name
 from fpo.sae_training.activations import collect_activations
@@ -253,8 +252,8 @@ def predict_trainer(callbacks: list[L.Callback]) -> L.Trainer:
 
 def test_reference_cache_of_sentiment_pairs_equals_the_online_reference(gemma, sae, tmp_path):
     model, tokenizer = gemma
-    fpo_k = OmegaConf.load(ROOT / "configs/objective/fpo.yaml").k
-    k = stored_k(METHODS["fpo"], fpo_k, sae)
+    fpo_k = OmegaConf.load(ROOT / "configs/objective/fpo.yaml").constraints.features.k
+    k = min(int(fpo_k), int(sae.cfg.d_sae))
     settings = CacheSettings(tmp_path, k, "float32", sae_hook_name(sae), "32-true", "fpo-cache")
     datamodule = sentiment_datamodule(tokenizer)
     results = build_reference_cache(
@@ -266,7 +265,7 @@ def test_reference_cache_of_sentiment_pairs_equals_the_online_reference(gemma, s
     assert len(cache) == CACHE_PAIRS and cache.k == k == 50
 
     # Each pair alone (no padding), against the cache's values computed in one padded batch.
-    online = OnlineReference(model, sae=sae, k=k, logits_chunk_size=256)
+    online = OnlineReference(model, sae, sae_hook_name(sae), k=k, logits_chunk_size=256)
     dataset = datamodule.dataset("train", wrapped=False)
     for index in range(CACHE_PAIRS):
         batch = datamodule.collator([dataset[index]])

@@ -1,4 +1,4 @@
-"""Offline reference cache storage: round trip, join by id, refusal, integrity, resume, DDP."""
+"""Offline reference cache storage: round trip, join by id, refusal, integrity, resume, ranks."""
 
 from __future__ import annotations
 
@@ -11,20 +11,23 @@ import pytest
 import torch
 
 from fpo.errors import UserError
-from fpo.reference.fingerprint import (
-    compare_fingerprints,
-    hash_json,
+from fpo.models.tiny import build_tiny_model
+from fpo.reference.settings import (
+    differences,
     hash_state_dict,
     library_versions,
+    model_config_hash,
+    sae_config_hash,
 )
 from fpo.reference.store import (
     CachedReferenceDataset,
     ReferenceCache,
-    ReferenceCacheWriter,
     cache_info,
-    finalize,
+    completed_ids,
     format_cache_info,
 )
+from fpo.reference.writer import ReferenceCacheWriter
+from fpo.sae import build_random_sae
 
 K = 4
 N = 10
@@ -34,10 +37,13 @@ COMPONENTS = {
     "template": "tpl",
     "truncation": "max_length=64",
     "reference_weights": "a" * 64,
+    "reference_config": "e" * 64,
     "sae_weights": "b" * 64,
+    "sae_config": "f" * 64,
     "sae_hook": "blocks.1.hook_resid_post",
     "k": str(K),
     "dtype": "float32",
+    "precision": "32-true",
     "versions": "c" * 64,
 }
 REBUILD = "fpo-cache data=tiny cache.path=X"
@@ -67,23 +73,34 @@ def take(fields: dict[str, np.ndarray], rows) -> dict[str, np.ndarray]:
     return {name: value[rows] for name, value in fields.items()}
 
 
-def build(path, rows, *, batch=4, rank=0, world_size=1, fin=True, **kwargs):
+def writer(path, rank=0, world_size=1, **kwargs) -> ReferenceCacheWriter:
+    kwargs = {
+        "components": COMPONENTS,
+        "k": K,
+        "values_dtype": "float32",
+        "shard_size": 3,
+        **kwargs,
+    }
+    return ReferenceCacheWriter(path, rank=rank, world_size=world_size, **kwargs)
+
+
+def build(path, rows, *, batch=4, fin=True, **kwargs) -> ReferenceCacheWriter:
     """Write ``rows`` (ids, chosen, rejected) in batches of ``batch``; close; finalize."""
     ids, chosen, rejected = rows
-    kwargs = {"components": COMPONENTS, "k": K, "values_dtype": "float32", **kwargs}
-    writer = ReferenceCacheWriter(path, rank=rank, world_size=world_size, shard_size=3, **kwargs)
+    out = writer(path, **kwargs)
     for start in range(0, len(ids), batch):
         sl = slice(start, start + batch)
-        writer.add(ids[sl], take(chosen, sl), take(rejected, sl))
-    writer.close()
+        out.add(ids[sl], take(chosen, sl), take(rejected, sl))
+    out.close()
     if fin:
-        finalize(path, world_size)
-    return writer
+        out.finalize(ids)
+    return out
 
 
-def contents(path) -> dict[str, dict]:
+def contents(path, ids) -> dict[str, dict]:
     cache = ReferenceCache.open(path)
-    rows = {i: cache.get(i) for i in cache.ids()}
+    assert len(cache) == len(ids) and not cache.missing(ids)
+    rows = {i: cache.get(i) for i in ids}
     return {i: {key: np.asarray(v).tolist() for key, v in row.items()} for i, row in rows.items()}
 
 
@@ -103,8 +120,8 @@ def test_round_trip_float32_is_exact(tmp_path):
     torch_rejected = {name: torch.from_numpy(value) for name, value in rejected.items()}
     build(tmp_path, (ids, chosen, torch_rejected))
     cache = ReferenceCache.open(tmp_path)
-    assert len(cache) == N and cache.k == K and "ex003" in cache and "ex999" not in cache
-    assert cache.manifest["num_pairs"] == N and len(cache.manifest["shards"]) == 4  # 3+3+3+1
+    assert len(cache) == N and cache.k == K and cache.missing(["ex003", "ex999"]) == ["ex999"]
+    assert cache.manifest["num_pairs"] == N and len(cache.manifest["shards"]) == 3  # 4+4+2
     for i, example_id in enumerate(ids):
         got = cache.get(example_id)
         for key, value in expected_row(rows, i).items():
@@ -120,6 +137,7 @@ def test_round_trip_float16_within_half_precision(tmp_path):
     build(tmp_path, rows, values_dtype="float16")
     cache = ReferenceCache.open(tmp_path)
     assert cache.manifest["values_dtype"] == "float16"
+    assert cache.manifest["components"]["dtype"] == "float16"  # the writer's, not the caller's
     for i, example_id in enumerate(rows[0]):
         got = cache.get(example_id)["ref_rejected_topk_values"]
         exact = rows[2]["topk_values"][i]
@@ -171,7 +189,7 @@ def test_cache_survives_pickling_for_dataloader_workers(tmp_path):
 
 
 # ----------------------------------------------------------------------- fingerprint checks
-@pytest.mark.parametrize("name", sorted(COMPONENTS))
+@pytest.mark.parametrize("name", list(COMPONENTS))
 def test_each_changed_component_is_refused_by_name(tmp_path, name):
     build(tmp_path, make_rows())
     expected = {**COMPONENTS, name: "changed"}
@@ -179,7 +197,7 @@ def test_each_changed_component_is_refused_by_name(tmp_path, name):
         ReferenceCache.open(tmp_path, expected_components=expected, rebuild_command=REBUILD)
     message = str(err.value)
     assert f"  {name}: expected changed, found {COMPONENTS[name][:12]}" in message
-    assert REBUILD in message
+    assert message.endswith(f"Rebuild it with: {REBUILD}")
     differing = [line.split(":")[0].strip() for line in message.splitlines() if line[:2] == "  "]
     assert differing == [name]
     ReferenceCache.open(tmp_path, expected_components=COMPONENTS)  # the matching one loads
@@ -189,13 +207,16 @@ def test_each_changed_component_is_refused_by_name(tmp_path, name):
 def test_writer_refuses_partial_state_with_other_components(tmp_path, name):
     ids, chosen, rejected = make_rows()
     build(tmp_path, (ids[:4], take(chosen, slice(4)), take(rejected, slice(4))), fin=False)
-    with pytest.raises(UserError, match=rf"(?s)Refusing.*  {name}: expected changed"):
-        ReferenceCacheWriter(tmp_path, {**COMPONENTS, name: "changed"}, K, "float32")
-    with pytest.raises(UserError, match=r"  values_dtype: expected float16, found float32"):
-        ReferenceCacheWriter(tmp_path, COMPONENTS, K, "float16")
-    changed = {**COMPONENTS, name: "changed"}
-    writer = ReferenceCacheWriter(tmp_path, changed, K, "float32", overwrite=True)
-    assert writer.done_ids() == set()
+    with pytest.raises(
+        UserError, match=rf"(?s)Refusing.*rank0-00000.arrow.*  {name}: expected changed"
+    ):
+        writer(tmp_path, components={**COMPONENTS, name: "changed"})
+    with pytest.raises(UserError, match=r"  dtype: expected float16, found float32"):
+        writer(tmp_path, values_dtype="float16")
+    changed = writer(tmp_path, components={**COMPONENTS, name: "changed"}, overwrite=True)
+    assert not list((tmp_path / "shards").iterdir())
+    changed.close()
+    assert changed.finalize()["num_pairs"] == 0
 
 
 def test_missing_folder_and_missing_manifest_are_refused(tmp_path):
@@ -206,20 +227,22 @@ def test_missing_folder_and_missing_manifest_are_refused(tmp_path):
         ReferenceCache.open(tmp_path, rebuild_command=REBUILD)
 
 
-@pytest.mark.parametrize("damage", ["truncate", "flip", "delete"])
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "delete"])
 def test_damaged_shard_is_refused_naming_the_file(tmp_path, damage):
     build(tmp_path, make_rows())
     shard = tmp_path / "shards" / "rank0-00001.arrow"
-    data = bytearray(shard.read_bytes())
+    data = shard.read_bytes()
     if damage == "truncate":
         shard.write_bytes(data[:-10])
-    elif damage == "flip":
-        data[len(data) // 2] ^= 0x01
-        shard.write_bytes(bytes(data))
+        problem = r"has \d+ bytes where the manifest records \d+ \(truncated\?\)"
+    elif damage == "garbage":  # same size, no Arrow footer
+        shard.write_bytes(bytes(len(data)))
+        problem = "cannot be read"
     else:
         shard.unlink()
-    with pytest.raises(UserError, match=r"damaged: shard .*rank0-00001\.arrow"):
-        ReferenceCache.open(tmp_path)
+        problem = "is missing"
+    with pytest.raises(UserError, match=rf"damaged: shard {shard} {problem}.*{REBUILD}"):
+        ReferenceCache.open(tmp_path, rebuild_command=REBUILD)
 
 
 # --------------------------------------------------------------------------- resume, ranks
@@ -229,74 +252,83 @@ def test_interrupted_build_resumes_to_same_content(tmp_path):
     build(tmp_path / "full", rows)
 
     path = tmp_path / "resumed"
-    writer = ReferenceCacheWriter(path, COMPONENTS, K, "float32", shard_size=3)
-    writer.add(ids[:7], take(chosen, slice(7)), take(rejected, slice(7)))
-    del writer  # killed: two shards on disk, one buffered row lost, no part-manifest
-    (path / "shards" / ".rank0-00002.arrow.tmp-999").write_bytes(b"half a shard")
+    killed = writer(path)
+    killed.add(ids[:4], take(chosen, slice(4)), take(rejected, slice(4)))  # a shard
+    killed.add(ids[4:6], take(chosen, slice(4, 6)), take(rejected, slice(4, 6)))  # buffered
+    del killed  # killed: one shard on disk, two buffered rows lost, no manifest
+    (path / "shards" / ".rank0-00001.arrow.tmp-999").write_bytes(b"half a shard")
+    with pytest.raises(UserError, match="incomplete"):
+        ReferenceCache.open(path)
+    info = cache_info(path)
+    assert not info["complete"] and info["num_rows"] == 4 and info["num_shards"] == 1
+    assert info["components"]["sae_hook"] == COMPONENTS["sae_hook"]
+    assert "INCOMPLETE" in format_cache_info(info)
 
-    writer = ReferenceCacheWriter(path, COMPONENTS, K, "float32", shard_size=3)
-    assert writer.done_ids() == set(ids[:6])
-    writer.add(ids, chosen, rejected)  # already-written ids are dropped
-    writer.close()
-    manifest = finalize(path, 1)
+    resumed = writer(path)
+    done = completed_ids(path)
+    assert done == set(ids[:4])
+    todo = [i for i, example_id in enumerate(ids) if example_id not in done]
+    resumed.add([ids[i] for i in todo], take(chosen, todo), take(rejected, todo))
+    resumed.close()
+    manifest = resumed.finalize(ids)
     assert manifest["num_rows"] == N and manifest["num_pairs"] == N
-    assert not list((path / "shards").glob(".*tmp*"))
-    assert contents(path) == contents(tmp_path / "full")
+    assert sorted(p.name for p in (path / "shards").glob("rank*")) == [
+        "rank0-00000.arrow",
+        "rank0-00001.arrow",
+    ]
+    assert contents(path, ids) == contents(tmp_path / "full", ids)
 
 
-def test_exception_inside_with_keeps_rows_but_leaves_rank_unfinished(tmp_path):
+def test_abort_keeps_finished_rows_and_leaves_the_cache_incomplete(tmp_path):
     ids, chosen, rejected = make_rows()
-    writer = ReferenceCacheWriter(tmp_path, COMPONENTS, K, "float32", shard_size=3)
-    with pytest.raises(RuntimeError, match="predict failed"), writer:
-        writer.add(ids[:4], take(chosen, slice(4)), take(rejected, slice(4)))
-        raise RuntimeError("predict failed")
-    assert not (tmp_path / "parts" / "rank0.json").exists()
-    with pytest.raises(UserError, match="rank 0 has not finished"):
-        finalize(tmp_path, 1)
-    assert ReferenceCacheWriter(tmp_path, COMPONENTS, K, "float32").done_ids() == set(ids[:4])
+    aborted = writer(tmp_path, shard_size=100)
+    aborted.add(ids[:4], take(chosen, slice(4)), take(rejected, slice(4)))
+    aborted.abort()
+    aborted.abort()  # idempotent, never raises
+    with pytest.raises(RuntimeError, match="after close"):
+        aborted.add(ids[4:], take(chosen, slice(4, N)), take(rejected, slice(4, N)))
+    assert not (tmp_path / "manifest.json").exists()
+    with pytest.raises(UserError, match="lacks 6 expected example ids"):
+        writer(tmp_path).finalize(ids)
+    assert not (tmp_path / "manifest.json").exists()
+    assert cache_info(tmp_path)["num_rows"] == 4
 
 
-def test_two_ranks_equal_one_rank(tmp_path):
+def test_two_ranks_equal_one_rank_and_overwrite_clears_every_rank(tmp_path):
     rows = make_rows()
     ids, chosen, rejected = rows
     build(tmp_path / "single", rows)
     path = tmp_path / "ddp"
-    for rank in (0, 1):
+    writers = [writer(path, rank=rank, world_size=2) for rank in (0, 1)]
+    for rank, part in enumerate(writers):
         mine = [i for i in range(N) if i % 2 == rank]
-        part = ([ids[i] for i in mine], take(chosen, mine), take(rejected, mine))
-        build(path, part, rank=rank, world_size=2, fin=False)
-        if rank == 0:
-            with pytest.raises(UserError, match="rank 1 has not finished"):
-                finalize(path, 2)
-    assert finalize(path, 2)["num_pairs"] == N
+        part.add([ids[i] for i in mine], take(chosen, mine), take(rejected, mine))
+        part.close()
+    assert writers[0].finalize(ids)["num_pairs"] == N
     names = sorted(p.name for p in (path / "shards").iterdir())
-    assert names == [f"rank{r}-0000{n}.arrow" for r in (0, 1) for n in (0, 1)]  # 5 rows each
-    assert contents(path) == contents(tmp_path / "single")
+    assert names == ["rank0-00000.arrow", "rank1-00000.arrow"]  # 5 rows each
+    assert contents(path, ids) == contents(tmp_path / "single", ids)
 
-
-def test_duplicate_ids_equal_values_fine_different_values_refused(tmp_path):
-    ids, chosen, rejected = make_rows()
-    first = ([ids[0], ids[1]], take(chosen, [0, 1]), take(rejected, [0, 1]))
-    build(tmp_path / "eq", first, rank=0, world_size=2, fin=False)
-    build(tmp_path / "eq", first, rank=1, world_size=2)  # a DistributedSampler repeat
-    assert len(ReferenceCache.open(tmp_path / "eq")) == 2
-    other = take(chosen, [0, 1])
-    other["sum_logps"] = other["sum_logps"] - 1.0
-    build(tmp_path / "ne", first, rank=0, world_size=2, fin=False)
-    build(tmp_path / "ne", (first[0], other, first[2]), rank=1, world_size=2)
-    with pytest.raises(UserError, match=r"'ex000' is stored twice with different values"):
-        ReferenceCache.open(tmp_path / "ne")
+    other = {**COMPONENTS, "k": "changed"}
+    for rank in (0, 1):
+        writer(path, rank=rank, world_size=2, components=other, overwrite=True)
+    assert not list((path / "shards").iterdir()) and not (path / "manifest.json").exists()
 
 
 def test_invalid_rows_are_rejected(tmp_path):
     ids, chosen, rejected = make_rows(n=2)
+    out = writer(tmp_path / "a", values_dtype="float16")
     bad = {**chosen, "avg_logps": np.array([np.nan, -1.0], np.float32)}
-    writer = ReferenceCacheWriter(tmp_path / "a", COMPONENTS, K, "float16")
-    with pytest.raises(ValueError, match="chosen_avg_logps invalid for example id 'ex000'"):
-        writer.add(ids, bad, rejected)
+    with pytest.raises(UserError, match="chosen_avg_logps of example id 'ex000' is not valid"):
+        out.add(ids, bad, rejected)
     huge = {**rejected, "topk_values": np.full((2, K), 1e6, np.float32)}
-    with pytest.raises(UserError, match="'ex000' are not finite as float16"):
-        writer.add(ids, chosen, huge)
+    with pytest.raises(UserError, match=r"rejected_topk_values of example id 'ex000'.*float32"):
+        out.add(ids, chosen, huge)
+    no_tokens = {**chosen, "n_tokens": np.array([3, 0])}
+    with pytest.raises(UserError, match="chosen_n_tokens of example id 'ex001'"):
+        out.add(ids, no_tokens, rejected)
+    with pytest.raises(ValueError, match=r"chosen_topk_indices has shape \(2, 3\)"):
+        out.add(ids, {**chosen, "topk_indices": chosen["topk_indices"][:, :3]}, rejected)
 
 
 # ------------------------------------------------------------------------------- cache_info
@@ -304,23 +336,14 @@ def test_cache_info_numbers(tmp_path):
     build(tmp_path, make_rows())
     info = cache_info(tmp_path)
     on_disk = sum(p.stat().st_size for p in (tmp_path / "shards").glob("*.arrow"))
-    assert info["complete"] and info["num_pairs"] == N and info["num_shards"] == 4
+    assert info["complete"] and info["num_pairs"] == N and info["num_shards"] == 3
     assert info["k"] == K and info["values_dtype"] == "float32"
     assert info["total_bytes"] == on_disk
     assert info["bytes_per_pair"] == pytest.approx(on_disk / N)
-    assert info["components"] == COMPONENTS and info["versions"] == library_versions()
-    assert info["build_seconds"] >= 0 and info["created"].startswith("20")
+    assert info["components"] == COMPONENTS
+    assert info["world_size"] == 1 and info["num_rows"] == N
     text = format_cache_info(info)
     assert f"pairs {N}," in text and "sae_hook" in text and f"{on_disk} bytes" in text
-
-
-def test_cache_info_of_an_interrupted_build(tmp_path):
-    ids, chosen, rejected = make_rows()
-    writer = ReferenceCacheWriter(tmp_path, COMPONENTS, K, "float32", shard_size=3)
-    writer.add(ids, chosen, rejected)
-    info = cache_info(tmp_path)
-    assert not info["complete"] and info["num_rows"] == 9 and info["num_shards"] == 3
-    assert "INCOMPLETE" in format_cache_info(info)
 
 
 # ------------------------------------------------------------------------------ fingerprint
@@ -343,12 +366,39 @@ def test_hash_state_dict_stable_and_sensitive():
     )
 
 
-def test_hash_json_and_compare_fingerprints():
-    assert hash_json({"a": 1, "b": [1, 2]}) == hash_json({"b": [1, 2], "a": 1})
-    assert hash_json({"a": 1}) != hash_json({"a": 2})
+def test_config_hashes_see_what_weights_do_not():
+    model = build_tiny_model(seed=0)
+    digest = model_config_hash(model)
+    assert digest == model_config_hash(build_tiny_model(seed=1))  # weights are not config
+    model.config._name_or_path, model.config.use_cache = "/elsewhere", False
+    assert model_config_hash(model) == digest  # fields that cannot change values
+    model.config.final_logit_softcapping = 30.0
+    assert model_config_hash(model) != digest
+    eager = build_tiny_model(seed=0)
+    eager.set_attn_implementation("eager")
+    assert model_config_hash(eager) != digest
+
+    def sae(k=8, **cfg):
+        out = build_random_sae(d_in=32, d_sae=64, k=k, hook_name="blocks.1.hook_resid_post")
+        for name, value in cfg.items():
+            setattr(out.cfg, name, value)
+        return out
+
+    digest = sae_config_hash(sae())
+    assert hash_state_dict(sae(k=16)) == hash_state_dict(sae())  # TopK k is not in the weights
+    assert sae_config_hash(sae(k=16)) != digest
+    assert sae_config_hash(sae(normalize_activations="layer_norm")) != digest
+    assert sae_config_hash(sae(apply_b_dec_to_input=False)) != digest
+    assert sae_config_hash(sae(device="meta")) == digest
+
+
+def test_differences_name_each_component_in_order():
     found = {**COMPONENTS, "data": "x", "extra": "y"}
     del found["sae_hook"]
-    assert compare_fingerprints(COMPONENTS, found) == ["data", "sae_hook", "extra"]
-    assert compare_fingerprints(COMPONENTS, dict(COMPONENTS)) == []
+    lines = differences(COMPONENTS, found, ignore=("tokenizer",))
+    assert [line.split(":")[0].strip() for line in lines] == ["data", "sae_hook", "extra"]
+    assert lines[0] == "  data: expected dddddddddddd, found x"
+    assert "found <absent>" in lines[1]
+    assert differences(COMPONENTS, dict(COMPONENTS)) == []
     assert set(library_versions()) == {"torch", "transformers", "sae-lens"}
     assert library_versions()["torch"].startswith(torch.__version__.split("+")[0])

@@ -1,67 +1,39 @@
-"""Training from the offline cache: open, verify and join it; never build a reference model.
+"""Training from the offline cache: open, check and join it; never build a reference model.
 
-``fpo-train reference=cached`` calls :func:`attach_reference_cache` before fitting. For each
-split of the data module it opens ``settings.split_path(split)`` and checks:
-
-* the build is complete (it has a manifest) and its shards are intact (sizes, sha256);
-* every fingerprint component equals the one this run computes with the same
-  :meth:`CacheSettings.components` the builder used -- except ``data``, where *coverage*
-  is what matters: each value is keyed by a content hash of its pair, so a cache built on
-  a superset of the rows (this run shuffles, filters or limits them) is valid, while a
-  changed or added row is missing from it and refused, naming ``data``.
-
-Any refusal names the differing component(s) and prints the ``fpo-cache`` command that
-rebuilds the cache. Then the data module serves every item joined by ``example_id`` to its
-reference values (:class:`CachedReferenceDataset`), which the collator stacks into the
-``ref_*`` batch fields that :class:`fpo.reference.base.BatchReference` reads.
+For each split, :func:`attach_reference_cache` refuses an incomplete or damaged cache and
+any fingerprint component that differs from this run's -- except ``data``, where coverage
+is what matters: values are keyed by a content hash of each pair, so a cache built on a
+superset of the rows (this run shuffles, filters or limits them) is valid, while a changed
+or added row is missing from it and refused, naming ``data``. Every refusal prints the
+``fpo-cache`` command that rebuilds the cache. The data module then serves each item
+joined by ``example_id`` to its ``ref_*`` values, which :class:`BatchReference` reads.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from functools import partial
 from typing import Any
 
 from torch import nn
-from torch.utils.data import Dataset
 
 from fpo.errors import UserError
-from fpo.reference.fingerprint import short
-from fpo.reference.layout import MANIFEST
-from fpo.reference.reader import CachedReferenceDataset, ReferenceCache
-from fpo.reference.settings import OVERWRITE_OVERRIDE, CacheSettings
-
-#: Components compared by coverage instead of equality (see the module docstring).
-COVERAGE_COMPONENTS = ("data",)
-
-
-class JoinCache:
-    """Dataset wrapper for ``PreferenceDataModule.set_dataset_wrapper``: the cache join."""
-
-    def __init__(self, caches: Mapping[str, ReferenceCache]) -> None:
-        self.caches = dict(caches)
-
-    def __call__(self, split: str, dataset: Dataset) -> Dataset:
-        return CachedReferenceDataset(dataset, self.caches[split])
+from fpo.reference.settings import OVERWRITE_OVERRIDE, CacheSettings, short
+from fpo.reference.store import MANIFEST, CachedReferenceDataset, ReferenceCache
 
 
 def open_split_cache(
-    settings: CacheSettings,
-    datamodule: Any,
-    split: str,
-    model_fingerprints: Mapping[str, str],
+    settings: CacheSettings, datamodule: Any, split: str, model_fingerprints: Mapping[str, str]
 ) -> ReferenceCache:
-    """Open and verify the cache of ``split`` for this run (module docstring)."""
+    """Open and check the cache of ``split`` for this run (module docstring)."""
     path = settings.split_path(split)
     command = settings.rebuild_command
     if (path / MANIFEST).is_file():  # replacing a finished cache needs the overwrite switch
         command = f"{command} {OVERWRITE_OVERRIDE}"
     expected = settings.components(datamodule, split, model_fingerprints)
-    cache = ReferenceCache.open(
-        path, expected, verify=True, rebuild_command=command, ignore_components=COVERAGE_COMPONENTS
-    )
+    cache = ReferenceCache.open(path, expected, command, ignore_components=("data",))
     ids = datamodule.dataset(split, wrapped=False).example_ids
-    missing = cache.missing(ids)
-    if missing:
+    if missing := cache.missing(ids):
         found = cache.manifest["components"].get("data")
         raise UserError(
             f"The reference cache at {path} was built for other inputs. Differing components "
@@ -73,10 +45,14 @@ def open_split_cache(
     return cache
 
 
+def join(caches: Mapping[str, ReferenceCache], split: str, dataset: Any) -> CachedReferenceDataset:
+    return CachedReferenceDataset(dataset, caches[split])
+
+
 def attach_reference_cache(
     settings: CacheSettings, datamodule: Any, policy: nn.Module, sae: nn.Module | None
 ) -> dict[str, ReferenceCache]:
-    """Verify the cache of every split and join the data module's datasets to it.
+    """Check the cache of every split and join the data module's datasets to it.
 
     Args:
         settings: from :func:`fpo.reference.settings.cache_settings`.
@@ -92,5 +68,5 @@ def attach_reference_cache(
         split: open_split_cache(settings, datamodule, split, fingerprints)
         for split in datamodule.splits
     }
-    datamodule.set_dataset_wrapper(JoinCache(caches))
+    datamodule.set_dataset_wrapper(partial(join, caches))
     return caches

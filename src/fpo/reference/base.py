@@ -1,9 +1,5 @@
-"""Reference statistics behind one interface, from two sources.
-
-`OnlineReference` runs a frozen copy of the model; `BatchReference` reads the per-row
-``ref_*`` fields that the offline cache (`fpo.reference.store`) puts into each batch.
-The Lightning module asks either for `ReferenceStats` and does not care which it has.
-"""
+"""Reference statistics behind one interface: `OnlineReference` runs a frozen copy of the
+model, `BatchReference` reads the ``ref_*`` fields the offline cache puts into each batch."""
 
 from __future__ import annotations
 
@@ -13,7 +9,6 @@ from typing import NamedTuple, Protocol
 import torch
 from torch import Tensor, nn
 
-from fpo.errors import UserError
 from fpo.forward import forward_response_positions
 from fpo.logprobs import ResponsePositions, SequenceLogps, response_token_stats, sequence_logps
 from fpo.models.hf import split_causal_lm
@@ -49,8 +44,9 @@ class OnlineReference(nn.Module):
     Args:
         model: the reference causal LM (a second, identical load of the policy's weights).
         sae: the frozen SAE for FPO's feature statistics (``None`` if not needed).
-        hook_name: where the SAE reads the residual stream (default: the SAE's own hook).
-        k: how many pooled features to keep per row (FPO's ``k``).
+        hook_name: where the SAE reads the residual stream; required with ``sae`` (the
+            caller resolves it once, e.g. from the config or the SAE's metadata).
+        k: how many pooled features to keep per row (FPO's ``k``, ``1 <= k <= d_sae``).
         logits_chunk_size: positions per LM-head chunk.
     """
 
@@ -65,15 +61,12 @@ class OnlineReference(nn.Module):
         super().__init__()
         self.model = model.eval().requires_grad_(False)
         self.parts = split_causal_lm(model)
-        self.sae = sae
-        self.hook_name = None
+        self.sae, self.hook_name = sae, hook_name if sae is not None else None
+        if sae is not None and not hook_name:
+            raise ValueError("OnlineReference needs the resolved hook_name with an SAE")
         if sae is not None:
-            if not hook_name:
-                raise ValueError("OnlineReference: an SAE needs its resolved hook_name.")
-            self.hook_name = hook_name
-            resolve_hook_module(model, self.hook_name)  # fail at start-up
-        self.k = k
-        self.logits_chunk_size = logits_chunk_size
+            resolve_hook_module(model, hook_name)  # fail at start-up
+        self.k, self.logits_chunk_size = k, logits_chunk_size
 
     def train(self, mode: bool = True) -> OnlineReference:
         """The reference stays in eval mode (no dropout) whatever Lightning asks."""
@@ -84,14 +77,14 @@ class OnlineReference(nn.Module):
         self, batch: dict, positions: ResponsePositions, *, features: bool, token_kl: bool
     ) -> ReferenceStats:
         if features and self.sae is None:
-            raise UserError("objective needs SAE features but the reference has no SAE.")
+            raise ValueError("SAE features asked of an OnlineReference built without an SAE")
         self.model.eval()
         hook = resolve_hook_module(self.model, self.hook_name) if features else None
         out = forward_response_positions(self.parts, batch, positions, hook)
         topk_indices = topk_values = None
         if features:
             pooled = encode_pooled(self.sae, out.hooked, positions.rows, positions.num_rows)
-            top = pooled.topk(min(self.k, pooled.shape[-1]), dim=-1)
+            top = pooled.topk(self.k, dim=-1)
             topk_indices, topk_values = top.indices, top.values.float()
         if token_kl:
             return ReferenceStats(None, topk_indices, topk_values, out.hidden, self.parts.head)
@@ -112,25 +105,14 @@ class BatchReference:
     def stats(
         self, batch: dict, positions: ResponsePositions, *, features: bool, token_kl: bool
     ) -> ReferenceStats:
-        if token_kl:
-            raise UserError(
-                "TDPO needs the reference's full-vocabulary logits at every step, which the "
-                "offline cache does not store; use reference=online with objective=tdpo1/tdpo2."
-            )
-        if "ref_sum_logps" not in batch:
-            raise UserError(
-                "reference=cached but the batch has no ref_* fields: the data module was not "
-                "joined to a reference cache."
-            )
-        logps = SequenceLogps(
-            batch["ref_sum_logps"].float(),
-            batch["ref_avg_logps"].float(),
-            batch["ref_n_tokens"],
+        if token_kl:  # the objective layer refuses this combination for the user
+            raise ValueError("the offline cache has no full-vocabulary logits for a token KL")
+        sums, avgs, counts = (
+            batch[f"ref_{name}"] for name in ("sum_logps", "avg_logps", "n_tokens")
         )
+        logps = SequenceLogps(sums.float(), avgs.float(), counts)
         if not features:
             return ReferenceStats(logps)
-        if "ref_topk_indices" not in batch:
-            raise UserError("objective=fpo needs SAE features but the reference cache has none.")
         return ReferenceStats(
             logps, batch["ref_topk_indices"].long(), batch["ref_topk_values"].float()
         )

@@ -1,19 +1,16 @@
 """Building the offline cache as a Lightning predict loop (it shards across devices).
 
-The values are computed by the same code as the online reference,
-``OnlineReference.stats(batch, positions, features=k > 0, token_kl=False)``, so a cached
-value equals the online one by construction. Per split (one cache folder each)::
+Values come from the online reference's own code, ``OnlineReference.stats(...,
+features=k > 0, token_kl=False)``, so a cached value equals the online one. Per split::
 
-    every rank: writer = ReferenceCacheWriter(path, components, k, dtype, rank, world)
-    barrier; todo = pairs not in any completed shard (the same list on every rank)
-    barrier; batches of todo, batch b computed by rank b % world
-    predict loop -> CacheRowWriter (a BasePredictionWriter) -> writer.add
-    every rank: writer.close(); barrier; rank 0: finalize (writes manifest.json last)
+    every rank: open its ReferenceCacheWriter; barrier
+    every rank: todo = pairs in no completed shard (the same list everywhere); barrier
+    batch b of todo is computed and written by rank b % world_size
+    every rank: writer.close() (abort() on an error); barrier; rank 0: writer.finalize()
 
-Resuming: pairs already in a completed shard are skipped before the loaders are built, so
-an interrupted build continues where it stopped. Dealing whole batches round-robin keeps
-the batches (hence their padding) identical for any number of ranks, and for a resumed
-build whose shards end on batch boundaries: the values are then bit-identical.
+An interrupted build resumes where it stopped (done pairs are skipped). Dealing whole
+batches keeps them, hence their padding, the same for any number of ranks, and a resumed
+build's too (shards end on batch boundaries): the values are then bit-identical.
 """
 
 from __future__ import annotations
@@ -21,70 +18,33 @@ from __future__ import annotations
 import logging
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.callbacks import BasePredictionWriter, Callback
-from torch import Tensor, nn
+from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from fpo.errors import UserError
 from fpo.logprobs import response_positions
-from fpo.reference.base import OnlineReference, ReferenceStats
-from fpo.reference.layout import completed_ids
-from fpo.reference.reader import ReferenceCache
+from fpo.reference.base import OnlineReference
 from fpo.reference.settings import CacheSettings
-from fpo.reference.writer import ReferenceCacheWriter, finalize
+from fpo.reference.store import ReferenceCache, completed_ids
+from fpo.reference.writer import ReferenceCacheWriter
 
 log = logging.getLogger("fpo.cache")
 
 
-# ------------------------------------------------------------------------- the model
-def cache_rows(example_ids: Sequence[str], stats: ReferenceStats) -> dict[str, Any]:
-    """Split ``[2B]``/``[2B, k]`` reference statistics into the writer's per-side fields.
-
-    Returns ``{"example_id": [B ids], "chosen": {...}, "rejected": {...}}`` with fields
-    ``sum_logps``, ``avg_logps``, ``n_tokens`` ``[B]`` and, with features, ``topk_indices``,
-    ``topk_values`` ``[B, k]`` (CPU tensors).
-    """
-    fields: dict[str, Tensor] = {
-        "sum_logps": stats.logps.sum,
-        "avg_logps": stats.logps.avg,
-        "n_tokens": stats.logps.n_tokens,
-    }
-    if stats.topk_indices is not None:
-        fields |= {"topk_indices": stats.topk_indices, "topk_values": stats.topk_values}
-    sides: dict[str, dict[str, Tensor]] = {"chosen": {}, "rejected": {}}
-    for name, value in fields.items():
-        sides["chosen"][name], sides["rejected"][name] = (h.cpu() for h in value.chunk(2))
-    return {"example_id": list(example_ids), **sides}
-
-
-class ReferencePredictor(L.LightningModule):
-    """The cache builder's model: the frozen reference, run in a predict loop."""
-
-    def __init__(self, reference: OnlineReference) -> None:
-        super().__init__()
-        self.reference = reference
-
-    def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict:
-        positions = response_positions(batch["labels"])
-        features = self.reference.k > 0
-        stats = self.reference.stats(batch, positions, features=features, token_kl=False)
-        return cache_rows(batch["example_id"], stats)
-
-
-# -------------------------------------------------------------------- data + writers
 @dataclass
 class SplitBuild:
     """One split to (re)build: its folder, pairs, fingerprint, and this rank's share."""
 
     split: str
     path: Path
-    dataset: Any  # PreferenceDataset: items with example_id, indexable
+    dataset: Any  # PreferenceDataset: items with example_id, and .example_ids
     components: dict[str, str]
     writer: ReferenceCacheWriter | None = None
     batches: list[list[int]] = field(default_factory=list)
@@ -92,8 +52,8 @@ class SplitBuild:
 
 
 class PairBatches(Dataset):
-    """Item ``i`` is the collated batch of the pairs ``batches[i]`` (pre-batched: load it
-    with ``batch_size=None``), so the batches are exactly the ones dealt to this rank."""
+    """Item ``i`` is the collated batch of the pairs ``batches[i]`` (load it with
+    ``batch_size=None``), so the batches are exactly the ones dealt to this rank."""
 
     def __init__(self, dataset: Any, batches: list[list[int]], collate: Callable) -> None:
         self.dataset, self.batches, self.collate = dataset, batches, collate
@@ -105,99 +65,65 @@ class PairBatches(Dataset):
         return self.collate([self.dataset[i] for i in self.batches[index]])
 
 
-class PendingPairs(L.LightningDataModule):
-    """The pairs this rank still has to compute: one predict loader per unfinished split."""
+class CachePredictor(L.LightningModule):
+    """The frozen reference in a predict loop; each batch's rows go to its split's writer,
+    opened by ``new_writer(path, components, rank=, world_size=)``."""
 
     def __init__(
         self,
+        reference: OnlineReference,
         builds: list[SplitBuild],
-        settings: CacheSettings,
+        new_writer: Callable,
         collate: Callable,
         batch_size: int,
-        shard_size: int,
-        overwrite: bool,
     ) -> None:
         super().__init__()
-        self.builds, self.settings, self.collate = builds, settings, collate
-        self.batch_size, self.shard_size, self.overwrite = batch_size, shard_size, overwrite
-        self.loader_builds: list[SplitBuild] = []
+        self.reference, self.builds, self.new_writer = reference, builds, new_writer
+        self.collate, self.batch_size = collate, batch_size
 
     def setup(self, stage: str) -> None:
         """Open the writers, then agree on the remaining pairs and deal out their batches."""
-        rank, world = self.trainer.global_rank, self.trainer.world_size
+        rank, world, size = self.trainer.global_rank, self.trainer.world_size, self.batch_size
         for build in self.builds:
-            build.writer = ReferenceCacheWriter(
-                build.path,
-                build.components,
-                self.settings.k,
-                self.settings.values_dtype,
-                rank=rank,
-                world_size=world,
-                shard_size=self.shard_size,
-                overwrite=self.overwrite,
+            build.writer = self.new_writer(
+                build.path, build.components, rank=rank, world_size=world
             )
         self.trainer.strategy.barrier("fpo-cache-writers-open")
         for build in self.builds:
-            done = completed_ids(build.path, world)
-            ids = build.dataset.example_ids
-            todo = [i for i, example_id in enumerate(ids) if example_id not in done]
-            batches = [todo[s : s + self.batch_size] for s in range(0, len(todo), self.batch_size)]
-            build.batches = batches[rank::world]
+            done = completed_ids(build.path)
+            todo = [i for i, key in enumerate(build.dataset.example_ids) if key not in done]
+            build.batches = [todo[s : s + size] for s in range(0, len(todo), size)][rank::world]
             build.computed = len(todo)
         self.trainer.strategy.barrier("fpo-cache-todo-listed")
+        self.to_run = [build for build in self.builds if build.batches]
 
     def predict_dataloader(self) -> list[DataLoader]:
-        self.loader_builds = [build for build in self.builds if build.batches]
-        return [
-            DataLoader(PairBatches(build.dataset, build.batches, self.collate), batch_size=None)
-            for build in self.loader_builds
-        ]
+        loaders = [PairBatches(b.dataset, b.batches, self.collate) for b in self.to_run]
+        return [DataLoader(batches, batch_size=None) for batches in loaders]
 
-    def close(self) -> None:
-        for build in self.builds:
-            build.writer.close()
-
-
-class CacheRowWriter(BasePredictionWriter):
-    """Hands each predicted batch to its split's writer; on a crash keeps finished rows."""
-
-    def __init__(self, pending: PendingPairs) -> None:
-        super().__init__(write_interval="batch")
-        self.pending = pending
-
-    def write_on_batch_end(
-        self,
-        trainer: L.Trainer,
-        pl_module: L.LightningModule,
-        prediction: dict,
-        batch_indices: Sequence[int] | None,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int,
-    ) -> None:
-        writer = self.pending.loader_builds[dataloader_idx].writer
-        writer.add(prediction["example_id"], prediction["chosen"], prediction["rejected"])
-
-    def on_exception(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
-    ) -> None:
-        for build in self.pending.builds:
-            if build.writer is not None:  # flush finished rows, leave the rank unfinished
-                build.writer.__exit__(type(exception), exception, None)
+    def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        """Reference statistics ``[2B]``/``[2B, k]``, written as B rows (chosen, rejected)."""
+        positions, features = response_positions(batch["labels"]), self.reference.k > 0
+        stats = self.reference.stats(batch, positions, features=features, token_kl=False)
+        fields = dict(zip(("sum_logps", "avg_logps", "n_tokens"), stats.logps, strict=True))
+        if features:
+            fields |= {"topk_indices": stats.topk_indices, "topk_values": stats.topk_values}
+        halves = {name: value.cpu().chunk(2) for name, value in fields.items()}
+        chosen, rejected = ({name: pair[i] for name, pair in halves.items()} for i in (0, 1))
+        self.to_run[dataloader_idx].writer.add(batch["example_id"], chosen, rejected)
 
 
-# ----------------------------------------------------------------------- the build
 def is_complete(path: Path, components: dict[str, str]) -> bool:
     """Whether ``path`` holds a finished, intact cache with exactly these components."""
     try:
-        ReferenceCache.open(path, components, verify=False)
+        ReferenceCache.open(path, components)
     except UserError:  # missing, incomplete, other inputs, damaged: the writer decides
         return False
     return True
 
 
 def build_reference_cache(
-    make_trainer: Callable[[list[Callback]], L.Trainer],
+    make_trainer: Callable[[list], L.Trainer],
     policy: nn.Module,
     sae: nn.Module | None,
     datamodule: Any,
@@ -215,48 +141,56 @@ def build_reference_cache(
             it must pass ``use_distributed_sampler=False`` (batches are dealt out here).
         policy, sae: the reference model (the initial policy) and the SAE (``k > 0``).
         datamodule: a ``PreferenceDataModule`` with its tokenizer set.
-        batch_size: pairs per predict batch.
+        batch_size: pairs per predict batch; ``shard_size``: rows per shard (at least).
 
     Returns:
         ``{split: {"manifest": ..., "computed": pairs computed now, "seconds": ...}}`` on
         global rank 0 (other ranks: ``{}``). Splits already complete are kept as they are.
     """
-    fingerprints = settings.model_fingerprints(policy, sae)
-    builds = []
+    fingerprints, builds = settings.model_fingerprints(policy, sae), []
     for split in datamodule.splits:
-        path = settings.split_path(split)
-        components = settings.components(datamodule, split, fingerprints)
+        path, components = (
+            settings.split_path(split),
+            settings.components(datamodule, split, fingerprints),
+        )
         if not overwrite and is_complete(path, components):
             log.info("reference cache %s is complete and up to date; kept", path)
-            continue
-        dataset = datamodule.dataset(split, wrapped=False)
-        builds.append(SplitBuild(split, path, dataset, components))
+        else:
+            builds.append(
+                SplitBuild(split, path, datamodule.dataset(split, wrapped=False), components)
+            )
     if not builds:
         return {}
-    reference = OnlineReference(
-        policy,
-        sae=sae,
-        hook_name=settings.hook_name,
+    sae = sae if settings.k > 0 else None
+    reference = OnlineReference(policy, sae, settings.hook_name, settings.k, logits_chunk_size)
+    new_writer = partial(
+        ReferenceCacheWriter,
         k=settings.k,
-        logits_chunk_size=logits_chunk_size,
+        values_dtype=settings.values_dtype,
+        shard_size=shard_size,
+        overwrite=overwrite,
     )
-    pending = PendingPairs(builds, settings, datamodule.collator, batch_size, shard_size, overwrite)
-    trainer = make_trainer([CacheRowWriter(pending)])
-    started = time.perf_counter()
-    with warnings.catch_warnings():  # pre-batched loaders: Lightning needs no indices
-        warnings.filterwarnings("ignore", message="Couldn't infer the batch indices")
-        trainer.predict(ReferencePredictor(reference), datamodule=pending, return_predictions=False)
-    pending.close()
-    trainer.strategy.barrier("fpo-cache-closed")
-    seconds = time.perf_counter() - started
-    results = {}
-    if trainer.is_global_zero:
+    predictor = CachePredictor(reference, builds, new_writer, datamodule.collator, batch_size)
+    trainer, started = make_trainer([]), time.perf_counter()
+    try:
+        with warnings.catch_warnings():  # pre-batched loaders: Lightning needs no indices
+            warnings.filterwarnings("ignore", message="Couldn't infer the batch indices")
+            trainer.predict(predictor, return_predictions=False)
+    except BaseException:
         for build in builds:
-            manifest = finalize(build.path, trainer.world_size, build.dataset.example_ids)
-            results[build.split] = {
-                "manifest": manifest,
-                "computed": build.computed,
-                "seconds": seconds,
-            }
+            if build.writer is not None:
+                build.writer.abort()
+        raise
+    for build in builds:
+        build.writer.close()
+    trainer.strategy.barrier("fpo-cache-closed")
+    seconds, results = time.perf_counter() - started, {}
+    for build in builds if trainer.is_global_zero else ():
+        manifest = build.writer.finalize(build.dataset.example_ids)
+        results[build.split] = {
+            "manifest": manifest,
+            "computed": build.computed,
+            "seconds": seconds,
+        }
     trainer.strategy.barrier("fpo-cache-finalized")
     return results

@@ -1,9 +1,9 @@
 """What a run's reference cache is: where it lives, what it stores, what it is tied to.
 
 Both the builder (``fpo-cache``) and the trainer (``fpo-train reference=cached``) derive a
-:class:`CacheSettings` from the same Hydra config with :func:`cache_settings`, and compute
+:class:`CacheSettings` from the same Hydra config with :func:`cache_settings` and compute
 the fingerprint of a split with the same :meth:`CacheSettings.components`, so the two
-cannot drift apart. The components of one split, in message order:
+cannot drift apart. The components of one split, in message order, each a string:
 
 ==================  =====================================================================
 data                sorted example ids of the split's valid rows (order-free)
@@ -11,7 +11,9 @@ tokenizer           vocab/merges/pipeline, special tokens, chat template
 template            chat-template use, plain template, ``append_eos``
 truncation          ``max_length``, ``max_prompt_length``
 reference_weights   sha256 of the reference = the *initial* policy's state dict
+reference_config    model config (soft-capping, rope, ...) and attention implementation
 sae_weights         sha256 of the SAE's state dict (``none`` for a log-probs-only cache)
+sae_config          SAE config: architecture, k, d_in, d_sae, normalization, b_dec, ...
 sae_hook            the hook the SAE reads (``none`` likewise)
 k                   top-k features stored per row (0: log-probs only)
 dtype               dtype of the stored feature values
@@ -22,38 +24,32 @@ versions            torch / transformers / sae-lens versions
 
 from __future__ import annotations
 
+import hashlib
 import shlex
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import torch
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
-from torch import nn
 
 from fpo.errors import UserError
-from fpo.reference.fingerprint import hash_state_dict, library_versions
-from fpo.reference.layout import normalize_values_dtype
+from fpo.hashing import hash_json
 
 #: Command-line overrides that cannot change a cache's values (left out of the command
 #: printed to rebuild it). ``reference=`` is left out because fpo-cache forces ``cached``.
-IRRELEVANT_OVERRIDES = (
-    "hydra.",
-    "reference=",
-    "reference.source=",
-    "logger",
-    "callbacks",
-    "optimizer",
-    "scheduler",
-    "ckpt_path",
-    "optimized_metric",
-    "hparams_search",
-    "tags",
-    "task_name",
-)
+IRRELEVANT_OVERRIDES = ("hydra.", "reference=", "reference.source=", "logger", "callbacks")
+IRRELEVANT_OVERRIDES += ("optimizer", "scheduler", "ckpt_path", "optimized_metric")
+IRRELEVANT_OVERRIDES += ("hparams_search", "tags", "task_name")
 #: The command-line switch that lets fpo-cache replace a cache built for other inputs.
 OVERWRITE_OVERRIDE = "cache.overwrite=true"
+NUMERIC_LIBRARIES = ("torch", "transformers", "sae-lens")
+#: Model-config fields that cannot change the reference's values (at any nesting level).
+VALUE_FREE_CONFIG_FIELDS = {"_name_or_path", "transformers_version", "_commit_hash", "use_cache"}
+VALUE_FREE_CONFIG_FIELDS |= {"return_dict", "output_hidden_states", "output_attentions"}
 
 
 @dataclass(frozen=True)
@@ -79,42 +75,44 @@ class CacheSettings:
     def split_path(self, split: str) -> Path:
         return self.root / split
 
-    def model_fingerprints(self, reference: nn.Module, sae: nn.Module | None) -> dict[str, str]:
-        """``reference_weights`` and ``sae_weights`` hashes; call BEFORE any training step."""
+    def model_fingerprints(
+        self, reference: torch.nn.Module, sae: torch.nn.Module | None
+    ) -> dict[str, str]:
+        """Weights and config hashes of the reference (call it BEFORE any training step: the
+        reference is the *initial* policy) and of the SAE (``none`` when ``k == 0``)."""
+        use_sae = self.k > 0 and sae is not None
         return {
             "reference_weights": hash_state_dict(reference),
-            "sae_weights": hash_state_dict(sae) if self.k > 0 and sae is not None else "none",
+            "reference_config": model_config_hash(reference),
+            "sae_weights": hash_state_dict(sae) if use_sae else "none",
+            "sae_config": sae_config_hash(sae) if use_sae else "none",
         }
 
     def components(
         self, datamodule: Any, split: str, model_fingerprints: Mapping[str, str]
     ) -> dict[str, str]:
-        """The fingerprint components of ``split`` (module docstring), as strings.
+        """The fingerprint components of ``split`` (module docstring), in message order.
 
         Args:
             datamodule: a ``PreferenceDataModule`` (its ``fingerprint_components(split)``
                 gives ``data``, ``tokenizer``, ``template`` and ``truncation``).
             model_fingerprints: :meth:`model_fingerprints` of the reference and the SAE.
         """
-        versions = ",".join(f"{name}={v}" for name, v in library_versions().items())
         return {
             **datamodule.fingerprint_components(split),
-            "reference_weights": model_fingerprints["reference_weights"],
-            "sae_weights": model_fingerprints["sae_weights"],
+            **model_fingerprints,
             "sae_hook": self.hook_name or "none",
             "k": str(self.k),
             "dtype": self.values_dtype,
             "precision": self.precision,
-            "versions": versions,
+            "versions": ",".join(f"{name}={v}" for name, v in library_versions().items()),
         }
 
 
 def cache_settings(cfg: DictConfig, *, k: int, hook_name: str | None) -> CacheSettings:
-    """:class:`CacheSettings` from a composed fpo-train / fpo-cache config.
-
-    ``k``: pooled SAE features stored per row (0: log-probs only), validated by the caller;
-    ``hook_name``: the SAE's resolved hook (``None`` when ``k == 0``).
-    """
+    """:class:`CacheSettings` from a composed fpo-train / fpo-cache config; ``k``: pooled SAE
+    features stored per row (0: log-probs only; the caller checked ``1 <= k <= d_sae``),
+    ``hook_name``: the resolved hook the SAE reads (ignored when ``k == 0``)."""
     try:
         root = Path(str(cfg.reference.path)).expanduser()
     except OmegaConfBaseException as err:
@@ -124,7 +122,7 @@ def cache_settings(cfg: DictConfig, *, k: int, hook_name: str | None) -> CacheSe
         ) from err
     return CacheSettings(
         root=root,
-        k=k,
+        k=int(k),
         values_dtype=normalize_values_dtype(cfg.reference.get("values_dtype", "float32")),
         hook_name=hook_name if k > 0 else None,
         precision=str(cfg.trainer.get("precision", "32-true")),
@@ -132,22 +130,89 @@ def cache_settings(cfg: DictConfig, *, k: int, hook_name: str | None) -> CacheSe
     )
 
 
+def normalize_values_dtype(name: str) -> str:
+    """``"float16"`` or ``"float32"`` (aliases fp16/half/fp32/float accepted)."""
+    name = {"fp16": "float16", "half": "float16", "fp32": "float32"}.get(str(name), str(name))
+    if name not in ("float16", "float32"):
+        raise UserError(f"values_dtype must be float16 or float32 for the cache, got {name!r}.")
+    return name
+
+
 def hydra_overrides() -> list[str] | None:
     """The command-line overrides of the running Hydra job (``None`` outside Hydra)."""
     from hydra.core.hydra_config import HydraConfig
 
-    if not HydraConfig.initialized():
-        return None
-    return list(HydraConfig.get().overrides.task)
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else None
 
 
 def rebuild_command(overrides: Sequence[str] | None, root: Path) -> str:
-    """``fpo-cache`` with the run's overrides that can change the cache (quoted for a shell).
-
-    Outside Hydra (``overrides is None``) the cache folder is named explicitly instead.
-    """
+    """``fpo-cache`` with the run's overrides that can change the cache (quoted for a shell);
+    outside Hydra (``overrides is None``) the cache folder is named explicitly instead."""
     if overrides is None:
         path = shlex.quote(f"reference.path={root}")
         return f"fpo-cache {path} <the model/data/sae/objective overrides of this run>"
     kept = [o for o in overrides if not o.lstrip("+~").startswith(IRRELEVANT_OVERRIDES)]
     return shlex.join(["fpo-cache", *kept])
+
+
+# ------------------------------------------------------------------------ fingerprints
+def hash_state_dict(module_or_state_dict: torch.nn.Module | Mapping[str, Any]) -> str:
+    """sha256 of a module's (or a state dict's) names, dtypes, shapes and bytes, in sorted
+    name order (non-tensor entries: type and ``repr``). About 1 s per GB."""
+    state = module_or_state_dict
+    state = state.state_dict() if isinstance(state, torch.nn.Module) else state
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        value = state[name]
+        digest.update(name.encode() + b"\0")
+        if isinstance(value, torch.Tensor):
+            digest.update(f"{value.dtype}|{tuple(value.shape)}\0".encode())
+            flat = value.detach().to("cpu").contiguous().reshape(-1)
+            digest.update(memoryview(flat.view(torch.uint8).numpy()))  # any dtype, bf16 too
+        else:
+            digest.update(f"{type(value).__qualname__}|{value!r}\0".encode())
+    return digest.hexdigest()
+
+
+def _without(obj: Any, fields: set[str]) -> Any:
+    if isinstance(obj, Mapping):
+        return {key: _without(value, fields) for key, value in obj.items() if key not in fields}
+    return [_without(value, fields) for value in obj] if isinstance(obj, list | tuple) else obj
+
+
+def model_config_hash(model: torch.nn.Module) -> str:
+    """Hash of ``model.config.to_dict()`` (less :data:`VALUE_FREE_CONFIG_FIELDS`) and of the
+    attention implementation in use (``config._attn_implementation``)."""
+    fields = _without(model.config.to_dict(), VALUE_FREE_CONFIG_FIELDS)
+    return hash_json({"config": fields, "attn": model.config._attn_implementation})
+
+
+def sae_config_hash(sae: torch.nn.Module) -> str:
+    """Hash of the sae-lens ``sae.cfg.to_dict()`` (architecture, ``d_in``, ``d_sae``, ``k``,
+    ``normalize_activations``, ``apply_b_dec_to_input``, dtype, metadata), less ``device``."""
+    return hash_json({key: v for key, v in sae.cfg.to_dict().items() if key != "device"})
+
+
+def library_versions() -> dict[str, str]:
+    """Installed versions of the libraries that change numerics (torch, transformers, sae-lens)."""
+    return {name: metadata.version(name) for name in NUMERIC_LIBRARIES}
+
+
+def short(value: Any, length: int = 12) -> str:
+    """A component value for messages: hex digests cut to ``length`` characters."""
+    text = "<absent>" if value is None else str(value)
+    is_hex = all(c in "0123456789abcdef" for c in text)
+    return text[:length] if len(text) > length and is_hex else text
+
+
+def differences(
+    expected: Mapping[str, Any], found: Mapping[str, Any], ignore: Iterable[str] = ()
+) -> list[str]:
+    """One line ``  name: expected <short>, found <short>`` per differing component, in
+    ``expected`` order, then those only in ``found``; components in ``ignore`` skipped."""
+    names = [*expected, *(name for name in found if name not in expected)]
+    return [
+        f"  {name}: expected {short(expected.get(name))}, found {short(found.get(name))}"
+        for name in names
+        if name not in ignore and expected.get(name) != found.get(name)
+    ]
