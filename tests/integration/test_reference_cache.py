@@ -22,14 +22,14 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-from fpo.methods import METHODS
 from omegaconf import OmegaConf
 
 import fpo.cache
+import fpo.experiment
 import fpo.reference.settings
-import fpo.train
 from fpo.data import PreferenceDataModule
 from fpo.errors import UserError
+from fpo.experiment import Experiment
 from fpo.forward import forward_response_positions
 from fpo.logprobs import response_positions
 from fpo.models.hf import split_causal_lm
@@ -41,6 +41,7 @@ from fpo.reference.build import build_reference_cache
 from fpo.reference.settings import CacheSettings, hash_state_dict
 from fpo.reference.store import ReferenceCache
 from fpo.sae import build_random_sae, encode_pooled, resolve_hook_module
+from helpers import preset
 
 HOOK = "blocks.1.hook_resid_post"
 D_SAE = 64
@@ -136,15 +137,15 @@ def pooled_features(model, sae, batch) -> torch.Tensor:
 
 
 def module_for(name, policy, reference, sae=None, k=K, lr=1e-2):
-    objective = {"dpo": {"name": "dpo", "beta": 0.1}}.get(
-        name, {"name": "fpo", "beta": 0.1, "alpha": 0.5, "k": k}
-    )
+    objective = preset(name, f"objective.constraints.features.k={k}")
+    features = objective.needs.features
     return FPOLightningModule(
         policy,
         objective=objective,
         optimizer=partial(torch.optim.AdamW, lr=lr),
         reference=reference,
-        sae=sae if METHODS[name].features else None,
+        sae=sae if features else None,
+        hook_name=HOOK if features else None,
         sae_report_batches=0,
     )
 
@@ -402,10 +403,9 @@ def test_train_with_cached_reference_never_builds_a_reference_model(
     def forbidden(*args, **kwargs):
         raise AssertionError("reference=cached built a reference model")
 
-    monkeypatch.setattr(fpo.train, "OnlineReference", forbidden)
+    monkeypatch.setattr(fpo.experiment, "OnlineReference", forbidden)
     cfg = OmegaConf.create(
         {
-            "objective": {"name": "fpo", "beta": 0.1, "alpha": 0.5, "k": K},
             "reference": {"source": "cached", "path": str(root), "values_dtype": "float32"},
             "trainer": {"precision": "32-true"},
             "logits_chunk_size": None,
@@ -413,7 +413,9 @@ def test_train_with_cached_reference_never_builds_a_reference_model(
     )
     dm = make_dm(tiny_tokenizer)
     model, sae = build_tiny_model(seed=0), make_sae()
-    reference = fpo.train.build_reference(cfg, METHODS["fpo"], model, sae, dm)
+    objective = preset("fpo", f"objective.constraints.features.k={K}")
+    experiment = Experiment(cfg, objective, model, tiny_tokenizer, sae, HOOK, dm)
+    reference = experiment.build_reference()
     assert isinstance(reference, BatchReference)
     batch = next(iter(dm.train_dataloader()))
     assert batch["ref_topk_indices"].shape == (4, K) and batch["ref_sum_logps"].shape == (4,)
@@ -476,7 +478,7 @@ def test_cli_cache_then_train_then_refuse_a_changed_input(cli_cache, capsys, mon
     fpo.cache.main()
     info = capsys.readouterr().out
     assert info.count(": complete") == 2 and "/train: complete" in info and "/val: complete" in info
-    assert "pairs 8, rows 8, k 16, values float32" in info and "reference_weights" in info
+    assert "pairs 8, rows 8, k 50, values float32" in info and "reference_weights" in info
 
 
 def test_cli_cache_built_by_two_ddp_processes_equals_one_process(cli_cache, tmp_path):
