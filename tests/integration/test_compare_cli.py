@@ -49,7 +49,8 @@ def test_compare_a_smoke_multirun(tmp_path):
         assert row["n"] == "2" and row["seed"] == "0,1" and row["judge"] == "vader-compound"
         assert 0.0 <= float(row["accuracy"]) <= 1.0 and row["accuracy_stderr"] != ""
         assert row["kl"] != "" and row["win_rate"] != "" and row["tokens_per_sec"] != ""
-    assert configs["fpo"]["objective.alpha"] != "" and configs["dpo"]["objective.alpha"] == ""
+    alpha = "objective.constraints.features.alpha"
+    assert float(configs["fpo"][alpha]) == 0.5 and float(configs["dpo"][alpha]) == 0.0
     for name in ("frontier.png", "curves.png"):
         assert (out / name).read_bytes().startswith(b"\x89PNG"), name
 

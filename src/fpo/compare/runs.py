@@ -8,6 +8,7 @@ Everything else in it is optional and read defensively: ``metrics.json`` (final 
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import os
@@ -149,7 +150,22 @@ def load_run(path: str | os.PathLike, name: str | None = None) -> Run:
         run.problems.append(f"{folder}: no {METRICS} (unfinished or failed run?)")
     run.evaluation = _read_json(folder / SUMMARY, run.problems)
     run.curves = _curves_file(folder)
+    if "train/tokens_per_sec" not in run.metrics and run.curves is not None:
+        run.metrics["train/tokens_per_sec"] = _tokens_per_sec(run.curves)
     return run
+
+
+def _tokens_per_sec(curves: Path) -> float | None:
+    """Whole-run training throughput from Lightning's ThroughputMonitor columns of the CSV
+    log: the last ``train/lengths`` (tokens so far) over its ``train/time`` (seconds)."""
+    last = None
+    with open(curves, newline="", encoding="utf-8") as handle:
+        for record in csv.DictReader(handle):
+            if record.get("train/lengths") and record.get("train/time"):
+                last = record
+    if last is None or float(last["train/time"]) <= 0:
+        return None
+    return float(last["train/lengths"]) / float(last["train/time"])
 
 
 def load_runs(directories: Sequence[str | os.PathLike] | Iterable[str]) -> list[Run]:
