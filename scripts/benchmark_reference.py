@@ -99,7 +99,6 @@ def compose_config(args, objective: str, source: str | None):
         "model=gemma3_270m",
         f"objective={objective}",
         f"reference={source or 'online'}",
-        f"reference.path={Path(args.workdir) / 'cache' / objective}",
         "sae=random",  # d_in and the last layer (blocks.17) are read from the model
         f"sae.d_sae={args.d_sae}",
         f"sae.k={args.sae_k}",
@@ -115,6 +114,8 @@ def compose_config(args, objective: str, source: str | None):
         "optimizer.lr=1e-6",
         "callbacks=none",
     ]
+    if source == "cached":
+        overrides.append(f"reference.path={Path(args.workdir) / 'cache' / objective}")
     name = "cache" if source == "cached" else "train"
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose(config_name=name, overrides=overrides, return_hydra_config=True)

@@ -44,6 +44,7 @@ from fpo.reference.store import ReferenceCache
 from fpo.sae import check_sae_fits_model, load_sae, resolve_hook_module, sae_hook_name
 from fpo.sae_training.activations import collect_activations
 from fpo.sae_training.trainer import evaluate_sae
+from helpers import compose_train
 
 pytestmark = pytest.mark.slow
 
@@ -224,7 +225,7 @@ def test_portable_heldout_sample(gemma, sae):
 def sentiment_datamodule(tokenizer) -> PreferenceDataModule:
     """The first pairs of the sentiment train split with ``configs/data/sentiment.yaml``'s
     template and truncation settings."""
-    config = OmegaConf.to_container(OmegaConf.load(ROOT / "configs/data/sentiment.yaml"))
+    config = compose_train("data=sentiment").data
     keep = ("format", "chat_template", "plain_template", "append_eos", "max_length",
             "max_prompt_length", "on_bad_row")  # fmt: skip
     return PreferenceDataModule(
