@@ -112,6 +112,7 @@ def compose_config(args, objective: str, source: str | None):
         "data.shuffle=false",
         "+trainer.enable_progress_bar=false",
         "optimizer.lr=1e-6",
+        "~scheduler",
         "callbacks=none",
     ]
     if source == "cached":
