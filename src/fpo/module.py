@@ -164,7 +164,11 @@ class FPOLightningModule(L.LightningModule):
         if needs.features:
             pooled = encode_pooled(self.sae, policy_out.hooked, positions.rows, rows)
             stats["fmse"] = objectives.feature_mse(
-                pooled, ref.topk_indices, ref.topk_values, k=self.objective.feature_k
+                pooled,
+                ref.topk_indices,
+                ref.topk_values,
+                k=self.objective.feature_k,
+                normalize=self.objective.constraints.features.normalize,
             )
         result = self.objective.loss(policy_logps, ref_logps, stats)
         stats["logps"] = getattr(policy_logps, self.objective.logps_field).detach()

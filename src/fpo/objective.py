@@ -104,11 +104,14 @@ class TokenKL:
 @dataclass
 class Features:
     """FPO's constraint: ``alpha * (D_l - sg(D_w))``, ``D`` the feature MSE of pooled SAE
-    features over ``topk(policy, k) UNION reference top-k`` divided by ``k``."""
+    features over ``topk(policy, k) UNION reference top-k`` divided by ``k``; with
+    ``normalize`` divided by the reference's pooled feature energy over the same set, so
+    ``D`` is scale-free and one ``alpha`` transfers between SAEs (not in the paper)."""
 
     alpha: float = 0.0
     k: int = 50
     stop_gradient: bool = True
+    normalize: bool = False
 
     needs: ClassVar[Needs] = Needs(features=True)
     stat: ClassVar[str] = "fmse"
@@ -233,5 +236,5 @@ def build_objective(config: Mapping | Objective) -> Objective:
             f"objective: {error.msg if hasattr(error, 'msg') else error} "
             "(keys: name, margin (dpo|ln_dpo|simpo), beta, gamma_beta_ratio, "
             "constraints.token_kl.{alpha,stop_gradient}, "
-            "constraints.features.{alpha,k,stop_gradient})."
+            "constraints.features.{alpha,k,stop_gradient,normalize})."
         ) from None

@@ -232,6 +232,7 @@ def feature_mse(
     ref_topk_indices: Tensor,
     ref_topk_values: Tensor,
     k: int,
+    normalize: bool = False,
 ) -> Tensor:
     """Sparse feature discrepancy ``D`` between policy and reference pooled SAE features.
 
@@ -241,10 +242,15 @@ def feature_mse(
             (any integer dtype; int16/int32 from the cache are fine).
         ref_topk_values: ``[B, k_ref]`` the reference's values at those indices.
         k: how many of the policy's largest features to take, ``1 <= k <= d_sae``.
+        normalize: divide by the reference's pooled feature energy over the same union,
+            ``E = (1/k) * sum_{i in I} cbar_ref[i]^2`` (= over ``idx_ref``), so that ``D`` is
+            relative (scale-free: the same for an SAE whose features are all scaled by c)
+            and one ``alpha`` transfers between SAEs. ``E`` is a constant of the reference.
 
     Returns:
         ``[B]``: ``D = (1/k) * sum_{i in I} (cbar_theta[i] - cbar_ref[i])^2`` with
-        ``I = topk(cbar_theta, k) UNION idx_ref`` and ``cbar_ref`` zero outside ``idx_ref``.
+        ``I = topk(cbar_theta, k) UNION idx_ref`` and ``cbar_ref`` zero outside ``idx_ref``
+        (``D / E`` with ``normalize``; a row whose reference energy is 0 keeps ``D``).
         With ``k = d_sae`` this is the dense mean squared error over all features.
 
     Vectorised: the reference top-k is scattered into a dense ``[B, d_sae]`` zero tensor and
@@ -274,4 +280,8 @@ def feature_mse(
     in_union = torch.zeros_like(policy_features, dtype=torch.bool)
     in_union.scatter_(1, policy_topk, True).scatter_(1, ref_indices, True)
     squared = (policy_features - ref_dense).square()
-    return torch.where(in_union, squared, torch.zeros_like(squared)).sum(dim=1) / k
+    discrepancy = torch.where(in_union, squared, torch.zeros_like(squared)).sum(dim=1) / k
+    if not normalize:
+        return discrepancy
+    energy = ref_dense.square().sum(dim=1) / k
+    return discrepancy / torch.where(energy > 0, energy, torch.ones_like(energy))

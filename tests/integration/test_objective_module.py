@@ -160,6 +160,8 @@ def naive_loss(objective: Objective, policy, reference, sae):
         union.scatter_(-1, cbar.topk(k, dim=-1).indices, True)
         union.scatter_(-1, ref_top.indices, True)
         d = ((cbar - ref_sparse).square() * union).sum(-1) / k
+        if features.normalize:
+            d = d / (ref_sparse.square().sum(-1) / k)
         dw, dl = d.chunk(2)
         margin = margin - features.alpha * (dl - dw)
     return -F.logsigmoid(beta * margin - gamma)
@@ -170,6 +172,7 @@ COMBINATIONS = {
     "simpo+features": ("simpo", "objective.constraints.features.alpha=0.5"),
     "dpo+token_kl": ("dpo", "objective.constraints.token_kl.alpha=0.5"),
     "ln_dpo+token_kl": ("tdpo2", "objective.margin=ln_dpo"),
+    "fpo normalized": ("fpo", "objective.constraints.features.normalize=true"),
 }
 
 

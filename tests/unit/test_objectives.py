@@ -329,3 +329,21 @@ def test_feature_mse_gradient_reaches_policy_only_on_union():
 def test_feature_mse_rejects_bad_k(k):
     with pytest.raises(ValueError, match=f"got {k}"):
         feature_mse(POLICY, torch.tensor([[0, 5]]), torch.tensor([[1.0, 2.0]]), k=k)
+
+
+def test_normalized_feature_mse_is_scale_free_and_relative_to_the_reference_energy():
+    generator = torch.Generator().manual_seed(3)
+    policy = torch.rand(3, 12, generator=generator)
+    reference = torch.rand(3, 12, generator=generator)
+    top = reference.topk(4, dim=1)
+    raw = feature_mse(policy, top.indices, top.values, k=4)
+    relative = feature_mse(policy, top.indices, top.values, k=4, normalize=True)
+    energy = top.values.square().sum(1) / 4
+    torch.testing.assert_close(relative, raw / energy)
+    scaled = feature_mse(50 * policy, top.indices, 50 * top.values, k=4, normalize=True)
+    torch.testing.assert_close(scaled, relative)
+    torch.testing.assert_close(
+        feature_mse(50 * policy, top.indices, 50 * top.values, k=4), 2500 * raw
+    )
+    silent = feature_mse(policy, top.indices, torch.zeros_like(top.values), k=4, normalize=True)
+    torch.testing.assert_close(silent, feature_mse(policy, top.indices, 0 * top.values, k=4))
