@@ -1,7 +1,8 @@
-"""Building the offline cache as a Lightning predict loop (it shards across devices).
+"""Building the offline cache: per-rank shards (atomic, resumable), then one manifest.
 
 Values come from the online reference's own code, ``OnlineReference.stats(...,
-features=k > 0, token_kl=False)``, so a cached value equals the online one. Per split::
+features=k > 0, token_kl=False)``, run in a Lightning predict loop that shards across
+devices like training, so a cached value equals the online one. Per split::
 
     every rank: open its ReferenceCacheWriter; barrier
     every rank: todo = pairs in no completed shard (the same list everywhere); barrier
@@ -10,32 +11,202 @@ features=k > 0, token_kl=False)``, so a cached value equals the online one. Per 
 
 An interrupted build resumes where it stopped (done pairs are skipped). Dealing whole
 batches keeps them, hence their padding, the same for any number of ranks, and a resumed
-build's too (shards end on batch boundaries): the values are then bit-identical.
+build's too (shards end on batch boundaries): the values are then bit-identical. See
+:mod:`fpo.reference.store` for the folder layout.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import re
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
+import pyarrow as pa
+import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from fpo.errors import UserError
 from fpo.logprobs import response_positions
 from fpo.reference.base import OnlineReference
-from fpo.reference.settings import CacheSettings
-from fpo.reference.store import ReferenceCache, completed_ids
-from fpo.reference.writer import ReferenceCacheWriter
+from fpo.reference.settings import CacheSettings, differences, normalize_values_dtype
+from fpo.reference.store import (
+    MANIFEST,
+    SIDES,
+    ReferenceCache,
+    cache_schema,
+    completed_ids,
+    field_types,
+    read_manifest,
+    shard_fingerprint,
+    shards,
+)
 
 log = logging.getLogger("fpo.cache")
+_SHARD = re.compile(r"\.?rank(\d+)-(\d+)\.arrow")  # a shard or its temp file
+
+
+def atomic_write(path: Path, data: bytes | pa.Buffer) -> None:
+    """Write ``data`` to ``path`` atomically: temp name in the same folder, fsync, replace."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class ReferenceCacheWriter:
+    """Writes rank ``rank``'s rows of a cache into ``path``, a shard per ``shard_size`` rows
+    or more (shards end on ``add`` boundaries, so a resumed build keeps its batches).
+
+    The fingerprint is ``components`` with ``k`` and ``dtype`` set from the arguments. A
+    folder holding a manifest or shards of another fingerprint is refused, each differing
+    component named, unless ``overwrite``: then each rank removes its share of the old files
+    (those of ranks equal to ``rank`` modulo ``world_size``; rank 0 also the manifest).
+    Completed shards of every rank are kept across runs, so an interrupted build resumes.
+    Every rank calls ``close()`` (``abort()`` after an error), then rank 0 ``finalize()``.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        components: Mapping[str, Any],
+        k: int,
+        values_dtype: str,
+        rank: int = 0,
+        world_size: int = 1,
+        shard_size: int = 1024,
+        overwrite: bool = False,
+    ) -> None:
+        if not 0 <= rank < world_size or k < 0 or shard_size < 1:
+            raise ValueError(f"bad writer arguments {rank=} {world_size=} {k=} {shard_size=}")
+        self.path, self.rank, self.world_size = Path(path), rank, world_size
+        self.k, self.shard_size = int(k), int(shard_size)
+        self.values_dtype = normalize_values_dtype(values_dtype)
+        self.types = field_types(self.k, self.values_dtype)
+        self.fingerprint = {name: str(value) for name, value in components.items()}
+        self.fingerprint |= {"k": str(self.k), "dtype": self.values_dtype}
+        self.schema = cache_schema(self.k, self.values_dtype, self.fingerprint)
+        (self.path / "shards").mkdir(parents=True, exist_ok=True)
+        if overwrite:  # this rank's share of the old files
+            for file in (self.path / "shards").iterdir():
+                if (match := _SHARD.match(file.name)) and int(match[1]) % world_size == rank:
+                    file.unlink()
+            if rank == 0:
+                (self.path / MANIFEST).unlink(missing_ok=True)
+        else:
+            self._refuse_other_fingerprints()
+        numbers = [_SHARD.match(file.name).groups() for file, _ in shards(self.path)]
+        self._next = max((int(n) for r, n in numbers if int(r) == rank), default=-1) + 1
+        self._pending: list[pa.RecordBatch] = []
+        self._closed = False
+
+    def _refuse_other_fingerprints(self) -> None:
+        found = []
+        if (self.path / MANIFEST).is_file():
+            found.append((self.path / MANIFEST, read_manifest(self.path)["components"]))
+        found += [(file, shard_fingerprint(table)) for file, table in shards(self.path)]
+        for file, fingerprint in found:
+            if lines := differences(self.fingerprint, fingerprint):
+                raise UserError(
+                    f"Refusing to write the reference cache into {self.path}: it already holds "
+                    f"cache state ({file.name}) built with other inputs. Differing components "
+                    "(expected = this build):\n" + "\n".join(lines) + "\nUse another folder, "
+                    "or replace it (fpo-cache ... cache.overwrite=true; in Python overwrite=True)."
+                )
+
+    def add(
+        self, example_ids: list[str], chosen: Mapping[str, Any], rejected: Mapping[str, Any]
+    ) -> None:
+        """Buffer B rows, then write a shard once ``shard_size`` rows are buffered. Fields
+        per side (numpy arrays or tensors): ``sum_logps``, ``avg_logps``, ``n_tokens``
+        ``[B]`` and, with ``k > 0``, ``topk_indices``, ``topk_values`` ``[B, k]``; each
+        must be finite in its stored dtype (float16 may overflow), ``n_tokens >= 1``."""
+        if self._closed:
+            raise RuntimeError("add() after close()")
+        ids = [str(i) for i in example_ids]
+        arrays = [pa.array(ids, pa.string())]
+        for side, fields in zip(SIDES, (chosen, rejected), strict=True):
+            for name, dtype in self.types.items():
+                value = fields[name]
+                if isinstance(value, torch.Tensor):  # bfloat16 has no numpy dtype
+                    value = value.detach().cpu()
+                    value = value.float() if value.is_floating_point() else value
+                value, topk = np.asarray(value), name.startswith("topk")
+                shape = (len(ids), self.k) if topk else (len(ids),)
+                if value.shape != shape:
+                    raise ValueError(f"{side}_{name} has shape {value.shape}, expected {shape}")
+                with np.errstate(over="ignore"):  # an overflow to inf is refused below
+                    value = value.astype(dtype)
+                if (bad := value < 1 if name == "n_tokens" else ~np.isfinite(value)).any():
+                    raise UserError(
+                        f"{side}_{name} of example id {ids[np.argwhere(bad)[0, 0]]!r} is not "
+                        f"valid as {dtype} (not finite, or no tokens); if float16 overflows, "
+                        "use values_dtype=float32."
+                    )
+                column = pa.array(value.reshape(-1))
+                arrays.append(pa.FixedSizeListArray.from_arrays(column, self.k) if topk else column)
+        self._pending.append(pa.record_batch(arrays, schema=self.schema))
+        if sum(batch.num_rows for batch in self._pending) >= self.shard_size:
+            self._write_shard()
+
+    def close(self) -> None:
+        """Write the remaining rows (idempotent)."""
+        if not self._closed:
+            self._write_shard()
+            self._closed = True
+
+    def abort(self) -> None:
+        """After an error elsewhere: save the finished rows for a resume, but never raise
+        (the original error is the one to report). The cache stays incomplete."""
+        try:
+            self.close()
+        except Exception as err:  # a failing save must not mask the original error
+            log.warning("could not save the buffered rows of %s: %s", self.path, err)
+        self._closed = True
+
+    def finalize(self, expected_ids: Iterable[str] = ()) -> dict[str, Any]:
+        """Rank 0, after every rank closed: write ``manifest.json`` (last) and return it.
+        Every one of ``expected_ids`` must be stored."""
+        entries, ids = [], set()
+        for file, table in shards(self.path):
+            ids.update(table.column("example_id").to_pylist())
+            size = file.stat().st_size
+            entries.append({"file": f"shards/{file.name}", "rows": table.num_rows, "bytes": size})
+        if missing := [i for i in expected_ids if i not in ids]:
+            raise UserError(
+                f"The reference cache at {self.path} lacks {len(missing)} expected example ids "
+                f"(first: {missing[:3]}); resume the build before finalizing."
+            )
+        total = sum(entry["bytes"] for entry in entries)
+        manifest = {"num_pairs": len(ids), "num_rows": sum(e["rows"] for e in entries)}
+        manifest |= {"k": self.k, "values_dtype": self.values_dtype, "total_bytes": total}
+        manifest |= {"bytes_per_pair": total / max(len(ids), 1), "world_size": self.world_size}
+        manifest |= {"components": self.fingerprint, "shards": entries}
+        atomic_write(self.path / MANIFEST, json.dumps(manifest, indent=1).encode())
+        return manifest
+
+    def _write_shard(self) -> None:
+        """Write the buffered rows as one shard (nothing when none are buffered)."""
+        if not self._pending:
+            return
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_file(sink, self.schema) as ipc:
+            ipc.write_table(pa.Table.from_batches(self._pending).combine_chunks())
+        name = f"rank{self.rank}-{self._next:05d}.arrow"
+        atomic_write(self.path / "shards" / name, sink.getvalue())
+        self._pending, self._next = [], self._next + 1
 
 
 @dataclass
@@ -105,10 +276,9 @@ class CachePredictor(L.LightningModule):
         """Reference statistics ``[2B]``/``[2B, k]``, written as B rows (chosen, rejected)."""
         positions, features = response_positions(batch["labels"]), self.reference.k > 0
         stats = self.reference.stats(batch, positions, features=features, token_kl=False)
-        fields = dict(zip(("sum_logps", "avg_logps", "n_tokens"), stats.logps, strict=True))
-        if features:
-            fields |= {"topk_indices": stats.topk_indices, "topk_values": stats.topk_values}
-        halves = {name: value.cpu().chunk(2) for name, value in fields.items()}
+        names = ("sum_logps", "avg_logps", "n_tokens", "topk_indices", "topk_values")
+        values = (*stats.logps, stats.topk_indices, stats.topk_values)
+        halves = {n: v.cpu().chunk(2) for n, v in zip(names, values, strict=True) if v is not None}
         chosen, rejected = ({name: pair[i] for name, pair in halves.items()} for i in (0, 1))
         self.to_run[dataloader_idx].writer.add(batch["example_id"], chosen, rejected)
 
@@ -149,16 +319,13 @@ def build_reference_cache(
     """
     fingerprints, builds = settings.model_fingerprints(policy, sae), []
     for split in datamodule.splits:
-        path, components = (
-            settings.split_path(split),
-            settings.components(datamodule, split, fingerprints),
-        )
+        path = settings.split_path(split)
+        components = settings.components(datamodule, split, fingerprints)
         if not overwrite and is_complete(path, components):
             log.info("reference cache %s is complete and up to date; kept", path)
-        else:
-            builds.append(
-                SplitBuild(split, path, datamodule.dataset(split, wrapped=False), components)
-            )
+            continue
+        dataset = datamodule.dataset(split, wrapped=False)
+        builds.append(SplitBuild(split, path, dataset, components))
     if not builds:
         return {}
     sae = sae if settings.k > 0 else None
@@ -187,10 +354,7 @@ def build_reference_cache(
     seconds, results = time.perf_counter() - started, {}
     for build in builds if trainer.is_global_zero else ():
         manifest = build.writer.finalize(build.dataset.example_ids)
-        results[build.split] = {
-            "manifest": manifest,
-            "computed": build.computed,
-            "seconds": seconds,
-        }
+        results[build.split] = {"manifest": manifest, "computed": build.computed}
+        results[build.split]["seconds"] = seconds
     trainer.strategy.barrier("fpo-cache-finalized")
     return results
