@@ -30,11 +30,10 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import numpy as np
 import pyarrow as pa
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from fpo.errors import UserError
 from fpo.logprobs import response_positions
@@ -107,8 +106,8 @@ class ReferenceCacheWriter:
                 (self.path / MANIFEST).unlink(missing_ok=True)
         else:
             self._refuse_other_fingerprints()
-        numbers = [_SHARD.match(file.name).groups() for file, _ in shards(self.path)]
-        self._next = max((int(n) for r, n in numbers if int(r) == rank), default=-1) + 1
+        mine = (self.path / "shards").glob(f"rank{rank}-*.arrow")
+        self._next = 1 + max((int(file.stem.split("-")[1]) for file in mine), default=-1)
         self._pending: list[pa.RecordBatch] = []
         self._closed = False
 
@@ -139,23 +138,20 @@ class ReferenceCacheWriter:
         arrays = [pa.array(ids, pa.string())]
         for side, fields in zip(SIDES, (chosen, rejected), strict=True):
             for name, dtype in self.types.items():
-                value = fields[name]
-                if isinstance(value, torch.Tensor):  # bfloat16 has no numpy dtype
-                    value = value.detach().cpu()
-                    value = value.float() if value.is_floating_point() else value
-                value, topk = np.asarray(value), name.startswith("topk")
+                value = torch.as_tensor(fields[name]).detach().cpu().to(getattr(torch, dtype))
+                topk = name.startswith("topk")
                 shape = (len(ids), self.k) if topk else (len(ids),)
                 if value.shape != shape:
-                    raise ValueError(f"{side}_{name} has shape {value.shape}, expected {shape}")
-                with np.errstate(over="ignore"):  # an overflow to inf is refused below
-                    value = value.astype(dtype)
-                if (bad := value < 1 if name == "n_tokens" else ~np.isfinite(value)).any():
-                    raise UserError(
-                        f"{side}_{name} of example id {ids[np.argwhere(bad)[0, 0]]!r} is not "
-                        f"valid as {dtype} (not finite, or no tokens); if float16 overflows, "
-                        "use values_dtype=float32."
+                    raise ValueError(
+                        f"{side}_{name} has shape {tuple(value.shape)}, expected {shape}"
                     )
-                column = pa.array(value.reshape(-1))
+                if (bad := value < 1 if name == "n_tokens" else ~value.isfinite()).any():
+                    raise UserError(
+                        f"{side}_{name} of example id {ids[bad.nonzero()[0, 0]]!r} is not valid "
+                        f"as {dtype} (not finite, or no tokens); if float16 overflows, use "
+                        "values_dtype=float32."
+                    )
+                column = pa.array(value.reshape(-1).numpy())
                 arrays.append(pa.FixedSizeListArray.from_arrays(column, self.k) if topk else column)
         self._pending.append(pa.record_batch(arrays, schema=self.schema))
         if sum(batch.num_rows for batch in self._pending) >= self.shard_size:
@@ -222,42 +218,21 @@ class SplitBuild:
     computed: int = 0
 
 
-class PairBatches(Dataset):
-    """Item ``i`` is the collated batch of the pairs ``batches[i]`` (load it with
-    ``batch_size=None``), so the batches are exactly the ones dealt to this rank."""
-
-    def __init__(self, dataset: Any, batches: list[list[int]], collate: Callable) -> None:
-        self.dataset, self.batches, self.collate = dataset, batches, collate
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        return self.collate([self.dataset[i] for i in self.batches[index]])
-
-
 class CachePredictor(L.LightningModule):
     """The frozen reference in a predict loop; each batch's rows go to its split's writer,
-    opened by ``new_writer(path, components, rank=, world_size=)``."""
+    a ``ReferenceCacheWriter(path, components, rank=, world_size=, **writer_kwargs)``."""
 
-    def __init__(
-        self,
-        reference: OnlineReference,
-        builds: list[SplitBuild],
-        new_writer: Callable,
-        collate: Callable,
-        batch_size: int,
-    ) -> None:
+    def __init__(self, reference, builds, collate, batch_size: int, writer_kwargs: dict) -> None:
         super().__init__()
-        self.reference, self.builds, self.new_writer = reference, builds, new_writer
+        self.reference, self.builds, self.writer_kwargs = reference, builds, writer_kwargs
         self.collate, self.batch_size = collate, batch_size
 
     def setup(self, stage: str) -> None:
         """Open the writers, then agree on the remaining pairs and deal out their batches."""
         rank, world, size = self.trainer.global_rank, self.trainer.world_size, self.batch_size
         for build in self.builds:
-            build.writer = self.new_writer(
-                build.path, build.components, rank=rank, world_size=world
+            build.writer = ReferenceCacheWriter(
+                build.path, build.components, rank=rank, world_size=world, **self.writer_kwargs
             )
         self.trainer.strategy.barrier("fpo-cache-writers-open")
         for build in self.builds:
@@ -269,8 +244,14 @@ class CachePredictor(L.LightningModule):
         self.to_run = [build for build in self.builds if build.batches]
 
     def predict_dataloader(self) -> list[DataLoader]:
-        loaders = [PairBatches(b.dataset, b.batches, self.collate) for b in self.to_run]
-        return [DataLoader(batches, batch_size=None) for batches in loaders]
+        """A loader per split whose item ``i`` is this rank's collated batch ``i``."""
+        return [
+            DataLoader(b.batches, None, collate_fn=partial(self.collate_pairs, b.dataset))
+            for b in self.to_run
+        ]
+
+    def collate_pairs(self, dataset: Any, pairs: list[int]) -> dict[str, Any]:
+        return self.collate([dataset[i] for i in pairs])
 
     def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         """Reference statistics ``[2B]``/``[2B, k]``, written as B rows (chosen, rejected)."""
@@ -330,14 +311,9 @@ def build_reference_cache(
         return {}
     sae = sae if settings.k > 0 else None
     reference = OnlineReference(policy, sae, settings.hook_name, settings.k, logits_chunk_size)
-    new_writer = partial(
-        ReferenceCacheWriter,
-        k=settings.k,
-        values_dtype=settings.values_dtype,
-        shard_size=shard_size,
-        overwrite=overwrite,
-    )
-    predictor = CachePredictor(reference, builds, new_writer, datamodule.collator, batch_size)
+    writer_kwargs = {"k": settings.k, "values_dtype": settings.values_dtype}
+    writer_kwargs |= {"shard_size": shard_size, "overwrite": overwrite}
+    predictor = CachePredictor(reference, builds, datamodule.collator, batch_size, writer_kwargs)
     trainer, started = make_trainer([]), time.perf_counter()
     try:
         with warnings.catch_warnings():  # pre-batched loaders: Lightning needs no indices
@@ -354,7 +330,6 @@ def build_reference_cache(
     seconds, results = time.perf_counter() - started, {}
     for build in builds if trainer.is_global_zero else ():
         manifest = build.writer.finalize(build.dataset.example_ids)
-        results[build.split] = {"manifest": manifest, "computed": build.computed}
-        results[build.split]["seconds"] = seconds
+        results[build.split] = dict(manifest=manifest, computed=build.computed, seconds=seconds)
     trainer.strategy.barrier("fpo-cache-finalized")
     return results

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
@@ -46,7 +47,6 @@ IRRELEVANT_OVERRIDES += ("optimizer", "scheduler", "ckpt_path", "optimized_metri
 IRRELEVANT_OVERRIDES += ("hparams_search", "tags", "task_name")
 #: The command-line switch that lets fpo-cache replace a cache built for other inputs.
 OVERWRITE_OVERRIDE = "cache.overwrite=true"
-NUMERIC_LIBRARIES = ("torch", "transformers", "sae-lens")
 #: Model-config fields that cannot change the reference's values (at any nesting level).
 VALUE_FREE_CONFIG_FIELDS = {"_name_or_path", "transformers_version", "_commit_hash", "use_cache"}
 VALUE_FREE_CONFIG_FIELDS |= {"return_dict", "output_hidden_states", "output_attentions"}
@@ -54,16 +54,10 @@ VALUE_FREE_CONFIG_FIELDS |= {"return_dict", "output_hidden_states", "output_atte
 
 @dataclass(frozen=True)
 class CacheSettings:
-    """A run's reference cache.
-
-    Attributes:
-        root: folder holding one cache folder per split (``root/train``, ``root/val``).
-        k: pooled SAE features stored per row as top-k (0: log-probs only, no SAE).
-        values_dtype: ``float16`` or ``float32``, dtype of the stored feature values.
-        hook_name: where the SAE reads the residual stream (``None`` when ``k == 0``).
-        precision: the Lightning ``trainer.precision`` the values are computed under.
-        rebuild_command: the ``fpo-cache ...`` command that (re)builds this cache.
-    """
+    """A run's reference cache: one folder per split under ``root`` (``root/train``), ``k``
+    top-k pooled SAE features per row (0: log-probs only, no SAE) stored as ``values_dtype``
+    (``float16``/``float32``), the SAE's ``hook_name`` (``None`` when ``k == 0``), the
+    Lightning ``precision`` of the values and the ``fpo-cache`` command that (re)builds it."""
 
     root: Path
     k: int
@@ -91,13 +85,9 @@ class CacheSettings:
     def components(
         self, datamodule: Any, split: str, model_fingerprints: Mapping[str, str]
     ) -> dict[str, str]:
-        """The fingerprint components of ``split`` (module docstring), in message order.
-
-        Args:
-            datamodule: a ``PreferenceDataModule`` (its ``fingerprint_components(split)``
-                gives ``data``, ``tokenizer``, ``template`` and ``truncation``).
-            model_fingerprints: :meth:`model_fingerprints` of the reference and the SAE.
-        """
+        """The fingerprint components of ``split`` (module docstring), in message order:
+        the ``PreferenceDataModule``'s ``fingerprint_components(split)`` (``data`` to
+        ``truncation``), ``model_fingerprints`` (:meth:`model_fingerprints`), then ours."""
         return {
             **datamodule.fingerprint_components(split),
             **model_fingerprints,
@@ -126,23 +116,18 @@ def cache_settings(cfg: DictConfig, *, k: int, hook_name: str | None) -> CacheSe
         values_dtype=normalize_values_dtype(cfg.reference.get("values_dtype", "float32")),
         hook_name=hook_name if k > 0 else None,
         precision=str(cfg.trainer.get("precision", "32-true")),
-        rebuild_command=rebuild_command(hydra_overrides(), root),
+        rebuild_command=rebuild_command(
+            list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else None, root
+        ),
     )
 
 
 def normalize_values_dtype(name: str) -> str:
-    """``"float16"`` or ``"float32"`` (aliases fp16/half/fp32/float accepted)."""
+    """``"float16"`` or ``"float32"`` (aliases fp16, half, fp32 accepted)."""
     name = {"fp16": "float16", "half": "float16", "fp32": "float32"}.get(str(name), str(name))
     if name not in ("float16", "float32"):
         raise UserError(f"values_dtype must be float16 or float32 for the cache, got {name!r}.")
     return name
-
-
-def hydra_overrides() -> list[str] | None:
-    """The command-line overrides of the running Hydra job (``None`` outside Hydra)."""
-    from hydra.core.hydra_config import HydraConfig
-
-    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else None
 
 
 def rebuild_command(overrides: Sequence[str] | None, root: Path) -> str:
@@ -155,7 +140,6 @@ def rebuild_command(overrides: Sequence[str] | None, root: Path) -> str:
     return shlex.join(["fpo-cache", *kept])
 
 
-# ------------------------------------------------------------------------ fingerprints
 def hash_state_dict(module_or_state_dict: torch.nn.Module | Mapping[str, Any]) -> str:
     """sha256 of a module's (or a state dict's) names, dtypes, shapes and bytes, in sorted
     name order (non-tensor entries: type and ``repr``). About 1 s per GB."""
@@ -174,16 +158,16 @@ def hash_state_dict(module_or_state_dict: torch.nn.Module | Mapping[str, Any]) -
     return digest.hexdigest()
 
 
-def _without(obj: Any, fields: set[str]) -> Any:
-    if isinstance(obj, Mapping):
-        return {key: _without(value, fields) for key, value in obj.items() if key not in fields}
-    return [_without(value, fields) for value in obj] if isinstance(obj, list | tuple) else obj
-
-
 def model_config_hash(model: torch.nn.Module) -> str:
-    """Hash of ``model.config.to_dict()`` (less :data:`VALUE_FREE_CONFIG_FIELDS`) and of the
-    attention implementation in use (``config._attn_implementation``)."""
-    fields = _without(model.config.to_dict(), VALUE_FREE_CONFIG_FIELDS)
+    """Hash of ``model.config.to_dict()`` (less :data:`VALUE_FREE_CONFIG_FIELDS`, at any
+    depth) and of the attention implementation in use (``config._attn_implementation``)."""
+
+    def without(obj: Any) -> Any:
+        if isinstance(obj, Mapping):
+            return {k: without(v) for k, v in obj.items() if k not in VALUE_FREE_CONFIG_FIELDS}
+        return [without(value) for value in obj] if isinstance(obj, list | tuple) else obj
+
+    fields = without(model.config.to_dict())
     return hash_json({"config": fields, "attn": model.config._attn_implementation})
 
 
@@ -195,7 +179,7 @@ def sae_config_hash(sae: torch.nn.Module) -> str:
 
 def library_versions() -> dict[str, str]:
     """Installed versions of the libraries that change numerics (torch, transformers, sae-lens)."""
-    return {name: metadata.version(name) for name in NUMERIC_LIBRARIES}
+    return {name: metadata.version(name) for name in ("torch", "transformers", "sae-lens")}
 
 
 def short(value: Any, length: int = 12) -> str:

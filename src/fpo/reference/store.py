@@ -13,10 +13,9 @@ Arrow rather than ``datasets``: string keys beside fixed-size ``[k]`` lists in o
 zero-copy numpy views through ``pa.memory_map``, and per-rank atomic files are trivial.
 
 Training (:func:`attach_reference_cache`) refuses an incomplete or damaged cache and any
-fingerprint component that differs from the run's -- except ``data``, where coverage is
-what matters: values are keyed by a content hash of each pair, so a cache built on a
-superset of the rows is valid, while a changed or added row is missing and refused, naming
-``data``. Every refusal prints the ``fpo-cache`` command that rebuilds the cache.
+fingerprint component that differs from the run's, except ``data``: pairs are keyed by a
+content hash, so a cache built on a superset of the rows is valid, while a changed or
+added row is missing and refused, naming ``data``. Each refusal prints the rebuild command.
 """
 
 from __future__ import annotations
@@ -78,12 +77,7 @@ def read_manifest(path: Path, rebuild_command: str = _REBUILD) -> dict[str, Any]
     return manifest
 
 
-def open_shard(
-    file: Path,
-    entry: Mapping[str, Any] | None = None,
-    schema: pa.Schema | None = None,
-    rebuild_command: str = _REBUILD,
-) -> pa.Table:
+def open_shard(file: Path, entry: Mapping | None = None, schema=None, command=_REBUILD) -> pa.Table:
     """A shard as a memory-mapped table. With its manifest ``entry``, first checks that it
     exists and has the recorded bytes, then the ``schema`` and the rows. A UserError names
     the file when a check fails or the Arrow footer cannot be read."""
@@ -103,7 +97,7 @@ def open_shard(
     if problem:
         raise UserError(
             f"The reference cache at {file.parent.parent} is damaged: shard {file} {problem}. "
-            f"Rebuild it with: {rebuild_command}"
+            f"Rebuild it with: {command}"
         )
     return table
 
@@ -249,18 +243,10 @@ def _join(caches: Mapping[str, ReferenceCache], split: str, dataset: Any) -> Any
 def attach_reference_cache(
     settings: CacheSettings, datamodule: Any, policy: nn.Module, sae: nn.Module | None
 ) -> dict[str, ReferenceCache]:
-    """Check the cache of every split (module docstring) and join the data module's
-    datasets to it by ``example_id``, for :class:`~fpo.reference.base.BatchReference`.
-
-    Args:
-        settings: from :func:`fpo.reference.settings.cache_settings`.
-        datamodule: a ``PreferenceDataModule`` with its tokenizer set.
-        policy: the policy *before* training: its weights are the reference's.
-        sae: the SAE (FPO), else ``None``.
-
-    Returns:
-        ``{split: ReferenceCache}``. Raises :class:`UserError` naming what differs.
-    """
+    """Check the cache of every split of ``datamodule`` (a ``PreferenceDataModule``) as the
+    module docstring says, with the fingerprints of ``policy`` *before* training (the
+    reference) and ``sae`` (FPO, else ``None``), and join its datasets to the caches by
+    ``example_id`` for :class:`~fpo.reference.base.BatchReference`. ``{split: cache}``."""
     fingerprints, caches = settings.model_fingerprints(policy, sae), {}
     for split in datamodule.splits:
         path, command = settings.split_path(split), settings.rebuild_command
