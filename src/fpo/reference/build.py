@@ -11,8 +11,7 @@ devices like training, so a cached value equals the online one. Per split::
 
 An interrupted build resumes where it stopped (done pairs are skipped). Dealing whole
 batches keeps them, hence their padding, the same for any number of ranks, and a resumed
-build's too (shards end on batch boundaries): the values are then bit-identical. See
-:mod:`fpo.reference.store` for the folder layout.
+build's too (shards end on batch boundaries): the values are then bit-identical.
 """
 
 from __future__ import annotations
@@ -37,19 +36,9 @@ from torch.utils.data import DataLoader
 
 from fpo.errors import UserError
 from fpo.logprobs import response_positions
+from fpo.reference import store
 from fpo.reference.base import OnlineReference
 from fpo.reference.settings import CacheSettings, differences, normalize_values_dtype
-from fpo.reference.store import (
-    MANIFEST,
-    SIDES,
-    ReferenceCache,
-    cache_schema,
-    completed_ids,
-    field_types,
-    read_manifest,
-    shard_fingerprint,
-    shards,
-)
 
 log = logging.getLogger("fpo.cache")
 _SHARD = re.compile(r"\.?rank(\d+)-(\d+)\.arrow")  # a shard or its temp file
@@ -67,15 +56,14 @@ def atomic_write(path: Path, data: bytes | pa.Buffer) -> None:
 
 class ReferenceCacheWriter:
     """Writes rank ``rank``'s rows of a cache into ``path``, a shard per ``shard_size`` rows
-    or more (shards end on ``add`` boundaries, so a resumed build keeps its batches).
+    or more (shards end on ``add`` boundaries, so a resumed build keeps its batches). Every
+    rank calls ``close()`` (``abort()`` after an error), then rank 0 ``finalize()``.
 
     The fingerprint is ``components`` with ``k`` and ``dtype`` set from the arguments. A
     folder holding a manifest or shards of another fingerprint is refused, each differing
     component named, unless ``overwrite``: then each rank removes its share of the old files
-    (those of ranks equal to ``rank`` modulo ``world_size``; rank 0 also the manifest).
-    Completed shards of every rank are kept across runs, so an interrupted build resumes.
-    Every rank calls ``close()`` (``abort()`` after an error), then rank 0 ``finalize()``.
-    """
+    (of ranks equal to ``rank`` modulo ``world_size``; rank 0 also the manifest). Completed
+    shards of every rank are kept, so an interrupted build resumes."""
 
     def __init__(
         self,
@@ -93,29 +81,28 @@ class ReferenceCacheWriter:
         self.path, self.rank, self.world_size = Path(path), rank, world_size
         self.k, self.shard_size = int(k), int(shard_size)
         self.values_dtype = normalize_values_dtype(values_dtype)
-        self.types = field_types(self.k, self.values_dtype)
+        self.types = store.field_types(self.k, self.values_dtype)
         self.fingerprint = {name: str(value) for name, value in components.items()}
         self.fingerprint |= {"k": str(self.k), "dtype": self.values_dtype}
-        self.schema = cache_schema(self.k, self.values_dtype, self.fingerprint)
+        self.schema = store.cache_schema(self.k, self.values_dtype, self.fingerprint)
         (self.path / "shards").mkdir(parents=True, exist_ok=True)
         if overwrite:  # this rank's share of the old files
             for file in (self.path / "shards").iterdir():
                 if (match := _SHARD.match(file.name)) and int(match[1]) % world_size == rank:
                     file.unlink()
             if rank == 0:
-                (self.path / MANIFEST).unlink(missing_ok=True)
+                (self.path / store.MANIFEST).unlink(missing_ok=True)
         else:
             self._refuse_other_fingerprints()
         mine = (self.path / "shards").glob(f"rank{rank}-*.arrow")
         self._next = 1 + max((int(file.stem.split("-")[1]) for file in mine), default=-1)
-        self._pending: list[pa.RecordBatch] = []
-        self._closed = False
+        self._pending, self._closed = [], False
 
     def _refuse_other_fingerprints(self) -> None:
         found = []
-        if (self.path / MANIFEST).is_file():
-            found.append((self.path / MANIFEST, read_manifest(self.path)["components"]))
-        found += [(file, shard_fingerprint(table)) for file, table in shards(self.path)]
+        if (self.path / store.MANIFEST).is_file():
+            found.append((self.path / store.MANIFEST, store.read_manifest(self.path)["components"]))
+        found += [(file, store.shard_fingerprint(table)) for file, table in store.shards(self.path)]
         for file, fingerprint in found:
             if lines := differences(self.fingerprint, fingerprint):
                 raise UserError(
@@ -136,15 +123,13 @@ class ReferenceCacheWriter:
             raise RuntimeError("add() after close()")
         ids = [str(i) for i in example_ids]
         arrays = [pa.array(ids, pa.string())]
-        for side, fields in zip(SIDES, (chosen, rejected), strict=True):
+        for side, fields in zip(store.SIDES, (chosen, rejected), strict=True):
             for name, dtype in self.types.items():
                 value = torch.as_tensor(fields[name]).detach().cpu().to(getattr(torch, dtype))
                 topk = name.startswith("topk")
                 shape = (len(ids), self.k) if topk else (len(ids),)
-                if value.shape != shape:
-                    raise ValueError(
-                        f"{side}_{name} has shape {tuple(value.shape)}, expected {shape}"
-                    )
+                if (got := tuple(value.shape)) != shape:
+                    raise ValueError(f"{side}_{name} has shape {got}, expected {shape}")
                 if (bad := value < 1 if name == "n_tokens" else ~value.isfinite()).any():
                     raise UserError(
                         f"{side}_{name} of example id {ids[bad.nonzero()[0, 0]]!r} is not valid "
@@ -158,7 +143,6 @@ class ReferenceCacheWriter:
             self._write_shard()
 
     def close(self) -> None:
-        """Write the remaining rows (idempotent)."""
         if not self._closed:
             self._write_shard()
             self._closed = True
@@ -176,7 +160,7 @@ class ReferenceCacheWriter:
         """Rank 0, after every rank closed: write ``manifest.json`` (last) and return it.
         Every one of ``expected_ids`` must be stored."""
         entries, ids = [], set()
-        for file, table in shards(self.path):
+        for file, table in store.shards(self.path):
             ids.update(table.column("example_id").to_pylist())
             size = file.stat().st_size
             entries.append({"file": f"shards/{file.name}", "rows": table.num_rows, "bytes": size})
@@ -190,11 +174,10 @@ class ReferenceCacheWriter:
         manifest |= {"k": self.k, "values_dtype": self.values_dtype, "total_bytes": total}
         manifest |= {"bytes_per_pair": total / max(len(ids), 1), "world_size": self.world_size}
         manifest |= {"components": self.fingerprint, "shards": entries}
-        atomic_write(self.path / MANIFEST, json.dumps(manifest, indent=1).encode())
+        atomic_write(self.path / store.MANIFEST, json.dumps(manifest, indent=1).encode())
         return manifest
 
     def _write_shard(self) -> None:
-        """Write the buffered rows as one shard (nothing when none are buffered)."""
         if not self._pending:
             return
         sink = pa.BufferOutputStream()
@@ -219,8 +202,7 @@ class SplitBuild:
 
 
 class CachePredictor(L.LightningModule):
-    """The frozen reference in a predict loop; each batch's rows go to its split's writer,
-    a ``ReferenceCacheWriter(path, components, rank=, world_size=, **writer_kwargs)``."""
+    """The frozen reference in a predict loop; each batch's rows go to its split's writer."""
 
     def __init__(self, reference, builds, collate, batch_size: int, writer_kwargs: dict) -> None:
         super().__init__()
@@ -230,13 +212,12 @@ class CachePredictor(L.LightningModule):
     def setup(self, stage: str) -> None:
         """Open the writers, then agree on the remaining pairs and deal out their batches."""
         rank, world, size = self.trainer.global_rank, self.trainer.world_size, self.batch_size
+        kwargs = self.writer_kwargs | {"rank": rank, "world_size": world}
         for build in self.builds:
-            build.writer = ReferenceCacheWriter(
-                build.path, build.components, rank=rank, world_size=world, **self.writer_kwargs
-            )
+            build.writer = ReferenceCacheWriter(build.path, build.components, **kwargs)
         self.trainer.strategy.barrier("fpo-cache-writers-open")
         for build in self.builds:
-            done = completed_ids(build.path)
+            done = store.completed_ids(build.path)
             todo = [i for i, key in enumerate(build.dataset.example_ids) if key not in done]
             build.batches = [todo[s : s + size] for s in range(0, len(todo), size)][rank::world]
             build.computed = len(todo)
@@ -267,7 +248,7 @@ class CachePredictor(L.LightningModule):
 def is_complete(path: Path, components: dict[str, str]) -> bool:
     """Whether ``path`` holds a finished, intact cache with exactly these components."""
     try:
-        ReferenceCache.open(path, components)
+        store.ReferenceCache.open(path, components)
     except UserError:  # missing, incomplete, other inputs, damaged: the writer decides
         return False
     return True
@@ -285,19 +266,14 @@ def build_reference_cache(
     overwrite: bool = False,
     logits_chunk_size: int | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Build (or resume, or keep) the cache of every split of ``datamodule``.
+    """Build (or resume, or keep as they are if complete) the caches of every split of
+    ``datamodule`` (a ``PreferenceDataModule``) with the reference ``policy`` (the initial
+    policy) and ``sae`` (``k > 0``); ``batch_size`` pairs per predict batch, at least
+    ``shard_size`` rows per shard. ``make_trainer``: ``callbacks -> Trainer``, built only if
+    there is work, with ``use_distributed_sampler=False`` (batches are dealt out here).
 
-    Args:
-        make_trainer: ``callbacks -> Trainer`` (built only when something is left to do);
-            it must pass ``use_distributed_sampler=False`` (batches are dealt out here).
-        policy, sae: the reference model (the initial policy) and the SAE (``k > 0``).
-        datamodule: a ``PreferenceDataModule`` with its tokenizer set.
-        batch_size: pairs per predict batch; ``shard_size``: rows per shard (at least).
-
-    Returns:
-        ``{split: {"manifest": ..., "computed": pairs computed now, "seconds": ...}}`` on
-        global rank 0 (other ranks: ``{}``). Splits already complete are kept as they are.
-    """
+    Returns ``{split: {"manifest", "computed": pairs computed now, "seconds"}}`` of the
+    splits built, on global rank 0 (other ranks: ``{}``)."""
     fingerprints, builds = settings.model_fingerprints(policy, sae), []
     for split in datamodule.splits:
         path = settings.split_path(split)
@@ -320,9 +296,8 @@ def build_reference_cache(
             warnings.filterwarnings("ignore", message="Couldn't infer the batch indices")
             trainer.predict(predictor, return_predictions=False)
     except BaseException:
-        for build in builds:
-            if build.writer is not None:
-                build.writer.abort()
+        for writer in (build.writer for build in builds if build.writer is not None):
+            writer.abort()
         raise
     for build in builds:
         build.writer.close()

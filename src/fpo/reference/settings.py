@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import shlex
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -36,6 +36,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
+from torch import nn
 
 from fpo.errors import UserError
 from fpo.hashing import hash_json
@@ -69,9 +70,7 @@ class CacheSettings:
     def split_path(self, split: str) -> Path:
         return self.root / split
 
-    def model_fingerprints(
-        self, reference: torch.nn.Module, sae: torch.nn.Module | None
-    ) -> dict[str, str]:
+    def model_fingerprints(self, reference: nn.Module, sae: nn.Module | None) -> dict[str, str]:
         """Weights and config hashes of the reference (call it BEFORE any training step: the
         reference is the *initial* policy) and of the SAE (``none`` when ``k == 0``)."""
         use_sae = self.k > 0 and sae is not None
@@ -116,9 +115,7 @@ def cache_settings(cfg: DictConfig, *, k: int, hook_name: str | None) -> CacheSe
         values_dtype=normalize_values_dtype(cfg.reference.get("values_dtype", "float32")),
         hook_name=hook_name if k > 0 else None,
         precision=str(cfg.trainer.get("precision", "32-true")),
-        rebuild_command=rebuild_command(
-            list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else None, root
-        ),
+        rebuild_command=rebuild_command(root),
     )
 
 
@@ -130,21 +127,21 @@ def normalize_values_dtype(name: str) -> str:
     return name
 
 
-def rebuild_command(overrides: Sequence[str] | None, root: Path) -> str:
-    """``fpo-cache`` with the run's overrides that can change the cache (quoted for a shell);
-    outside Hydra (``overrides is None``) the cache folder is named explicitly instead."""
-    if overrides is None:
+def rebuild_command(root: Path) -> str:
+    """``fpo-cache`` with the Hydra job's overrides that can change the cache (quoted for a
+    shell); outside a Hydra job the cache folder is named explicitly instead."""
+    if not HydraConfig.initialized():
         path = shlex.quote(f"reference.path={root}")
         return f"fpo-cache {path} <the model/data/sae/objective overrides of this run>"
+    overrides = HydraConfig.get().overrides.task
     kept = [o for o in overrides if not o.lstrip("+~").startswith(IRRELEVANT_OVERRIDES)]
     return shlex.join(["fpo-cache", *kept])
 
 
-def hash_state_dict(module_or_state_dict: torch.nn.Module | Mapping[str, Any]) -> str:
+def hash_state_dict(state: nn.Module | Mapping[str, Any]) -> str:
     """sha256 of a module's (or a state dict's) names, dtypes, shapes and bytes, in sorted
     name order (non-tensor entries: type and ``repr``). About 1 s per GB."""
-    state = module_or_state_dict
-    state = state.state_dict() if isinstance(state, torch.nn.Module) else state
+    state = state.state_dict() if isinstance(state, nn.Module) else state
     digest = hashlib.sha256()
     for name in sorted(state):
         value = state[name]
@@ -158,7 +155,7 @@ def hash_state_dict(module_or_state_dict: torch.nn.Module | Mapping[str, Any]) -
     return digest.hexdigest()
 
 
-def model_config_hash(model: torch.nn.Module) -> str:
+def model_config_hash(model: nn.Module) -> str:
     """Hash of ``model.config.to_dict()`` (less :data:`VALUE_FREE_CONFIG_FIELDS`, at any
     depth) and of the attention implementation in use (``config._attn_implementation``)."""
 
@@ -171,14 +168,14 @@ def model_config_hash(model: torch.nn.Module) -> str:
     return hash_json({"config": fields, "attn": model.config._attn_implementation})
 
 
-def sae_config_hash(sae: torch.nn.Module) -> str:
+def sae_config_hash(sae: nn.Module) -> str:
     """Hash of the sae-lens ``sae.cfg.to_dict()`` (architecture, ``d_in``, ``d_sae``, ``k``,
     ``normalize_activations``, ``apply_b_dec_to_input``, dtype, metadata), less ``device``."""
     return hash_json({key: v for key, v in sae.cfg.to_dict().items() if key != "device"})
 
 
 def library_versions() -> dict[str, str]:
-    """Installed versions of the libraries that change numerics (torch, transformers, sae-lens)."""
+    """Installed versions of the libraries that change numerics."""
     return {name: metadata.version(name) for name in ("torch", "transformers", "sae-lens")}
 
 
@@ -194,9 +191,8 @@ def differences(
 ) -> list[str]:
     """One line ``  name: expected <short>, found <short>`` per differing component, in
     ``expected`` order, then those only in ``found``; components in ``ignore`` skipped."""
-    names = [*expected, *(name for name in found if name not in expected)]
     return [
         f"  {name}: expected {short(expected.get(name))}, found {short(found.get(name))}"
-        for name in names
+        for name in {**expected, **found}
         if name not in ignore and expected.get(name) != found.get(name)
     ]

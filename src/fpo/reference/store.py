@@ -9,13 +9,11 @@ incomplete and never loaded. Opening checks shard sizes and Arrow footers, no ch
 One row per pair, keyed by the stable string ``example_id``; per side (chosen, rejected):
 ``sum_logps``, ``avg_logps`` (float32), ``n_tokens`` (int32) and, when ``k > 0``,
 ``topk_indices`` (int32 ``[k]``) and ``topk_values`` (float16 or float32 ``[k]``). Plain
-Arrow rather than ``datasets``: string keys beside fixed-size ``[k]`` lists in one file,
-zero-copy numpy views through ``pa.memory_map``, and per-rank atomic files are trivial.
+Arrow: string keys beside ``[k]`` lists, zero-copy numpy views through ``pa.memory_map``.
 
 Training (:func:`attach_reference_cache`) refuses an incomplete or damaged cache and any
-fingerprint component that differs from the run's, except ``data``: pairs are keyed by a
-content hash, so a cache built on a superset of the rows is valid, while a changed or
-added row is missing and refused, naming ``data``. Each refusal prints the rebuild command.
+differing fingerprint component, but accepts a cache of a superset of its rows (pairs are
+keyed by a content hash); a changed or added row is refused, naming ``data``.
 """
 
 from __future__ import annotations
@@ -24,6 +22,7 @@ import json
 import os
 from collections.abc import Iterable, Mapping
 from functools import partial
+from itertools import product
 from pathlib import Path
 from typing import Any
 
@@ -51,15 +50,13 @@ def field_types(k: int, values_dtype: str) -> dict[str, str]:
 
 
 def cache_schema(k: int, values_dtype: str, fingerprint: Mapping | None = None) -> pa.Schema:
-    """Arrow schema of a shard (top-k fields as ``[k]`` lists); ``fingerprint`` goes into
-    its metadata."""
+    """Arrow schema of a shard: top-k fields as ``[k]`` lists, ``fingerprint`` as metadata."""
     fields = [pa.field("example_id", pa.string())]
-    for side in SIDES:
-        for name, alias in field_types(k, values_dtype).items():
-            type_ = pa.type_for_alias(alias)
-            fields.append(
-                pa.field(f"{side}_{name}", pa.list_(type_, k) if name[:4] == "topk" else type_)
-            )
+    for side, (name, alias) in product(SIDES, field_types(k, values_dtype).items()):
+        type_ = pa.type_for_alias(alias)
+        fields.append(
+            pa.field(f"{side}_{name}", pa.list_(type_, k) if name[:4] == "topk" else type_)
+        )
     metadata = {_META: json.dumps(dict(fingerprint))} if fingerprint else None
     return pa.schema(fields, metadata=metadata)
 
@@ -166,8 +163,8 @@ class ReferenceCache:
         for entry in manifest["shards"]:
             table = open_shard(path / entry["file"], entry, schema, rebuild_command)
             for batch in table.to_batches():
-                columns.append({f.name: _numpy(batch.column(f.name)) for f in schema})
-                for row, example_id in enumerate(columns[-1].pop("example_id")):
+                columns.append({name: _numpy(batch.column(name)) for name in schema.names[1:]})
+                for row, example_id in enumerate(batch.column("example_id").to_pylist()):
                     index.setdefault(example_id, (len(columns) - 1, row))
         cache = cls(path, manifest, columns, index, rebuild_command)
         if example_ids is not None and (missing := cache.missing(ids := list(example_ids))):
@@ -187,20 +184,18 @@ class ReferenceCache:
         return ReferenceCache.open, (self.path, None, self.rebuild_command)
 
     def missing(self, example_ids: Iterable[str]) -> list[str]:
-        """The ids among ``example_ids`` that the cache lacks, in their order."""
         return [i for i in example_ids if i not in self._index]
 
     def get(self, example_id: str) -> dict[str, Any]:
         """``ref_{chosen,rejected}_{sum_logps,avg_logps,n_tokens,topk_indices,topk_values}``:
         scalars as Python numbers, top-k as int64 / float32 ``[k]`` (``[0]`` if ``k == 0``)."""
-        try:
-            shard, row = self._index[example_id]
-        except KeyError:
+        if example_id not in self._index:
             raise UserError(
                 f"Example id {example_id!r} is not in the reference cache at {self.path} "
                 f"({len(self)} pairs): the cache was built for other data. Rebuild it with: "
                 f"{self.rebuild_command}"
-            ) from None
+            )
+        shard, row = self._index[example_id]
         columns, out = self._columns[shard], {}
         for side in SIDES:
             for name in ("sum_logps", "avg_logps", "n_tokens"):
@@ -211,14 +206,11 @@ class ReferenceCache:
         return out
 
 
-def _numpy(column: pa.Array) -> np.ndarray | list[str]:
-    """Zero-copy numpy view of a column (``[N]``, ``[N, k]`` for lists); strings as a list."""
-    if pa.types.is_string(column.type):
-        return column.to_pylist()
+def _numpy(column: pa.Array) -> np.ndarray:
+    """Zero-copy numpy view of a numeric column, ``[N]`` or ``[N, k]`` for ``[k]`` lists."""
     if pa.types.is_fixed_size_list(column.type):
-        flat = column.flatten().to_numpy(zero_copy_only=True)
-        return flat.reshape(len(column), column.type.list_size)
-    return column.to_numpy(zero_copy_only=True)
+        return column.flatten().to_numpy().reshape(len(column), column.type.list_size)
+    return column.to_numpy()
 
 
 class CachedReferenceDataset(torch.utils.data.Dataset):
@@ -268,13 +260,9 @@ def cache_info(path: str | os.PathLike) -> dict[str, Any]:
     if not path.is_dir():
         raise UserError(f"No reference cache at {path}: the folder does not exist.")
     tables = [table for _, table in shards(path)]
-    return {
-        "path": str(path),
-        "complete": False,
-        "num_shards": len(tables),
-        "num_rows": sum(table.num_rows for table in tables),
-        "components": shard_fingerprint(tables[0]) if tables else {},
-    }
+    info = {"path": str(path), "complete": False, "num_shards": len(tables)}
+    info |= {"num_rows": sum(table.num_rows for table in tables)}
+    return info | {"components": shard_fingerprint(tables[0]) if tables else {}}
 
 
 def format_cache_info(info: Mapping[str, Any]) -> str:
