@@ -352,7 +352,7 @@ def test_manifest_of_an_older_layout_is_refused_not_a_key_error(tmp_path):
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     del manifest["world_size"]
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(UserError, match=r"older fpo version.*Rebuild it with: .*fpo-cache.*overwrite=true"):
+    with pytest.raises(UserError, match=r"older fpo version.*Rebuild.*fpo-cache.*overwrite=true"):
         cache_info(tmp_path)
     with pytest.raises(UserError, match=rf"older fpo version.*Rebuild it with: {REBUILD}$"):
         ReferenceCache.open(tmp_path, COMPONENTS, rebuild_command=REBUILD)

@@ -1,9 +1,8 @@
 """What a run's reference cache is: where it lives, what it stores, what it is tied to.
 
-Both the builder (``fpo-cache``) and the trainer (``fpo-train reference=cached``) derive a
-:class:`CacheSettings` from the same Hydra config with :func:`cache_settings` and compute
-the fingerprint of a split with the same :meth:`CacheSettings.components`, so the two
-cannot drift apart. The components of one split, in message order, each a string:
+``fpo-cache`` and ``fpo-train reference=cached`` both derive :class:`CacheSettings` with
+:func:`cache_settings` and fingerprint a split with :meth:`CacheSettings.components`, so
+they cannot drift apart. The components of one split, in message order, each a string:
 
 ==================  =====================================================================
 data                sorted example ids of the split's valid rows (order-free)

@@ -251,6 +251,15 @@ def attach_reference_cache(
     return caches
 
 
+_INFO = """reference cache {path}: complete
+  pairs {num_pairs}, rows {num_rows}, k {k}, values {values_dtype}, indices int32
+  size {total_bytes} bytes in {num_shards} shards, {bytes_per_pair:.1f} bytes per pair
+  built by {world_size} rank(s)
+  components:"""
+_INCOMPLETE_INFO = "reference cache {path}: INCOMPLETE: {num_rows} pairs in {num_shards} shards; "
+_INCOMPLETE_INFO += "resume with the fpo-cache command that started it"
+
+
 def cache_info(path: str | os.PathLike) -> dict[str, Any]:
     """What ``fpo-cache --info PATH`` shows; an incomplete build reports its progress."""
     path = Path(path)
@@ -267,22 +276,8 @@ def cache_info(path: str | os.PathLike) -> dict[str, Any]:
 
 def format_cache_info(info: Mapping[str, Any]) -> str:
     """Human-readable rendering of :func:`cache_info` (one line for an unfinished build)."""
-    head = f"reference cache {info['path']}: "
     if not info["complete"]:
-        return (
-            f"{head}INCOMPLETE: {info['num_rows']} pairs in {info['num_shards']} shards; "
-            "resume with the fpo-cache command that started it"
-        )
+        return _INCOMPLETE_INFO.format_map(info)
     width = max((len(name) for name in info["components"]), default=0)
-    return "\n".join(
-        [
-            f"{head}complete",
-            f"  pairs {info['num_pairs']}, rows {info['num_rows']}, k {info['k']}, values "
-            f"{info['values_dtype']}, indices int32",
-            f"  size {info['total_bytes']} bytes in {info['num_shards']} shards, "
-            f"{info['bytes_per_pair']:.1f} bytes per pair",
-            f"  built by {info['world_size']} rank(s)",
-            "  components:",
-            *(f"    {name:<{width}}  {short(v)}" for name, v in info["components"].items()),
-        ]
-    )
+    components = (f"    {name:<{width}}  {short(v)}" for name, v in info["components"].items())
+    return "\n".join([_INFO.format_map(info), *components])
