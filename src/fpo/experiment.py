@@ -30,9 +30,9 @@ from torch import nn
 from fpo.errors import UserError
 from fpo.module import FPOLightningModule
 from fpo.objective import Objective, build_objective
-from fpo.reference.attach import attach_reference_cache
 from fpo.reference.base import BatchReference, OnlineReference, ReferenceSource
 from fpo.reference.settings import CacheSettings, cache_settings
+from fpo.reference.store import attach_reference_cache
 from fpo.sae import check_sae_fits_model, sae_hook_name
 
 log = logging.getLogger("fpo.experiment")

@@ -35,11 +35,10 @@ from fpo.logprobs import response_positions
 from fpo.models.hf import split_causal_lm
 from fpo.models.tiny import build_tiny_model, build_tiny_tokenizer
 from fpo.module import FPOLightningModule
-from fpo.reference.attach import attach_reference_cache
 from fpo.reference.base import BatchReference, OnlineReference
 from fpo.reference.build import build_reference_cache
 from fpo.reference.settings import CacheSettings, hash_state_dict
-from fpo.reference.store import ReferenceCache
+from fpo.reference.store import ReferenceCache, attach_reference_cache
 from fpo.sae import build_random_sae, encode_pooled, resolve_hook_module
 from helpers import preset
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import pickle
 import random
 
@@ -12,6 +13,7 @@ import torch
 
 from fpo.errors import UserError
 from fpo.models.tiny import build_tiny_model
+from fpo.reference.build import ReferenceCacheWriter
 from fpo.reference.settings import (
     differences,
     hash_state_dict,
@@ -26,7 +28,6 @@ from fpo.reference.store import (
     completed_ids,
     format_cache_info,
 )
-from fpo.reference.writer import ReferenceCacheWriter
 from fpo.sae import build_random_sae
 
 K = 4
@@ -344,6 +345,17 @@ def test_cache_info_numbers(tmp_path):
     assert info["world_size"] == 1 and info["num_rows"] == N
     text = format_cache_info(info)
     assert f"pairs {N}," in text and "sae_hook" in text and f"{on_disk} bytes" in text
+
+
+def test_manifest_of_an_older_layout_is_refused_not_a_key_error(tmp_path):
+    build(tmp_path, make_rows())
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    del manifest["world_size"]
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match=r"older fpo version.*Rebuild.*fpo-cache.*overwrite=true"):
+        cache_info(tmp_path)
+    with pytest.raises(UserError, match=rf"older fpo version.*Rebuild it with: {REBUILD}$"):
+        ReferenceCache.open(tmp_path, COMPONENTS, rebuild_command=REBUILD)
 
 
 # ------------------------------------------------------------------------------ fingerprint

@@ -39,16 +39,11 @@ class ReferenceSource(Protocol):
 
 
 class OnlineReference(nn.Module):
-    """A frozen reference model run under ``no_grad`` every step (and by the cache builder).
-
-    Args:
-        model: the reference causal LM (a second, identical load of the policy's weights).
-        sae: the frozen SAE for FPO's feature statistics (``None`` if not needed).
-        hook_name: where the SAE reads the residual stream; required with ``sae`` (the
-            caller resolves it once, e.g. from the config or the SAE's metadata).
-        k: how many pooled features to keep per row (FPO's ``k``, ``1 <= k <= d_sae``).
-        logits_chunk_size: positions per LM-head chunk.
-    """
+    """A frozen reference ``model`` (an identical load of the policy's weights) run under
+    ``no_grad`` every step, and by the cache builder. With the frozen ``sae`` (FPO) it keeps
+    the top ``k`` pooled features per row (``1 <= k <= d_sae``), read at ``hook_name``
+    (required with an SAE; the caller resolves it). ``logits_chunk_size``: positions per
+    LM-head chunk."""
 
     def __init__(
         self,
@@ -96,23 +91,18 @@ class OnlineReference(nn.Module):
 
 
 class BatchReference:
-    """Reads reference statistics that the offline cache put into the batch.
-
-    Expects ``ref_sum_logps``, ``ref_avg_logps``, ``ref_n_tokens`` ``[2B]`` and, for FPO,
-    ``ref_topk_indices`` / ``ref_topk_values`` ``[2B, k]`` (see docs/architecture.md).
-    """
+    """Reads the reference statistics the offline cache put into the batch: ``ref_sum_logps``,
+    ``ref_avg_logps``, ``ref_n_tokens`` ``[2B]`` and, for FPO, ``ref_topk_indices`` /
+    ``ref_topk_values`` ``[2B, k]`` (see docs/architecture.md)."""
 
     def stats(
         self, batch: dict, positions: ResponsePositions, *, features: bool, token_kl: bool
     ) -> ReferenceStats:
         if token_kl:  # the objective layer refuses this combination for the user
             raise ValueError("the offline cache has no full-vocabulary logits for a token KL")
-        sums, avgs, counts = (
-            batch[f"ref_{name}"] for name in ("sum_logps", "avg_logps", "n_tokens")
-        )
-        logps = SequenceLogps(sums.float(), avgs.float(), counts)
+        sums, avgs = batch["ref_sum_logps"].float(), batch["ref_avg_logps"].float()
+        logps = SequenceLogps(sums, avgs, batch["ref_n_tokens"])
         if not features:
             return ReferenceStats(logps)
-        return ReferenceStats(
-            logps, batch["ref_topk_indices"].long(), batch["ref_topk_values"].float()
-        )
+        indices, values = batch["ref_topk_indices"].long(), batch["ref_topk_values"].float()
+        return ReferenceStats(logps, indices, values)

@@ -1,9 +1,8 @@
 """What a run's reference cache is: where it lives, what it stores, what it is tied to.
 
-Both the builder (``fpo-cache``) and the trainer (``fpo-train reference=cached``) derive a
-:class:`CacheSettings` from the same Hydra config with :func:`cache_settings` and compute
-the fingerprint of a split with the same :meth:`CacheSettings.components`, so the two
-cannot drift apart. The components of one split, in message order, each a string:
+``fpo-cache`` and ``fpo-train reference=cached`` both derive :class:`CacheSettings` with
+:func:`cache_settings` and fingerprint a split with :meth:`CacheSettings.components`, so
+they cannot drift apart. The components of one split, in message order, each a string:
 
 ==================  =====================================================================
 data                sorted example ids of the split's valid rows (order-free)
@@ -26,15 +25,17 @@ from __future__ import annotations
 
 import hashlib
 import shlex
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import torch
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
+from torch import nn
 
 from fpo.errors import UserError
 from fpo.hashing import hash_json
@@ -46,7 +47,6 @@ IRRELEVANT_OVERRIDES += ("optimizer", "scheduler", "ckpt_path", "optimized_metri
 IRRELEVANT_OVERRIDES += ("hparams_search", "tags", "task_name")
 #: The command-line switch that lets fpo-cache replace a cache built for other inputs.
 OVERWRITE_OVERRIDE = "cache.overwrite=true"
-NUMERIC_LIBRARIES = ("torch", "transformers", "sae-lens")
 #: Model-config fields that cannot change the reference's values (at any nesting level).
 VALUE_FREE_CONFIG_FIELDS = {"_name_or_path", "transformers_version", "_commit_hash", "use_cache"}
 VALUE_FREE_CONFIG_FIELDS |= {"return_dict", "output_hidden_states", "output_attentions"}
@@ -54,16 +54,10 @@ VALUE_FREE_CONFIG_FIELDS |= {"return_dict", "output_hidden_states", "output_atte
 
 @dataclass(frozen=True)
 class CacheSettings:
-    """A run's reference cache.
-
-    Attributes:
-        root: folder holding one cache folder per split (``root/train``, ``root/val``).
-        k: pooled SAE features stored per row as top-k (0: log-probs only, no SAE).
-        values_dtype: ``float16`` or ``float32``, dtype of the stored feature values.
-        hook_name: where the SAE reads the residual stream (``None`` when ``k == 0``).
-        precision: the Lightning ``trainer.precision`` the values are computed under.
-        rebuild_command: the ``fpo-cache ...`` command that (re)builds this cache.
-    """
+    """A run's reference cache: one folder per split under ``root`` (``root/train``), ``k``
+    top-k pooled SAE features per row (0: log-probs only, no SAE) stored as ``values_dtype``
+    (``float16``/``float32``), the SAE's ``hook_name`` (``None`` when ``k == 0``), the
+    Lightning ``precision`` of the values and the ``fpo-cache`` command that (re)builds it."""
 
     root: Path
     k: int
@@ -75,9 +69,7 @@ class CacheSettings:
     def split_path(self, split: str) -> Path:
         return self.root / split
 
-    def model_fingerprints(
-        self, reference: torch.nn.Module, sae: torch.nn.Module | None
-    ) -> dict[str, str]:
+    def model_fingerprints(self, reference: nn.Module, sae: nn.Module | None) -> dict[str, str]:
         """Weights and config hashes of the reference (call it BEFORE any training step: the
         reference is the *initial* policy) and of the SAE (``none`` when ``k == 0``)."""
         use_sae = self.k > 0 and sae is not None
@@ -91,13 +83,9 @@ class CacheSettings:
     def components(
         self, datamodule: Any, split: str, model_fingerprints: Mapping[str, str]
     ) -> dict[str, str]:
-        """The fingerprint components of ``split`` (module docstring), in message order.
-
-        Args:
-            datamodule: a ``PreferenceDataModule`` (its ``fingerprint_components(split)``
-                gives ``data``, ``tokenizer``, ``template`` and ``truncation``).
-            model_fingerprints: :meth:`model_fingerprints` of the reference and the SAE.
-        """
+        """The fingerprint components of ``split`` (module docstring), in message order:
+        the ``PreferenceDataModule``'s ``fingerprint_components(split)`` (``data`` to
+        ``truncation``), ``model_fingerprints`` (:meth:`model_fingerprints`), then ours."""
         return {
             **datamodule.fingerprint_components(split),
             **model_fingerprints,
@@ -126,41 +114,33 @@ def cache_settings(cfg: DictConfig, *, k: int, hook_name: str | None) -> CacheSe
         values_dtype=normalize_values_dtype(cfg.reference.get("values_dtype", "float32")),
         hook_name=hook_name if k > 0 else None,
         precision=str(cfg.trainer.get("precision", "32-true")),
-        rebuild_command=rebuild_command(hydra_overrides(), root),
+        rebuild_command=rebuild_command(root),
     )
 
 
 def normalize_values_dtype(name: str) -> str:
-    """``"float16"`` or ``"float32"`` (aliases fp16/half/fp32/float accepted)."""
+    """``"float16"`` or ``"float32"`` (aliases fp16, half, fp32 accepted)."""
     name = {"fp16": "float16", "half": "float16", "fp32": "float32"}.get(str(name), str(name))
     if name not in ("float16", "float32"):
         raise UserError(f"values_dtype must be float16 or float32 for the cache, got {name!r}.")
     return name
 
 
-def hydra_overrides() -> list[str] | None:
-    """The command-line overrides of the running Hydra job (``None`` outside Hydra)."""
-    from hydra.core.hydra_config import HydraConfig
-
-    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else None
-
-
-def rebuild_command(overrides: Sequence[str] | None, root: Path) -> str:
-    """``fpo-cache`` with the run's overrides that can change the cache (quoted for a shell);
-    outside Hydra (``overrides is None``) the cache folder is named explicitly instead."""
-    if overrides is None:
+def rebuild_command(root: Path) -> str:
+    """``fpo-cache`` with the Hydra job's overrides that can change the cache (quoted for a
+    shell); outside a Hydra job the cache folder is named explicitly instead."""
+    if not HydraConfig.initialized():
         path = shlex.quote(f"reference.path={root}")
         return f"fpo-cache {path} <the model/data/sae/objective overrides of this run>"
+    overrides = HydraConfig.get().overrides.task
     kept = [o for o in overrides if not o.lstrip("+~").startswith(IRRELEVANT_OVERRIDES)]
     return shlex.join(["fpo-cache", *kept])
 
 
-# ------------------------------------------------------------------------ fingerprints
-def hash_state_dict(module_or_state_dict: torch.nn.Module | Mapping[str, Any]) -> str:
+def hash_state_dict(state: nn.Module | Mapping[str, Any]) -> str:
     """sha256 of a module's (or a state dict's) names, dtypes, shapes and bytes, in sorted
     name order (non-tensor entries: type and ``repr``). About 1 s per GB."""
-    state = module_or_state_dict
-    state = state.state_dict() if isinstance(state, torch.nn.Module) else state
+    state = state.state_dict() if isinstance(state, nn.Module) else state
     digest = hashlib.sha256()
     for name in sorted(state):
         value = state[name]
@@ -174,28 +154,28 @@ def hash_state_dict(module_or_state_dict: torch.nn.Module | Mapping[str, Any]) -
     return digest.hexdigest()
 
 
-def _without(obj: Any, fields: set[str]) -> Any:
-    if isinstance(obj, Mapping):
-        return {key: _without(value, fields) for key, value in obj.items() if key not in fields}
-    return [_without(value, fields) for value in obj] if isinstance(obj, list | tuple) else obj
+def model_config_hash(model: nn.Module) -> str:
+    """Hash of ``model.config.to_dict()`` (less :data:`VALUE_FREE_CONFIG_FIELDS`, at any
+    depth) and of the attention implementation in use (``config._attn_implementation``)."""
 
+    def without(obj: Any) -> Any:
+        if isinstance(obj, Mapping):
+            return {k: without(v) for k, v in obj.items() if k not in VALUE_FREE_CONFIG_FIELDS}
+        return [without(value) for value in obj] if isinstance(obj, list | tuple) else obj
 
-def model_config_hash(model: torch.nn.Module) -> str:
-    """Hash of ``model.config.to_dict()`` (less :data:`VALUE_FREE_CONFIG_FIELDS`) and of the
-    attention implementation in use (``config._attn_implementation``)."""
-    fields = _without(model.config.to_dict(), VALUE_FREE_CONFIG_FIELDS)
+    fields = without(model.config.to_dict())
     return hash_json({"config": fields, "attn": model.config._attn_implementation})
 
 
-def sae_config_hash(sae: torch.nn.Module) -> str:
+def sae_config_hash(sae: nn.Module) -> str:
     """Hash of the sae-lens ``sae.cfg.to_dict()`` (architecture, ``d_in``, ``d_sae``, ``k``,
     ``normalize_activations``, ``apply_b_dec_to_input``, dtype, metadata), less ``device``."""
     return hash_json({key: v for key, v in sae.cfg.to_dict().items() if key != "device"})
 
 
 def library_versions() -> dict[str, str]:
-    """Installed versions of the libraries that change numerics (torch, transformers, sae-lens)."""
-    return {name: metadata.version(name) for name in NUMERIC_LIBRARIES}
+    """Installed versions of the libraries that change numerics."""
+    return {name: metadata.version(name) for name in ("torch", "transformers", "sae-lens")}
 
 
 def short(value: Any, length: int = 12) -> str:
@@ -210,9 +190,8 @@ def differences(
 ) -> list[str]:
     """One line ``  name: expected <short>, found <short>`` per differing component, in
     ``expected`` order, then those only in ``found``; components in ``ignore`` skipped."""
-    names = [*expected, *(name for name in found if name not in expected)]
     return [
         f"  {name}: expected {short(expected.get(name))}, found {short(found.get(name))}"
-        for name in names
+        for name in {**expected, **found}
         if name not in ignore and expected.get(name) != found.get(name)
     ]

@@ -1,4 +1,4 @@
-"""Storage of the offline reference cache: per-rank Arrow shards and a manifest written last.
+"""The offline reference cache on disk, and training from it.
 
 A cache folder ``PATH`` (one per data split) holds ``PATH/shards/rank{r}-{n:05d}.arrow``,
 Arrow IPC files each written atomically by rank r alone, their schema metadata holding the
@@ -9,8 +9,11 @@ incomplete and never loaded. Opening checks shard sizes and Arrow footers, no ch
 One row per pair, keyed by the stable string ``example_id``; per side (chosen, rejected):
 ``sum_logps``, ``avg_logps`` (float32), ``n_tokens`` (int32) and, when ``k > 0``,
 ``topk_indices`` (int32 ``[k]``) and ``topk_values`` (float16 or float32 ``[k]``). Plain
-Arrow rather than ``datasets``: string keys beside fixed-size ``[k]`` lists in one file,
-zero-copy numpy views through ``pa.memory_map``, and per-rank atomic files are trivial.
+Arrow: string keys beside ``[k]`` lists, zero-copy numpy views through ``pa.memory_map``.
+
+Training (:func:`attach_reference_cache`) refuses an incomplete or damaged cache and any
+differing fingerprint component, but accepts a cache of a superset of its rows (pairs are
+keyed by a content hash); a changed or added row is refused, naming ``data``.
 """
 
 from __future__ import annotations
@@ -18,82 +21,103 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterable, Mapping
+from functools import partial
+from itertools import product
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import torch
+from torch import nn
 
 from fpo.errors import UserError
-from fpo.reference.settings import differences, short
+from fpo.reference.settings import OVERWRITE_OVERRIDE, CacheSettings, differences, short
 
 MANIFEST = "manifest.json"
+#: The keys of a manifest of this layout (older fpo versions wrote others).
+MANIFEST_KEYS = {"num_pairs", "num_rows", "k", "values_dtype", "total_bytes", "bytes_per_pair"}
+MANIFEST_KEYS |= {"world_size", "components", "shards"}
 SIDES = ("chosen", "rejected")
-#: Stored dtype of each per-side field (``topk_values``: the cache's ``values_dtype``).
-FIELDS = {"sum_logps": "float32", "avg_logps": "float32", "n_tokens": "int32"}
-TOPK_FIELDS = {"topk_indices": "int32", "topk_values": None}
 _META = b"fpo.fingerprint"
+_REBUILD = "the fpo-cache command that built it, plus cache.overwrite=true"
+
+
+def field_types(k: int, values_dtype: str) -> dict[str, str]:
+    """Stored dtype of each per-side field; the top-k fields only when ``k > 0``."""
+    types = {"sum_logps": "float32", "avg_logps": "float32", "n_tokens": "int32"}
+    return (types | {"topk_indices": "int32", "topk_values": values_dtype}) if k else types
 
 
 def cache_schema(k: int, values_dtype: str, fingerprint: Mapping | None = None) -> pa.Schema:
-    """Arrow schema of a shard; ``fingerprint`` goes into its metadata."""
+    """Arrow schema of a shard: top-k fields as ``[k]`` lists, ``fingerprint`` as metadata."""
     fields = [pa.field("example_id", pa.string())]
-    for side in SIDES:
-        fields += [pa.field(f"{side}_{name}", pa.type_for_alias(t)) for name, t in FIELDS.items()]
-        for name, t in TOPK_FIELDS.items() if k > 0 else ():
-            fields.append(
-                pa.field(f"{side}_{name}", pa.list_(pa.type_for_alias(t or values_dtype), k))
-            )
-    return pa.schema(
-        fields, metadata={_META: json.dumps(dict(fingerprint))} if fingerprint else None
-    )
+    for side, (name, alias) in product(SIDES, field_types(k, values_dtype).items()):
+        type_ = pa.type_for_alias(alias)
+        fields.append(
+            pa.field(f"{side}_{name}", pa.list_(type_, k) if name[:4] == "topk" else type_)
+        )
+    metadata = {_META: json.dumps(dict(fingerprint))} if fingerprint else None
+    return pa.schema(fields, metadata=metadata)
 
 
-def atomic_write(path: Path, data: bytes | pa.Buffer) -> None:
-    """Write ``data`` to ``path`` atomically: temp name in the same folder, fsync, replace."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def read_manifest(path: Path) -> dict[str, Any]:
+def read_manifest(path: Path, rebuild_command: str = _REBUILD) -> dict[str, Any]:
     try:
-        return json.loads((path / MANIFEST).read_text())
+        manifest = json.loads((path / MANIFEST).read_text())
     except (OSError, ValueError) as err:
         raise UserError(f"Cannot read {path / MANIFEST} ({err}): the cache is corrupt.") from err
-
-
-def shard_files(path: Path) -> list[Path]:
-    """The completed shards of a cache folder (temp files start with a dot: never listed)."""
-    return sorted((Path(path) / "shards").glob("rank*-*.arrow"))
-
-
-def open_shard(file: Path) -> pa.ipc.RecordBatchFileReader:
-    """Memory-map a shard and read its Arrow footer (UserError naming it when unreadable)."""
-    try:
-        return pa.ipc.open_file(pa.memory_map(str(file)))
-    except (OSError, pa.ArrowException) as err:
+    if not isinstance(manifest, dict) or manifest.keys() != MANIFEST_KEYS:
         raise UserError(
-            f"Shard {file} of the reference cache cannot be read ({err}): it is truncated or "
-            "corrupt. Delete it to recompute its rows, or rebuild with cache.overwrite=true."
-        ) from err
+            f"The reference cache at {path} was built by an older fpo version: its {MANIFEST} "
+            f"has another layout and cannot be read. Rebuild it with: {rebuild_command}"
+        )
+    return manifest
 
 
-def shard_fingerprint(reader: pa.ipc.RecordBatchFileReader) -> dict[str, str]:
-    return json.loads((reader.schema.metadata or {}).get(_META, b"{}"))
+def open_shard(file: Path, entry: Mapping | None = None, schema=None, command=_REBUILD) -> pa.Table:
+    """A shard as a memory-mapped table. With its manifest ``entry``, first checks that it
+    exists and has the recorded bytes, then the ``schema`` and the rows. A UserError names
+    the file when a check fails or the Arrow footer cannot be read."""
+    size = file.stat().st_size if file.is_file() else None
+    if size is None:
+        problem = "is missing"
+    elif entry and size != entry["bytes"]:
+        problem = f"has {size} bytes where the manifest records {entry['bytes']} (truncated?)"
+    else:
+        try:
+            table = pa.ipc.open_file(pa.memory_map(str(file))).read_all()
+        except (OSError, pa.ArrowException) as err:
+            problem = f"cannot be read ({err})"
+        else:
+            same = not entry or (table.schema.equals(schema) and table.num_rows == entry["rows"])
+            problem = None if same else "is stale"
+    if problem:
+        raise UserError(
+            f"The reference cache at {file.parent.parent} is damaged: shard {file} {problem}. "
+            f"Rebuild it with: {command}"
+        )
+    return table
 
 
-def shard_ids(reader: pa.ipc.RecordBatchFileReader) -> list[str]:
-    return reader.read_all().column("example_id").to_pylist()
+def shards(path: str | os.PathLike) -> list[tuple[Path, pa.Table]]:
+    """The completed shards of a folder (temp files start with a dot: never listed)."""
+    return [(file, open_shard(file)) for file in sorted(Path(path).glob("shards/rank*-*.arrow"))]
+
+
+def shard_fingerprint(table: pa.Table) -> dict[str, str]:
+    return json.loads((table.schema.metadata or {}).get(_META, b"{}"))
 
 
 def completed_ids(path: str | os.PathLike) -> set[str]:
     """Ids in the completed shards of a folder, of every rank (to skip them when resuming)."""
-    return {i for file in shard_files(Path(path)) for i in shard_ids(open_shard(file))}
+    return {i for _, table in shards(path) for i in table.column("example_id").to_pylist()}
+
+
+def other_inputs(path: Path, lines: list[str], rebuild_command: str) -> UserError:
+    return UserError(
+        f"The reference cache at {path} was built for other inputs. Differing components "
+        "(expected = this run):\n" + "\n".join(lines) + f"\nRebuild it with: {rebuild_command}"
+    )
 
 
 class ReferenceCache:
@@ -101,11 +125,7 @@ class ReferenceCache:
 
     def __init__(self, path: Path, manifest: dict, columns: list, index: dict, command: str):
         self.path, self.manifest, self.rebuild_command = path, manifest, command
-        self._columns, self._index = columns, index
-
-    @property
-    def k(self) -> int:
-        return int(self.manifest["k"])
+        self.k, self._columns, self._index = int(manifest["k"]), columns, index
 
     @classmethod
     def open(
@@ -113,13 +133,14 @@ class ReferenceCache:
         path: str | os.PathLike,
         expected_components: Mapping[str, Any] | None = None,
         rebuild_command: str = "fpo-cache ...",
-        ignore_components: Iterable[str] = (),
+        example_ids: Iterable[str] | None = None,
     ) -> ReferenceCache:
         """Check completeness, fingerprint and shards, then map the shards and index the ids.
 
         Raises UserError on a missing folder, a missing manifest (interrupted build), any
-        differing component (each named) except those in ``ignore_components``, and a
-        missing, truncated or unreadable shard (the file named).
+        component differing from ``expected_components`` (each named), and a missing,
+        truncated or unreadable shard (the file named). With ``example_ids`` (the run's
+        pairs), ``data`` may differ as long as every one of them is stored.
         """
         path = Path(path)
         if not path.is_dir():
@@ -133,94 +154,63 @@ class ReferenceCache:
                 "build was interrupted before finalizing (or is still running). Resume or "
                 f"rebuild it with: {rebuild_command}"
             )
-        manifest = read_manifest(path)
-        if expected_components is not None:
-            expected = {name: str(value) for name, value in expected_components.items()}
-            if lines := differences(expected, manifest["components"], ignore_components):
-                raise UserError(
-                    f"The reference cache at {path} was built for other inputs. Differing "
-                    "components (expected = this run):\n"
-                    + "\n".join(lines)
-                    + f"\nRebuild it with: {rebuild_command}"
-                )
-        schema = cache_schema(manifest["k"], manifest["values_dtype"])
-        columns, index = [], {}
+        manifest = read_manifest(path, rebuild_command)
+        expected = {name: str(value) for name, value in (expected_components or {}).items()}
+        ignore = ("data",) if example_ids is not None else ()
+        if expected and (lines := differences(expected, manifest["components"], ignore)):
+            raise other_inputs(path, lines, rebuild_command)
+        schema, columns, index = cache_schema(manifest["k"], manifest["values_dtype"]), [], {}
         for entry in manifest["shards"]:
-            reader = _checked_shard(path / entry["file"], entry, schema, rebuild_command)
-            for b in range(reader.num_record_batches):
-                batch = reader.get_batch(b)
-                columns.append({f.name: _numpy(batch.column(f.name)) for f in schema})
-                for row, example_id in enumerate(columns[-1].pop("example_id")):
+            table = open_shard(path / entry["file"], entry, schema, rebuild_command)
+            for batch in table.to_batches():
+                columns.append({name: _numpy(batch.column(name)) for name in schema.names[1:]})
+                for row, example_id in enumerate(batch.column("example_id").to_pylist()):
                     index.setdefault(example_id, (len(columns) - 1, row))
-        return cls(path, manifest, columns, index, rebuild_command)
+        cache = cls(path, manifest, columns, index, rebuild_command)
+        if example_ids is not None and (missing := cache.missing(ids := list(example_ids))):
+            line = (
+                f"  data: expected {short(expected.get('data'))}, found "
+                f"{short(manifest['components'].get('data'))}; {len(missing)} of the {len(ids)} "
+                f"pairs of the {path.name} split are not in the cache (first example ids: "
+                f"{', '.join(missing[:3])})"
+            )
+            raise other_inputs(path, [line], rebuild_command)
+        return cache
 
     def __len__(self) -> int:
         return len(self._index)
 
+    def __reduce__(self) -> tuple:  # dataloader workers re-map the files instead of copying
+        return ReferenceCache.open, (self.path, None, self.rebuild_command)
+
     def missing(self, example_ids: Iterable[str]) -> list[str]:
-        """The ids among ``example_ids`` that the cache lacks, in their order."""
         return [i for i in example_ids if i not in self._index]
 
     def get(self, example_id: str) -> dict[str, Any]:
         """``ref_{chosen,rejected}_{sum_logps,avg_logps,n_tokens,topk_indices,topk_values}``:
         scalars as Python numbers, top-k as int64 / float32 ``[k]`` (``[0]`` if ``k == 0``)."""
-        try:
-            shard, row = self._index[example_id]
-        except KeyError:
+        if example_id not in self._index:
             raise UserError(
                 f"Example id {example_id!r} is not in the reference cache at {self.path} "
                 f"({len(self)} pairs): the cache was built for other data. Rebuild it with: "
                 f"{self.rebuild_command}"
-            ) from None
+            )
+        shard, row = self._index[example_id]
         columns, out = self._columns[shard], {}
         for side in SIDES:
-            for name in FIELDS:
+            for name in ("sum_logps", "avg_logps", "n_tokens"):
                 out[f"ref_{side}_{name}"] = columns[f"{side}_{name}"][row].item()
             for name, dtype in (("topk_indices", np.int64), ("topk_values", np.float32)):
                 column = columns.get(f"{side}_{name}")
                 out[f"ref_{side}_{name}"] = (column[row] if self.k else np.empty(0)).astype(dtype)
         return out
 
-    def __getstate__(self) -> dict[str, Any]:  # workers re-map the files instead of copying
-        return {"path": self.path, "rebuild_command": self.rebuild_command}
 
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        reopened = ReferenceCache.open(state["path"], rebuild_command=state["rebuild_command"])
-        self.__dict__.update(reopened.__dict__)
-
-
-def _checked_shard(
-    file: Path, entry: Mapping[str, Any], schema: pa.Schema, rebuild_command: str
-) -> pa.ipc.RecordBatchFileReader:
-    """A manifest's shard, opened after cheap checks: it exists, has the recorded bytes,
-    an Arrow footer, the columns and the rows (else UserError naming the file)."""
-    size = file.stat().st_size if file.is_file() else None
-    problem = f"has {size} bytes where the manifest records {entry['bytes']} (truncated?)"
-    if size is None:
-        problem = "is missing"
-    elif size == entry["bytes"]:
-        try:
-            reader = pa.ipc.open_file(pa.memory_map(str(file)))
-            same = reader.schema.equals(schema, check_metadata=False)
-            problem = None if same and reader.read_all().num_rows == entry["rows"] else "is stale"
-        except (OSError, pa.ArrowException) as err:
-            problem = f"cannot be read ({err})"
-    if problem:
-        raise UserError(
-            f"The reference cache at {file.parent.parent} is damaged: shard {file} {problem}. "
-            f"Rebuild it with: {rebuild_command}"
-        )
-    return reader
-
-
-def _numpy(column: pa.Array) -> np.ndarray | list[str]:
-    """Zero-copy numpy view of a column (``[N]``, ``[N, k]`` for lists); strings as a list."""
-    if pa.types.is_string(column.type):
-        return column.to_pylist()
+def _numpy(column: pa.Array) -> np.ndarray:
+    """Zero-copy numpy view of a numeric column, ``[N]`` or ``[N, k]`` for ``[k]`` lists."""
     if pa.types.is_fixed_size_list(column.type):
-        flat = column.flatten().to_numpy(zero_copy_only=True)
-        return flat.reshape(len(column), column.type.list_size)
-    return column.to_numpy(zero_copy_only=True)
+        return column.flatten().to_numpy().reshape(len(column), column.type.list_size)
+    return column.to_numpy()
 
 
 class CachedReferenceDataset(torch.utils.data.Dataset):
@@ -233,13 +223,41 @@ class CachedReferenceDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    @property
-    def example_ids(self) -> list[str]:
-        return self.dataset.example_ids
-
     def __getitem__(self, index: int) -> dict[str, Any]:
         example = dict(self.dataset[index])
         return example | self.cache.get(example["example_id"])
+
+
+def _join(caches: Mapping[str, ReferenceCache], split: str, dataset: Any) -> Any:
+    return CachedReferenceDataset(dataset, caches[split])
+
+
+def attach_reference_cache(
+    settings: CacheSettings, datamodule: Any, policy: nn.Module, sae: nn.Module | None
+) -> dict[str, ReferenceCache]:
+    """Check the cache of every split of ``datamodule`` (a ``PreferenceDataModule``) as the
+    module docstring says, with the fingerprints of ``policy`` *before* training (the
+    reference) and ``sae`` (FPO, else ``None``), and join its datasets to the caches by
+    ``example_id`` for :class:`~fpo.reference.base.BatchReference`. ``{split: cache}``."""
+    fingerprints, caches = settings.model_fingerprints(policy, sae), {}
+    for split in datamodule.splits:
+        path, command = settings.split_path(split), settings.rebuild_command
+        if (path / MANIFEST).is_file():  # replacing a finished cache needs the overwrite switch
+            command = f"{command} {OVERWRITE_OVERRIDE}"
+        expected = settings.components(datamodule, split, fingerprints)
+        ids = datamodule.dataset(split, wrapped=False).example_ids
+        caches[split] = ReferenceCache.open(path, expected, command, example_ids=ids)
+    datamodule.set_dataset_wrapper(partial(_join, caches))
+    return caches
+
+
+_INFO = """reference cache {path}: complete
+  pairs {num_pairs}, rows {num_rows}, k {k}, values {values_dtype}, indices int32
+  size {total_bytes} bytes in {num_shards} shards, {bytes_per_pair:.1f} bytes per pair
+  built by {world_size} rank(s)
+  components:"""
+_INCOMPLETE_INFO = "reference cache {path}: INCOMPLETE: {num_rows} pairs in {num_shards} shards; "
+_INCOMPLETE_INFO += "resume with the fpo-cache command that started it"
 
 
 def cache_info(path: str | os.PathLike) -> dict[str, Any]:
@@ -250,33 +268,16 @@ def cache_info(path: str | os.PathLike) -> dict[str, Any]:
         return {"path": str(path), "complete": True, "num_shards": len(info.pop("shards")), **info}
     if not path.is_dir():
         raise UserError(f"No reference cache at {path}: the folder does not exist.")
-    readers = [open_shard(file) for file in shard_files(path)]
-    rows = sum(len(shard_ids(reader)) for reader in readers)
-    components = shard_fingerprint(readers[0]) if readers else {}
-    return {
-        "path": str(path),
-        "complete": False,
-        "num_shards": len(readers),
-        "num_rows": rows,
-        "components": components,
-    }
+    tables = [table for _, table in shards(path)]
+    info = {"path": str(path), "complete": False, "num_shards": len(tables)}
+    info |= {"num_rows": sum(table.num_rows for table in tables)}
+    return info | {"components": shard_fingerprint(tables[0]) if tables else {}}
 
 
 def format_cache_info(info: Mapping[str, Any]) -> str:
-    """Human-readable multi-line rendering of :func:`cache_info`."""
-    status = "complete" if info["complete"] else "INCOMPLETE (no manifest.json; resume the build)"
-    lines = [f"reference cache {info['path']}: {status}"]
-    if info["complete"]:
-        lines += [
-            f"  pairs {info['num_pairs']}, rows {info['num_rows']}, k {info['k']}, values "
-            f"{info['values_dtype']}, indices int32",
-            f"  size {info['total_bytes']} bytes in {info['num_shards']} shards, "
-            f"{info['bytes_per_pair']:.1f} bytes per pair",
-            f"  built by {info['world_size']} rank(s)",
-        ]
-    else:
-        lines.append(f"  {info['num_rows']} rows written in {info['num_shards']} shards so far")
+    """Human-readable rendering of :func:`cache_info` (one line for an unfinished build)."""
+    if not info["complete"]:
+        return _INCOMPLETE_INFO.format_map(info)
     width = max((len(name) for name in info["components"]), default=0)
-    lines += ["  components:"]
-    lines += [f"    {name:<{width}}  {short(v)}" for name, v in info["components"].items()]
-    return "\n".join(lines)
+    components = (f"    {name:<{width}}  {short(v)}" for name, v in info["components"].items())
+    return "\n".join([_INFO.format_map(info), *components])
