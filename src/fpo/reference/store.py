@@ -25,6 +25,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from fpo.atomic import atomic_save_bytes
 from fpo.errors import UserError
 from fpo.reference.settings import differences, short
 
@@ -51,13 +52,9 @@ def cache_schema(k: int, values_dtype: str, fingerprint: Mapping | None = None) 
 
 
 def atomic_write(path: Path, data: bytes | pa.Buffer) -> None:
-    """Write ``data`` to ``path`` atomically: temp name in the same folder, fsync, replace."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Write ``data`` to ``path`` atomically: temp name in the same folder, fsync, replace
+    (a failed write leaves no temp file; a full disk is a UserError)."""
+    atomic_save_bytes(path, lambda f: f.write(data))
 
 
 def read_manifest(path: Path) -> dict[str, Any]:
