@@ -47,3 +47,34 @@ def run_cli(module: str, *args: str, timeout: int = 300) -> subprocess.Completed
         text=True,
         timeout=timeout,
     )
+
+
+def sigkill_at_atomic_replace(n: int) -> None:
+    """SIGKILL this process at the ``n``-th atomic rename (``fpo.atomic``): that file's temp
+    copy is fully written and fsynced, but never renamed into place."""
+    import fpo.atomic
+
+    real_replace, calls = fpo.atomic.os.replace, [0]
+
+    class _Os:
+        def __getattr__(self, name):
+            return getattr(os, name)
+
+        @staticmethod
+        def replace(src, dst):
+            calls[0] += 1
+            if calls[0] == n:
+                os.kill(os.getpid(), signal.SIGKILL)
+            real_replace(src, dst)
+
+    fpo.atomic.os = _Os()
+
+
+if __name__ == "__main__":
+    # python -m faults N fpo.cache|fpo.train HYDRA_ARGS...: killed at the N-th atomic rename
+    import runpy
+
+    sigkill_at_atomic_replace(int(sys.argv[1]))
+    module = sys.argv[2]
+    sys.argv = [module, *sys.argv[3:]]
+    runpy.run_module(module, run_name="__main__", alter_sys=True)

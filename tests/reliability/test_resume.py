@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from faults import run_cli
 
 # Eight fixture pairs, batch 2: four optimizer steps per epoch, two epochs. last.ckpt every
@@ -60,7 +61,7 @@ def uninterrupted(tmp_path_factory) -> Path:
 def test_sigkilled_run_resumes_to_the_uninterrupted_result(uninterrupted, tmp_path):
     killed = train(
         tmp_path,
-        f"+callbacks.kill._target_=faults.SigkillAfterStep",
+        "+callbacks.kill._target_=faults.SigkillAfterStep",
         f"+callbacks.kill.step={KILL_AT}",
     )
     assert killed.returncode == -9, killed.stderr[-3000:]
