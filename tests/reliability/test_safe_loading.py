@@ -81,7 +81,8 @@ def test_missing_truncated_or_pickled_model_folders_are_refused(tmp_path):
     with pytest.raises(UserError, match="could not load the model folder"):
         load_hf_causal_lm(str(folder))
     weights.unlink()
-    torch.save(build_tiny_model().state_dict(), folder / "pytorch_model.bin")  # pickled weights only
+    # pickled weights only
+    torch.save(build_tiny_model().state_dict(), folder / "pytorch_model.bin")
     with pytest.raises(UserError, match=r"no \*\.safetensors weights"):
         load_hf_causal_lm(str(folder))
 
