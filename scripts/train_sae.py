@@ -29,6 +29,7 @@ import sae_corpus as corpus
 import sae_lens
 import torch
 
+from fpo.atomic import atomic_save_bytes
 from fpo.cli import user_errors
 from fpo.errors import UserError
 from fpo.sae_training.activations import collect_activations, hook_name_for_layer
@@ -135,7 +136,7 @@ def activations_for(args: argparse.Namespace, model, tokenizer) -> tuple[dict[st
     }
     cache = args.activation_cache
     if cache is not None and cache.is_file():
-        stored = torch.load(cache)
+        stored = torch.load(cache, weights_only=True)
         if stored["key"] != key:
             raise UserError(
                 f"--activation-cache {cache} was made with {stored['key']}, "
@@ -160,8 +161,7 @@ def activations_for(args: argparse.Namespace, model, tokenizer) -> tuple[dict[st
     seconds = time.perf_counter() - start
     data = {"key": key, "corpus_chars": taken, "train": train, "heldout": heldout}
     if cache is not None:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({**data, "collect_seconds": seconds}, cache)
+        atomic_save_bytes(cache, lambda f: torch.save({**data, "collect_seconds": seconds}, f))
     return data, seconds
 
 

@@ -27,6 +27,7 @@ from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig
 from torch import nn
 
+from fpo.checkpoints import AtomicCheckpointIO
 from fpo.errors import UserError
 from fpo.module import FPOLightningModule
 from fpo.objective import Objective, build_objective
@@ -124,6 +125,7 @@ class Experiment:
             hook_name=self.hook_name,
             logits_chunk_size=cfg.logits_chunk_size,
             checkpoint_logits=cfg.checkpoint_logits,
+            nonfinite=cfg.get("nonfinite", "stop"),
         )
 
     def build_loggers(self) -> list:
@@ -134,6 +136,8 @@ class Experiment:
         accumulation set from ``global_batch_size``; ``overrides`` replace trainer args."""
         overrides.setdefault("logger", loggers or False)
         overrides.setdefault("callbacks", instantiate_all(self.cfg.get("callbacks")))
+        if not self.cfg.trainer.get("plugins"):  # atomic writes, weights-only loads
+            overrides.setdefault("plugins", [AtomicCheckpointIO()])
         trainer: L.Trainer = instantiate(self.cfg.trainer, **overrides)
         apply_global_batch_size(trainer, self.cfg)
         return trainer

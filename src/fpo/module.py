@@ -20,10 +20,12 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
 from fpo import objectives
+from fpo.checkpoints import FROZEN_PREFIXES, check_policy_state, restore_rng_states, rng_states
 from fpo.errors import UserError
 from fpo.forward import forward_response_positions
 from fpo.logprobs import response_positions, response_token_stats, segment_sum, sequence_logps
 from fpo.models.hf import split_causal_lm
+from fpo.nonfinite import NonFiniteGuard
 from fpo.objective import Objective, build_objective
 from fpo.reference.base import ReferenceSource
 from fpo.sae import encode_pooled, reconstruction_report, resolve_hook_module
@@ -58,6 +60,9 @@ class FPOLightningModule(L.LightningModule):
         logits_chunk_size: response positions per LM-head chunk (``None``: all at once).
         checkpoint_logits: recompute each logits chunk in backward (memory O(chunk * V)).
         sae_report_batches: batches used for the start-up SAE reconstruction report.
+        nonfinite: ``stop`` (raise :class:`~fpo.nonfinite.NonFiniteError`, naming the step
+            and the example ids) or ``skip`` (drop that optimizer step's update, count it
+            in ``train/skipped_nonfinite``) on a non-finite training loss or gradient.
 
     ``logps/chosen`` and ``logps/rejected`` are the log-probs the margin uses: sums for
     margin ``dpo`` (DPO, TDPO), per-token averages for ``ln_dpo``/``simpo`` (FPO, SimPO).
@@ -75,6 +80,7 @@ class FPOLightningModule(L.LightningModule):
         logits_chunk_size: int | None = None,
         checkpoint_logits: bool = False,
         sae_report_batches: int = 2,
+        nonfinite: str = "stop",
     ) -> None:
         super().__init__()
         self.objective: Objective = build_objective(objective)
@@ -98,7 +104,9 @@ class FPOLightningModule(L.LightningModule):
         self.logits_chunk_size = logits_chunk_size
         self.checkpoint_logits = checkpoint_logits
         self.sae_report_batches = sae_report_batches
-        self.strict_loading = False  # checkpoints hold the policy only
+        # Checkpoints hold the policy only; on_load_checkpoint checks every policy weight.
+        self.strict_loading = False
+        self.nonfinite = NonFiniteGuard(nonfinite)
         self.save_hyperparameters(
             {
                 "objective": OmegaConf.to_container(
@@ -177,11 +185,13 @@ class FPOLightningModule(L.LightningModule):
     def _shared_step(self, batch: dict, split: str) -> Tensor:
         result, stats = self.preference_step(batch)
         loss = result.losses.mean()
+        ids = list(batch.get("example_id") or [])
+        if split == "train":
+            self.nonfinite.seen(ids)
         if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"{split} loss is {loss.item()} for examples {batch.get('example_id')}; "
-                "check the learning rate and the data (empty responses are dropped upstream)."
-            )
+            self.nonfinite.bad_loss(self, split, loss, ids)
+            # skip: no metrics; a zero loss keeps backward (and DDP) in step
+            return torch.where(torch.isfinite(result.losses), result.losses, 0.0).sum() * 0.0
         values = {
             "loss": result.losses.detach(),
             "rewards/chosen": result.chosen_rewards,
@@ -213,6 +223,7 @@ class FPOLightningModule(L.LightningModule):
         The metrics aggregate every micro-batch of the step (gradient accumulation) and,
         through torchmetrics' ``compute``, every device; then they restart.
         """
+        self.nonfinite.before_optimizer_step(self)
         for name, metric in self.metrics.items():
             if name.startswith("train__") and metric.update_count:
                 short = name.removeprefix("train__")
@@ -270,7 +281,18 @@ class FPOLightningModule(L.LightningModule):
         }
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        """Keep checkpoints to the policy: the reference and SAE are frozen inputs."""
+        """Keep checkpoints to the policy (the reference and SAE are frozen inputs); add the
+        RNG states and the count of skipped non-finite steps."""
         state = checkpoint["state_dict"]
-        for key in [k for k in state if k.startswith(("reference.", "sae."))]:
+        for key in [k for k in state if k.startswith(FROZEN_PREFIXES)]:
             del state[key]
+        checkpoint["fpo"] = {"rng": rng_states(), "skipped_nonfinite": self.nonfinite.skipped}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Refuse a checkpoint that lacks a policy weight or does not fit (UserError naming
+        the keys); restore the RNG states and the skipped-step count."""
+        check_policy_state(self.state_dict(), checkpoint["state_dict"])
+        extra = checkpoint.get("fpo") or {}
+        if "rng" in extra:
+            restore_rng_states(extra["rng"])
+        self.nonfinite.skipped = int(extra.get("skipped_nonfinite", 0))

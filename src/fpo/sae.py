@@ -132,7 +132,13 @@ def _load_from_folder(path: str, device: str, dtype: str) -> SAE:
             f"sae.path={path!r} is not a sae-lens SAE folder: it has no {SAE_CFG_FILENAME} "
             f"(write one with SAE.save_model)."
         )
-    return SAE.load_from_disk(folder, device=device, dtype=dtype)
+    try:
+        return SAE.load_from_disk(folder, device=device, dtype=dtype)
+    except Exception as err:  # truncated or unreadable weights, a bad cfg.json
+        raise UserError(
+            f"sae.path={path!r}: could not load the SAE ({type(err).__name__}: {err}); its "
+            "files are truncated, unreadable or not written by sae-lens's SAE.save_model."
+        ) from err
 
 
 def build_random_sae(

@@ -16,6 +16,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from fpo.checkpoints import resolve_ckpt_path
 from fpo.cli import user_errors
 from fpo.errors import UserError
 from fpo.experiment import Experiment, build_experiment
@@ -52,6 +53,7 @@ def peak_memory_gb() -> float:
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit one run; returns the final callback metrics as floats (also in metrics.json)."""
     started = time.perf_counter()
+    ckpt_path = resolve_ckpt_path(cfg)  # ckpt_path=last: this config's newest last.ckpt
     L.seed_everything(cfg.seed, workers=True)
     experiment = build_experiment(cfg)
     module = experiment.build_module()
@@ -61,7 +63,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     for logger in loggers:
         logger.log_hyperparams(config)
     fit_started = time.perf_counter()
-    trainer.fit(module, datamodule=experiment.datamodule, ckpt_path=cfg.get("ckpt_path"))
+    trainer.fit(module, datamodule=experiment.datamodule, ckpt_path=ckpt_path)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     metrics["run/fit_seconds"] = time.perf_counter() - fit_started
     metrics["run/peak_memory_gb"] = peak_memory_gb()

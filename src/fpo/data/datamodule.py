@@ -18,7 +18,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
@@ -32,6 +31,7 @@ from fpo.data.formats import (
     parse_row,
     short_hash,
 )
+from fpo.data.resumable import EpochShuffleSampler, ResumableDataLoader
 from fpo.data.tokenize import (
     TemplateSettings,
     TokenizedPair,
@@ -293,20 +293,31 @@ class PreferenceDataModule(LightningDataModule):
     # ------------------------------------------------------------------ loaders
 
     def _loader(self, dataset: PreferenceDataset, batch_size: int, shuffle: bool) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
         return DataLoader(
             dataset,
             batch_size=batch_size,
-            shuffle=shuffle,
-            generator=generator,
+            shuffle=False,
             collate_fn=self.collator,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )
 
     def train_dataloader(self) -> DataLoader:
-        """Train pairs, reshuffled each epoch from ``seed`` (when ``shuffle``)."""
-        return self._loader(self.train_dataset, self.batch_size, self.shuffle)
+        """Train pairs; epoch ``e`` in the order drawn from ``seed + e`` (when ``shuffle``).
+
+        A :class:`~fpo.data.resumable.ResumableDataLoader`: its position is saved in the
+        checkpoint, so a run resumed mid-epoch serves the rest of that epoch.
+        """
+        dataset = self.train_dataset
+        sampler = EpochShuffleSampler(dataset, self.seed) if self.shuffle else None
+        return ResumableDataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            sampler=sampler,
+            collate_fn=self.collator,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
 
     def val_dataloader(self) -> DataLoader | list:
         """Val pairs in file order; ``[]`` (no validation) without ``val_source``."""

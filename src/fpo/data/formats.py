@@ -17,6 +17,7 @@ re-encoding of the source file.
 
 from __future__ import annotations
 
+import codecs
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from fpo.errors import UserError
 from fpo.hashing import hash_json
 
 FORMATS = ("auto", "ultrafeedback", "plain")
+NEWLINE = b"\n"
 LOCAL_EXTENSIONS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
 #: A chat message as the chat templates expect it.
@@ -112,11 +114,21 @@ def _require(row: Mapping[str, Any], key: str) -> Any:
     return value
 
 
+def _check_text(value: str, key: str) -> str:
+    """``value`` must encode as UTF-8 (a JSON ``\\ud800`` escape decodes to a lone surrogate)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise BadRow(f"'{key}' is not valid UTF-8 text ({err.reason} at {err.start})") from None
+    return value
+
+
 def _parse_plain(row: Mapping[str, Any]) -> PreferencePair:
     prompt, chosen, rejected = (_require(row, key) for key in ("prompt", "chosen", "rejected"))
     for key, value in (("prompt", prompt), ("chosen", chosen), ("rejected", rejected)):
         if not isinstance(value, str):
             raise BadRow(f"'{key}' is {type(value).__name__}, expected a string")
+        _check_text(value, key)
     return PreferencePair((("user", prompt),), chosen, rejected)
 
 
@@ -130,6 +142,8 @@ def _messages(value: Any, key: str) -> list[tuple[str, str]]:
         role, content = message.get("role"), message.get("content")
         if not isinstance(role, str) or not isinstance(content, str):
             raise BadRow(f"'{key}'[{i}] needs string 'role' and 'content'")
+        _check_text(role, f"{key}[{i}].role")
+        _check_text(content, f"{key}[{i}].content")
         messages.append((role, content))
     return messages
 
@@ -210,9 +224,29 @@ def load_rows(source: Any, split: str, config_key: str) -> tuple[Sequence[Mappin
     return _load_hub(path, split, config_key), f"{path}[{split}]"
 
 
+def check_utf8(path: str, config_key: str) -> None:
+    """Refuse a text file that is not valid UTF-8, naming the byte offset and line."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset, line = 0, 1
+    with open(path, "rb") as f:
+        for chunk in [*iter(lambda: f.read(1 << 20), b""), b""]:
+            try:
+                decoder.decode(chunk, final=not chunk)
+            except UnicodeDecodeError as err:
+                at = max(err.start, 0)
+                where = f"byte {offset + at}, line {line + chunk[:at].count(NEWLINE)}"
+                raise UserError(
+                    f"{config_key}: {path} is not valid UTF-8 ({where}: {err.reason}); "
+                    "re-encode it as UTF-8."
+                ) from None
+            offset, line = offset + len(chunk), line + chunk.count(NEWLINE)
+
+
 def _load_file(path: str, builder: str, config_key: str) -> Sequence[Mapping[str, Any]]:
     import datasets
 
+    if builder == "json":
+        check_utf8(path, config_key)
     try:
         return datasets.load_dataset(builder, data_files=path, split="train")
     except Exception as err:  # arrow schema errors, malformed JSON, ...

@@ -59,10 +59,24 @@ def load_hf_causal_lm(
     if os.path.sep in name_or_path and not os.path.exists(name_or_path):
         raise UserError(f"model.name_or_path: local model folder {name_or_path!r} does not exist.")
     kwargs = {"revision": revision, "trust_remote_code": trust_remote_code}
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(
-        name_or_path, dtype=getattr(torch, dtype), attn_implementation=attn_implementation, **kwargs
-    )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(
+            name_or_path,
+            dtype=getattr(torch, dtype),
+            attn_implementation=attn_implementation,
+            use_safetensors=True,  # never unpickle .bin weights
+            **kwargs,
+        )
+    except Exception as err:  # a truncated file, no safetensors weights, a broken config
+        if not os.path.isdir(name_or_path):
+            raise
+        raise UserError(
+            f"model.name_or_path={name_or_path!r}: could not load the model folder "
+            f"({type(err).__name__}: {err}). Its files are truncated or unreadable, or it "
+            "has no *.safetensors weights (fpo loads no pickled .bin weights); rewrite it with "
+            "save_pretrained."
+        ) from err
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from fpo.atomic import atomic_save_bytes
 from fpo.errors import UserError
 from fpo.logprobs import response_positions
 from fpo.reference import store
@@ -45,13 +46,9 @@ _SHARD = re.compile(r"\.?rank(\d+)-(\d+)\.arrow")  # a shard or its temp file
 
 
 def atomic_write(path: Path, data: bytes | pa.Buffer) -> None:
-    """Write ``data`` to ``path`` atomically: temp name in the same folder, fsync, replace."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Write ``data`` to ``path`` atomically (``fpo.atomic``: a failed write leaves no temp
+    file; a full disk is a UserError naming the file)."""
+    atomic_save_bytes(path, lambda f: f.write(data))
 
 
 class ReferenceCacheWriter:

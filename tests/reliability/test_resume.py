@@ -1,0 +1,121 @@
+"""A run killed with SIGKILL mid-epoch and restarted with ``ckpt_path=last`` ends exactly where
+an uninterrupted run ends; the same config and seed give the same loss curve twice."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from faults import run_cli
+
+# Eight fixture pairs, batch 2: four optimizer steps per epoch, two epochs. last.ckpt every
+# three steps: step 3 (epoch 0, batch 3 of 4) and step 6 (epoch 1, batch 2 of 4).
+SMOKE = (
+    "experiment=smoke",
+    "objective=fpo",
+    "callbacks.last_checkpoint.every_n_train_steps=3",
+)
+KILL_AT = 7  # killed after step 7, before its checkpoint: resumes from step 6, mid-epoch 1
+VOLATILE = ("run/", "per_sec", "time")  # wall-clock metrics
+
+
+def train(log_dir: Path, *overrides: str):
+    return run_cli("fpo.train", f"paths.log_dir={log_dir}", *SMOKE, *overrides)
+
+
+def only_run(log_dir: Path) -> Path:
+    runs = sorted((log_dir / "smoke" / "runs").iterdir())
+    return runs[-1]
+
+
+def stable_metrics(run: Path) -> dict[str, float]:
+    metrics = json.loads((run / "metrics.json").read_text())
+    return {k: v for k, v in metrics.items() if not any(s in k for s in VOLATILE)}
+
+
+def loss_curve(run: Path) -> list[tuple[int, float]]:
+    with open(next(run.glob("csv/*/metrics.csv"))) as f:
+        return [
+            (int(r["step"]), float(r["train/loss"]))
+            for r in csv.DictReader(f)
+            if r.get("train/loss")
+        ]
+
+
+def load(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> Path:
+    log_dir = tmp_path_factory.mktemp("uninterrupted")
+    result = train(log_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return only_run(log_dir)
+
+
+def test_sigkilled_run_resumes_to_the_uninterrupted_result(uninterrupted, tmp_path):
+    killed = train(
+        tmp_path,
+        "+callbacks.kill._target_=faults.SigkillAfterStep",
+        f"+callbacks.kill.step={KILL_AT}",
+    )
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    killed_run = only_run(tmp_path)
+    last = load(killed_run / "checkpoints" / "last.ckpt")
+    assert last["global_step"] == 6
+    assert last["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [
+        {"epoch": 1, "batches": 2}
+    ]
+    assert {"optimizer_states", "lr_schedulers", "fpo"} <= last.keys()
+    assert not list((killed_run / "checkpoints").glob(".*tmp*")), "a temp file was left"
+
+    resumed = train(tmp_path, "ckpt_path=last")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert (
+        "You're resuming from a checkpoint that ended before the epoch ended" not in resumed.stderr
+    )
+    resumed_run = only_run(tmp_path)
+    assert resumed_run != killed_run
+
+    assert stable_metrics(resumed_run) == stable_metrics(uninterrupted)
+    ours, theirs = (
+        load(resumed_run / "checkpoints/last.ckpt"),
+        load(uninterrupted / "checkpoints/last.ckpt"),
+    )
+    assert ours["global_step"] == theirs["global_step"] == 8
+    assert ours["state_dict"].keys() == theirs["state_dict"].keys()
+    for key, value in theirs["state_dict"].items():
+        assert torch.equal(ours["state_dict"][key], value), key
+    for a, b in zip(
+        ours["optimizer_states"][0]["state"].values(),
+        theirs["optimizer_states"][0]["state"].values(),
+        strict=True,
+    ):
+        assert all(torch.equal(a[k], b[k]) for k in b), "optimizer moments differ"
+    # the loss curve after the resume point is the uninterrupted one
+    assert loss_curve(resumed_run) == [p for p in loss_curve(uninterrupted) if p[0] >= 6]
+
+
+def test_same_config_and_seed_give_the_same_loss_curve(uninterrupted, tmp_path):
+    again = train(tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    curve = loss_curve(only_run(tmp_path))
+    assert len(curve) == 8
+    assert curve == loss_curve(uninterrupted)
+    assert stable_metrics(only_run(tmp_path)) == stable_metrics(uninterrupted)
+
+
+def test_ckpt_path_last_without_a_matching_run_is_refused(uninterrupted, tmp_path):
+    fresh = train(tmp_path, "ckpt_path=last")
+    assert fresh.returncode == 2
+    assert "ckpt_path=last: no last.ckpt of an earlier run with this config" in fresh.stderr
+    assert "Traceback" not in fresh.stderr
+    # another config next to the uninterrupted run: refused, naming what differs
+    other = train(uninterrupted.parents[2], "ckpt_path=last", "objective.beta=0.3")
+    assert other.returncode == 2
+    assert "differs in objective.beta" in other.stderr, other.stderr[-2000:]
