@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import warnings
 from pathlib import Path
 
@@ -47,21 +48,29 @@ def find_run_dir(path: str | os.PathLike) -> Path:
     raise UserError(f"{path}: no run folder (with {RUN_CONFIG}) at or above it; give run_dir=.")
 
 
-def command_line_keys() -> list[str]:
-    """Config keys set on the command line (``+``/``++`` stripped; deletions left out)."""
+def command_line_keys() -> list[tuple[str, bool]]:
+    """``(key, deleted)`` for each key set (``key=``, ``+key=``) or deleted (``~key``) on the
+    command line."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     overrides = OverridesParser.create().parse_overrides(list(HydraConfig.get().overrides.task))
-    return [o.key_or_group for o in overrides if not o.is_delete()]
+    return [(o.key_or_group, o.is_delete()) for o in overrides]
 
 
-def run_config(cfg: DictConfig, run_dir: Path, keys: list[str]) -> DictConfig:
-    """The run's saved config, its output dir set to ``run_dir``, with ``keys`` from ``cfg``."""
+def run_config(cfg: DictConfig, run_dir: Path, keys: list[tuple[str, bool]]) -> DictConfig:
+    """The run's saved config, its output dir set to ``run_dir``, with ``keys`` from ``cfg``
+    (deleted keys removed)."""
     run_cfg = OmegaConf.load(run_dir / RUN_CONFIG)
     OmegaConf.update(run_cfg, "paths.output_dir", str(run_dir), force_add=True)
-    for key in keys:
+    for key, deleted in keys:
         if key in OWN_KEYS or key.startswith("hydra"):
+            continue
+        if deleted:
+            parent, _, name = key.rpartition(".")
+            node = OmegaConf.select(run_cfg, parent) if parent else run_cfg
+            if node is not None and name in node:
+                node.pop(name)
             continue
         value = OmegaConf.select(cfg, key, default=None, throw_on_missing=False)
         if value is None and key not in cfg:
@@ -115,17 +124,45 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     scalars = evaluate_experiment(experiment, experiment.policy, loggers, out_dir=out_dir)
     for logger in loggers:
         logger.finalize("success")
+    finish_wandb()
     return scalars
 
 
+def finish_wandb() -> None:
+    """Close a W&B run this process opened (its files are complete when we return)."""
+    import wandb
+
+    if wandb.run is not None:
+        wandb.finish()
+
+
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")
-def main(cfg: DictConfig) -> float | None:
+def hydra_main(cfg: DictConfig) -> float | None:
     """Hydra entry point; returns the main judge's win rate."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
     torch.set_float32_matmul_precision("high")
     with user_errors():
         return evaluate(cfg).get("eval/win_rate")
+
+
+def quote_path_arguments(argv: list[str]) -> list[str]:
+    """``run_dir=``, ``ckpt_path=``, ``out_dir=`` values as quoted Hydra strings: multirun
+    folders are named ``0_objective=dpo,seed=0``, which Hydra's override grammar rejects."""
+    quoted = []
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if sep and key.lstrip("+") in OWN_KEYS and value[:1] not in ("'", '"'):
+            value = "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+            arg = f"{key}={value}"
+        quoted.append(arg)
+    return quoted
+
+
+def main() -> None:
+    """``fpo-eval``: path arguments quoted (`quote_path_arguments`), then Hydra."""
+    sys.argv = [sys.argv[0], *quote_path_arguments(sys.argv[1:])]
+    hydra_main()
 
 
 if __name__ == "__main__":

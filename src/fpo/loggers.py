@@ -4,7 +4,9 @@
 multirun share a group (``<task_name>/<sweep folder name>``; a single run's group is its
 ``task_name``), every run carries its objective and seed as tags (``objective:fpo``,
 ``seed:0``) and as W&B config, and the mode is passed explicitly (``offline`` unless the
-config says otherwise), so no account or network is needed.
+config says otherwise), so no account or network is needed. A W&B run still open in this
+process (the previous job of a multirun) is finished first: Lightning would otherwise log
+the new job into it.
 """
 
 from __future__ import annotations
@@ -44,6 +46,10 @@ def wandb_logger(
     **kwargs: Any,
 ) -> WandbLogger:
     """A ``WandbLogger`` (module docstring); ``group=None`` means `sweep_group`."""
+    import wandb
+
+    if wandb.run is not None:
+        wandb.finish()
     labels = [*tags]
     if objective is not None:
         labels.append(f"objective:{objective}")
