@@ -74,12 +74,12 @@ def build_judges(specs: dict | None) -> dict[str, Any]:
 
 
 def heldout_loader(datamodule: Any, source: str, max_pairs: int | None, batch_size: int):
-    """Held-out preference pairs of ``source``, tokenized like the run's data (same format,
-    template and truncation), in file order."""
+    """Held-out preference pairs of ``source`` (its format detected from its first row),
+    tokenized like the run's data (same template and truncation), in file order."""
     spec = SplitSpec(source, "train", max_pairs, "evaluation.pairs_file")
     built = build_split(
         spec,
-        datamodule.format,
+        "auto",
         datamodule.tokenizer,
         datamodule.template_settings,
         datamodule.truncation,
