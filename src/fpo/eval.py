@@ -80,14 +80,17 @@ def run_config(cfg: DictConfig, run_dir: Path, keys: list[tuple[str, bool]]) -> 
     return run_cfg
 
 
-def eval_loggers(run_cfg: DictConfig, out_dir: Path) -> list:
-    """The run's loggers, writing under ``out_dir`` (W&B: job type ``eval``)."""
+def eval_loggers(run_cfg: DictConfig, out_dir: Path, run_dir: Path | None) -> list:
+    """The run's loggers, writing under ``out_dir``; W&B: job type ``eval``, and the group
+    of the run's sweep (``<task>/<sweep folder>``) when the run is a multirun job."""
     loggers = OmegaConf.to_container(run_cfg.get("logger") or {}, resolve=True)
     for spec in loggers.values():
         if isinstance(spec, dict) and "save_dir" in spec:
             spec["save_dir"] = str(out_dir)
         if isinstance(spec, dict) and spec.get("_target_", "").endswith("wandb_logger"):
             spec["job_type"] = "eval"
+            if run_dir is not None and run_dir.parent.parent.name == "multiruns":
+                spec["group"] = spec.get("group") or f"{run_cfg.task_name}/{run_dir.parent.name}"
     return instantiate_all(OmegaConf.create(loggers))
 
 
@@ -120,7 +123,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         log.info("policy weights from %s", weights)
     else:
         log.info("no run given: evaluating the initial model against itself")
-    loggers = eval_loggers(run_cfg, out_dir)
+    loggers = eval_loggers(run_cfg, out_dir, run_dir)
     scalars = evaluate_experiment(experiment, experiment.policy, loggers, out_dir=out_dir)
     for logger in loggers:
         logger.finalize("success")

@@ -193,3 +193,14 @@ def test_wandb_offline_sweep_groups_tags_tables_and_images(tmp_path):
         report = json.loads(next(media.glob("table/eval/feature_report_*.table.json")).read_text())
         assert report["columns"][:3] == ["rank", "feature", "change"]
     assert groups == {f"smoke/{sweep_dir.name}"}  # one sweep, one group
+    # fpo-eval on a job of the sweep logs into the same group, as an eval job
+    (job,) = sweep_dir.glob("*seed=0")
+    result = run_module(
+        "fpo.eval", f"run_dir={job}", f"paths.log_dir={tmp_path}",
+        env={"WANDB_MODE": "offline", "WANDB_SILENT": "true"},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    (records_file,) = job.glob("evaluation/wandb/offline-run-*/run-*.wandb")
+    run = next(r.run for r in wandb_records(records_file) if r.WhichOneof("record_type") == "run")
+    assert run.run_group == f"smoke/{sweep_dir.name}" and run.job_type == "eval"
+    assert list(job.glob("evaluation/wandb/offline-run-*/files/media/images/eval/frontier_*.png"))
