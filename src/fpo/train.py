@@ -13,34 +13,24 @@ from pathlib import Path
 import hydra
 import lightning as L
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from fpo.checkpoints import resolve_ckpt_path
 from fpo.cli import user_errors
 from fpo.errors import UserError
 from fpo.experiment import Experiment, build_experiment
+from fpo.policy_io import POLICY_DIR, save_policy, should_save_policy
 
 log = logging.getLogger("fpo.train")
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")
 
 
 def evaluate(experiment: Experiment, loggers: list) -> dict[str, float]:
-    """Sample and judge the trained policy against a fresh load of the initial weights."""
-    from fpo.evaluation.after_fit import evaluate_after_fit
+    """Evaluate the trained policy against a fresh load of the initial weights (the code
+    ``fpo-eval`` runs too: `fpo.evaluation.after_fit.evaluate_experiment`)."""
+    from fpo.evaluation.after_fit import evaluate_experiment
 
-    cfg = experiment.cfg
-    result = evaluate_after_fit(
-        experiment.policy,
-        experiment.tokenizer,
-        load_reference=lambda: instantiate(cfg.model.loader)[0],
-        output_dir=cfg.paths.output_dir,
-        **OmegaConf.to_container(cfg.evaluation, resolve=True),
-    )
-    scalars = {f"eval/{k}": float(v) for k, v in result.items() if isinstance(v, int | float)}
-    for logger in loggers:
-        logger.log_metrics(scalars)
-    return scalars
+    return evaluate_experiment(experiment, experiment.policy, loggers)
 
 
 def peak_memory_gb() -> float:
@@ -67,6 +57,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     metrics["run/fit_seconds"] = time.perf_counter() - fit_started
     metrics["run/peak_memory_gb"] = peak_memory_gb()
+    if trainer.is_global_zero and should_save_policy(cfg):
+        save_policy(
+            experiment.policy, experiment.tokenizer, Path(cfg.paths.output_dir) / POLICY_DIR
+        )
     if cfg.get("evaluation") and trainer.is_global_zero:
         metrics.update(evaluate(experiment, loggers))
     metrics["run/wall_seconds"] = time.perf_counter() - started

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -45,6 +46,30 @@ def test_prompt_splits_are_disjoint_with_requested_sizes():
     train, test = make_prompt_splits(400, 100, seed=0)
     assert (len(train), len(test)) == (400, 100)
     assert not set(train) & set(test)
+
+
+def test_validation_prompts_come_after_train_and_test_and_leave_them_unchanged():
+    train, test = make_prompt_splits(400, 100, seed=0)
+    train3, test3, val = make_prompt_splits(400, 100, seed=0, n_val=64)
+    assert (train3, test3) == (train, test) and len(val) == 64
+    assert not set(val) & (set(train) | set(test))
+
+
+def test_shipped_train_val_test_prompts_are_disjoint():
+    """data/sentiment: the three splits share no prompt (validation is honest), and each
+    file's prompts are the builder's draw for its split."""
+    root = Path(__file__).resolve().parents[2] / "data" / "sentiment"
+    prompts = {
+        split: [json.loads(line)["prompt"] for line in (root / f"{split}.jsonl").open()]
+        for split in ("train", "val", "test")
+    }
+    sets = {split: set(values) for split, values in prompts.items()}
+    assert not sets["train"] & sets["val"]
+    assert not sets["train"] & sets["test"]
+    assert not sets["val"] & sets["test"]
+    drawn = dict(zip(("train", "test", "val"), make_prompt_splits(400, 100, 0, 64), strict=True))
+    for split, values in sets.items():
+        assert values <= set(drawn[split]), split
 
 
 def test_prompts_are_vader_neutral_and_end_without_space():

@@ -1,8 +1,17 @@
-"""Evaluate the policy a run just trained against its reference (the initial weights).
+"""Evaluate a run's policy against its reference (the initial weights): the one code path.
 
-Called by ``fpo-train`` when the config has an ``evaluation`` block (the embedded default
-has one): held-out prompts from a JSONL file, fresh samples from both models, the judge,
-the KL estimate; files written into the run folder and copied to ``logs/latest/``.
+``fpo-train`` (after fit, when the config has an ``evaluation`` block) and ``fpo-eval``
+(a finished run, or the initial model by itself) both call `evaluate_experiment`:
+
+1. fresh samples from policy and reference on the held-out *test* prompts
+   (``evaluation.prompts_file``), scored by every judge of ``evaluation.judges`` (win rate,
+   scores) and the sampled KL (`fpo.evaluation.sentiment`);
+2. on the held-out test *pairs* (``evaluation.pairs_file``, the data's format and template):
+   predictive entropy, preference accuracy (method-agnostic and the objective's own
+   implicit reward) and SAE feature drift with the run's SAE (`fpo.evaluation.heldout`);
+3. ``<out>/summary.json``, ``generations.jsonl``, ``judge_vs_kl.png``, ``feature_report.md``
+   (`fpo.evaluation.features`), copied to ``latest_dir``; scalars to the loggers as
+   ``eval/*``, tables and the plot to W&B (`fpo.evaluation.wandb_report`).
 """
 
 from __future__ import annotations
@@ -10,16 +19,22 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-from collections.abc import Callable
+import time
 from pathlib import Path
 from typing import Any
 
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
+from torch.utils.data import DataLoader
 
+from fpo.data.datamodule import SplitSpec, build_split
 from fpo.errors import UserError
+from fpo.evaluation.features import feature_rows, write_feature_report
+from fpo.evaluation.heldout import DEFAULT_DRIFT_K, heldout_pair_metrics
 from fpo.evaluation.report import format_summary, write_evaluation
 from fpo.evaluation.sentiment import evaluate_sentiment
-from fpo.sentiment.judge import SentimentJudge
+from fpo.evaluation.wandb_report import log_evaluation_to_wandb
 
 log = logging.getLogger("fpo.evaluation")
 
@@ -45,53 +60,163 @@ def read_prompts(path: str | Path, limit: int | None) -> list[str]:
     return prompts
 
 
-def evaluate_after_fit(
+DEFAULT_JUDGES = {"vader": {"_target_": "fpo.evaluation.judges.SentimentJudge"}}
+
+
+def build_judges(specs: dict | None) -> dict[str, Any]:
+    """``{name: judge}`` from ``evaluation.judges`` (Hydra ``_target_`` entries; a null entry
+    is dropped); VADER alone when none is configured. The first is the main judge."""
+    specs = DEFAULT_JUDGES if specs is None else specs
+    judges = {name: instantiate(spec) for name, spec in specs.items() if spec}
+    if not judges:
+        raise UserError("evaluation.judges: every judge is null; keep at least one.")
+    return judges
+
+
+def heldout_loader(datamodule: Any, source: str, max_pairs: int | None, batch_size: int):
+    """Held-out preference pairs of ``source`` (its format detected from its first row),
+    tokenized like the run's data (same template and truncation), in file order."""
+    spec = SplitSpec(source, "train", max_pairs, "evaluation.pairs_file")
+    built = build_split(
+        spec,
+        "auto",
+        datamodule.tokenizer,
+        datamodule.template_settings,
+        datamodule.truncation,
+        datamodule.on_bad_row,
+    )
+    return DataLoader(built.dataset, batch_size=batch_size, collate_fn=datamodule.collator)
+
+
+def run_sae(experiment: Any) -> tuple[nn.Module | None, str | None]:
+    """The run's SAE and hook: the experiment's, else built from ``cfg.sae`` (feature drift is
+    measured for every objective); ``(None, None)`` when the config has no SAE."""
+    if experiment.sae is not None:
+        return experiment.sae, experiment.hook_name
+    if not experiment.cfg.get("sae"):
+        return None, None
+    from fpo.experiment import build_sae
+    from fpo.sae import check_sae_fits_model, sae_hook_name
+
+    sae = build_sae(experiment.cfg.sae, experiment.policy)
+    check_sae_fits_model(sae, experiment.policy)
+    return sae.requires_grad_(False).eval(), sae_hook_name(sae)
+
+
+def copy_to_latest(out_dir: Path, latest_dir: str | Path) -> None:
+    """Copy the evaluation folder to ``latest_dir``, pointing summary.json at the copies."""
+    latest = Path(latest_dir)
+    shutil.rmtree(latest, ignore_errors=True)
+    shutil.copytree(out_dir, latest)
+    copied = json.loads((latest / "summary.json").read_text())
+    for key in ("generations", "plot", "feature_report"):
+        if copied.get(key):
+            copied[key] = str((latest / Path(copied[key]).name).resolve())
+    (latest / "summary.json").write_text(json.dumps(copied, indent=2))
+    log.info("evaluation copied to %s", latest)
+
+
+def scalars_of(result: dict[str, Any]) -> dict[str, float]:
+    """``eval/<key>`` for the numbers of the summary, ``eval/judges/<name>/<key>`` per judge."""
+    scalars = {
+        f"eval/{k}": float(v)
+        for k, v in result.items()
+        if isinstance(v, int | float) and not isinstance(v, bool)
+    }
+    for name, block in (result.get("judges") or {}).items():
+        for key, value in block.items():
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                scalars[f"eval/judges/{name}/{key}"] = float(value)
+    return scalars
+
+
+def evaluate_experiment(
+    experiment: Any,
     policy: nn.Module,
-    tokenizer: Any,
-    load_reference: Callable[[], nn.Module],
-    output_dir: str | Path,
-    prompts_file: str,
-    num_prompts: int | None = 100,
-    num_samples: int = 1,
-    max_new_tokens: int = 24,
-    batch_size: int = 32,
-    seed: int = 0,
-    latest_dir: str | Path | None = None,
-    logits_chunk_size: int | None = 256,
-) -> dict[str, Any]:
-    """Run the sentiment evaluation and write ``summary.json``, generations and the plot.
+    loggers: list,
+    out_dir: str | Path | None = None,
+    reference: nn.Module | None = None,
+) -> dict[str, float]:
+    """Evaluate ``policy`` against the run's initial weights (module docstring).
 
     Args:
-        load_reference: builds the reference model (a fresh load of the initial weights).
-        output_dir: the run folder; files go to ``output_dir/evaluation``.
-        latest_dir: if set, the files are also copied there (``logs/latest``).
-        logits_chunk_size: response positions per LM-head chunk when scoring log-probs.
+        experiment: `fpo.experiment.Experiment` of the run (config, tokenizer, data, SAE).
+        out_dir: where the files go (default ``<cfg.paths.output_dir>/evaluation``).
+        reference: the reference model (default: a fresh load of ``cfg.model.loader``).
+
+    Returns the ``eval/*`` scalars (also sent to ``loggers``).
     """
-    prompts = read_prompts(prompts_file, num_prompts)
-    reference = load_reference()
+    cfg: DictConfig = experiment.cfg
+    settings = OmegaConf.to_container(cfg.evaluation, resolve=True)
+    out = Path(out_dir or Path(cfg.paths.output_dir) / "evaluation")
+    started = time.perf_counter()
+    judges = build_judges(settings.get("judges"))
+    prompts = read_prompts(settings["prompts_file"], settings.get("num_prompts"))
+    reference = reference if reference is not None else instantiate(cfg.model.loader)[0]
+    chunk = settings.get("logits_chunk_size", 256)
     result = evaluate_sentiment(
         policy,
         reference,
-        tokenizer,
+        experiment.tokenizer,
         prompts,
-        SentimentJudge(),
-        num_samples=num_samples,
-        max_new_tokens=max_new_tokens,
-        batch_size=batch_size,
-        seed=seed,
-        logits_chunk_size=logits_chunk_size,
+        judges,
+        num_samples=settings.get("num_samples", 1),
+        max_new_tokens=settings.get("max_new_tokens", 24),
+        batch_size=settings.get("batch_size", 32),
+        seed=settings.get("seed", 0),
+        logits_chunk_size=chunk,
     )
-    summary = write_evaluation(result, Path(output_dir) / "evaluation")
+    sampled = time.perf_counter()
+    rows, shift = None, None
+    pairs_file = settings.get("pairs_file", settings["prompts_file"])
+    if pairs_file:
+        sae, hook_name = run_sae(experiment)
+        k = experiment.objective.constraints.features.k or DEFAULT_DRIFT_K
+        loader = heldout_loader(
+            experiment.datamodule,
+            pairs_file,
+            settings.get("num_pairs"),
+            settings.get("pairs_batch_size", 8),
+        )
+        metrics, shift = heldout_pair_metrics(
+            policy,
+            reference,
+            loader,
+            experiment.objective,
+            sae=sae,
+            hook_name=hook_name,
+            drift_k=k if experiment.objective.feature_k else DEFAULT_DRIFT_K,
+            logits_chunk_size=chunk,
+            contexts=settings.get("feature_contexts", 3),
+        )
+        result.update(metrics)
+        result["settings"]["pairs_file"] = str(pairs_file)
+        result["settings"]["feature_drift"] = (
+            f"feature_mse of pooled SAE features at {hook_name}, top-k union / k, "
+            "mean of chosen and rejected, over held-out pairs"
+        )
+    result["seconds"] = {
+        "sampling_and_judging": round(sampled - started, 2),
+        "heldout_pairs": round(time.perf_counter() - sampled, 2),
+    }
+    del reference
+    summary_path = write_evaluation(result, out)
+    summary = json.loads(summary_path.read_text())
+    if shift is not None:
+        rows = feature_rows(shift, experiment.tokenizer, settings.get("feature_report_top", 10))
+        meta = {
+            "sae": cfg.sae.get("path") or cfg.sae.get("sae_id") or cfg.sae.get("_target_"),
+            "hook_name": hook_name,
+            "responses": shift.count,
+            "pairs_file": pairs_file,
+        }
+        summary["feature_report"] = str(write_feature_report(rows, meta, out))
+        summary_path.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     print(format_summary(result), flush=True)
-    if latest_dir is not None:
-        latest = Path(latest_dir)
-        shutil.rmtree(latest, ignore_errors=True)
-        shutil.copytree(summary.parent, latest)
-        # summary.json names its files by absolute path: point the copy at the copies.
-        copied = json.loads((latest / "summary.json").read_text())
-        for key in ("generations", "plot"):
-            if copied.get(key):
-                copied[key] = str((latest / Path(copied[key]).name).resolve())
-        (latest / "summary.json").write_text(json.dumps(copied, indent=2))
-        log.info("evaluation copied to %s", latest)
-    return result
+    if settings.get("latest_dir"):
+        copy_to_latest(summary_path.parent, settings["latest_dir"])
+    scalars = scalars_of(result)
+    for logger in loggers:
+        logger.log_metrics(scalars)
+    log_evaluation_to_wandb(loggers, summary, rows, summary.get("plot"), summary.get("generations"))
+    return scalars

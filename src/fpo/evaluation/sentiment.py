@@ -7,29 +7,93 @@ seed the policy's sampling could use, per call or per batch), so its samples are
 independent of the policy's and the win rate estimates ``P(J(y) > J(y_ref)) + P(tie) / 2``
 for independent draws (same seeds would couple the two, and a policy equal to its
 reference would tie on every prompt).
+
+Several judges can score the same samples (`fpo.evaluation.judges`: VADER, which labelled
+the training pairs, and AFINN, which did not). The first is the *main* judge: its numbers
+are the summary's top-level keys; every judge has a block under ``judges`` by its name.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import inspect
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from torch import nn
 
 from fpo.errors import UserError
+from fpo.evaluation.judges import is_pairwise
 from fpo.evaluation.sampling import num_batches, sample_for_scoring
 from fpo.evaluation.scoring import kl_log_ratios
 from fpo.evaluation.stats import grouped_mean_stderr, pairwise_wins
 
-Judge = Callable[[Sequence[str]], Sequence[float]]
+Judge = Any  # ``judge(texts)``, ``judge.score(prompts, completions)`` or ``judge.compare(...)``
 
 
-def _judge(judge: Judge, texts: list[str]) -> list[float]:
-    """Score ``texts`` and check the judge returned one float per text."""
-    scores = [float(score) for score in judge(texts)]
+def judge_name(judge: Judge) -> str:
+    return str(getattr(judge, "name", type(judge).__name__))
+
+
+def _judge(judge: Judge, prompts: list[str], texts: list[str]) -> list[float]:
+    """Score ``texts`` (completions of ``prompts``), one float per text.
+
+    A judge is pointwise in either form: ``judge.score(prompts, completions)``
+    (`fpo.evaluation.judges`) or a callable ``judge(texts)`` (`fpo.sentiment.SentimentJudge`).
+    """
+    score = getattr(judge, "score", None)
+    if callable(score) and len(inspect.signature(score).parameters) >= 2:
+        raw = score(prompts, texts)
+    else:
+        raw = judge(texts)
+    scores = [float(value) for value in raw]
     if len(scores) != len(texts):
         raise ValueError(f"judge returned {len(scores)} scores for {len(texts)} texts")
     return scores
+
+
+def _as_named(judges: Judge | Sequence[Judge] | Mapping[str, Judge]) -> dict[str, Judge]:
+    """``{block name: judge}`` in order; the first is the main judge."""
+    if isinstance(judges, Mapping):
+        named = dict(judges)
+    elif isinstance(judges, list | tuple):
+        named = {judge_name(j): j for j in judges}
+    else:
+        named = {judge_name(judges): judges}
+    if not named:
+        raise UserError("evaluation.judges: give at least one judge")
+    main_name, main = next(iter(named.items()))
+    if is_pairwise(main):
+        raise UserError(
+            f"evaluation.judges: the first (main) judge {main_name!r} is pairwise; put a "
+            "pointwise judge (a score per completion) first, pairwise ones after it."
+        )
+    return named
+
+
+def judge_block(
+    judge: Judge, prompts: list[str], ours: list[str], theirs: list[str], groups: list[int]
+) -> tuple[dict[str, Any], list[float] | None, list[float] | None]:
+    """One judge's numbers over paired samples: score means (pointwise judges), win rate
+    (ties half; a pairwise judge's failed items are left out), with stderrs over prompts."""
+    block: dict[str, Any] = {"judge": judge_name(judge)}
+    if is_pairwise(judge):
+        outcomes = list(judge.compare(prompts, ours, theirs))
+        kept = [(v, g) for v, g in zip(outcomes, groups, strict=True) if v is not None]
+        if not kept:
+            raise UserError(f"judge {block['judge']!r} failed on every item: no win rate.")
+        block["win_rate"], block["win_rate_stderr"] = grouped_mean_stderr(*zip(*kept, strict=True))
+        block["failed"] = len(outcomes) - len(kept)
+        return block, None, None
+    policy_scores, reference_scores = _judge(judge, prompts, ours), _judge(judge, prompts, theirs)
+    for key, values in (
+        ("policy_judge_mean", policy_scores),
+        ("reference_judge_mean", reference_scores),
+        ("win_rate", pairwise_wins(policy_scores, reference_scores)),
+    ):
+        block[key], block[f"{key.removesuffix('_mean')}_stderr"] = grouped_mean_stderr(
+            values, groups
+        )
+    return block, policy_scores, reference_scores
 
 
 def evaluate_sentiment(
@@ -37,7 +101,7 @@ def evaluate_sentiment(
     reference: nn.Module,
     tokenizer: Any,
     prompts: Sequence[str],
-    judge: Judge,
+    judge: Judge | Sequence[Judge] | Mapping[str, Judge],
     num_samples: int = 1,
     max_new_tokens: int = 48,
     batch_size: int = 32,
@@ -47,8 +111,10 @@ def evaluate_sentiment(
     """Sample, judge and compare the policy and the reference on held-out ``prompts``.
 
     Args:
-        judge: ``judge(texts) -> scores`` (e.g. `fpo.sentiment.SentimentJudge`), higher is
-            better; called on the policy's completions first, then on the reference's.
+        judge: one judge, a list, or ``{name: judge}`` (module docstring): pointwise
+            (``judge(texts)`` or ``judge.score(prompts, completions)``, higher is better;
+            called on the policy's completions first, then on the reference's) or pairwise
+            (``judge.compare``; not first).
         num_samples: completions per prompt and model (``N = P * num_samples`` each).
         logits_chunk_size: response positions per LM-head chunk when scoring log-probs.
 
@@ -59,7 +125,10 @@ def evaluate_sentiment(
         completion), each with a ``*_stderr`` over prompts; mean completion lengths and EOS
         fractions; counts, ``seed`` and ``settings``; and ``generations``: per prompt, the
         first sample of each model with its score (``{"prompt", "policy", "reference", ...}``).
+        ``judges``: per judge name, its block (`judge_block`); the top-level judge keys are
+        the first judge's.
     """
+    judges = _as_named(judge)
     if not prompts:
         raise UserError("evaluation: no held-out prompts to evaluate on")
     sample = dict(num_samples=num_samples, max_new_tokens=max_new_tokens, batch_size=batch_size)
@@ -70,16 +139,22 @@ def evaluate_sentiment(
     pad_id = tokenizer.pad_token_id
     pad_id = tokenizer.eos_token_id if pad_id is None else pad_id
     ratios = kl_log_ratios(policy, reference, ours, pad_id, logits_chunk_size, batch_size).tolist()
-    policy_scores = _judge(judge, ours.texts)
-    reference_scores = _judge(judge, theirs.texts)
-    wins = pairwise_wins(policy_scores, reference_scores)
-
     groups = ours.prompt_index
-    result: dict[str, Any] = {}
+    sample_prompts = [prompts[p] for p in groups]
+    blocks, per_sample = {}, {}
+    for name, each in judges.items():
+        blocks[name], ours_scores, theirs_scores = judge_block(
+            each, sample_prompts, ours.texts, theirs.texts, groups
+        )
+        if ours_scores is not None:
+            per_sample[name] = (ours_scores, theirs_scores)
+    main = next(iter(judges))
+    policy_scores, reference_scores = per_sample[main]
+
+    result: dict[str, Any] = {
+        key: value for key, value in blocks[main].items() if key not in ("judge", "failed")
+    }
     for key, values in (
-        ("policy_judge_mean", policy_scores),
-        ("reference_judge_mean", reference_scores),
-        ("win_rate", wins),
         ("kl", ratios),
         ("policy_tokens_mean", [len(ids) for ids in ours.completion_ids]),
         ("reference_tokens_mean", [len(ids) for ids in theirs.completion_ids]),
@@ -97,7 +172,8 @@ def evaluate_sentiment(
         num_completions=len(ours.texts),
         seed=seed,
         settings={
-            "judge": getattr(judge, "name", type(judge).__name__),
+            "judge": blocks[main]["judge"],
+            "judges": [block["judge"] for block in blocks.values()],
             "max_new_tokens": max_new_tokens,
             "temperature": 1.0,
             "top_k": None,
@@ -115,8 +191,13 @@ def evaluate_sentiment(
                 "policy_score": policy_scores[i],
                 "reference_score": reference_scores[i],
                 "log_ratio": ratios[i],
+                "judge_scores": {
+                    name: {"policy": scores[0][i], "reference": scores[1][i]}
+                    for name, scores in per_sample.items()
+                },
             }
             for p, i in enumerate(first)
         ],
+        judges=blocks,
     )
     return result

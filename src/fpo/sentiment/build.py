@@ -10,10 +10,16 @@ completion, see `fpo.sentiment.judge`), and keep the pair
 kept). Rows are in the plain preference format the data module reads: ``prompt``,
 ``chosen``, ``rejected`` plus ``score_chosen``, ``score_rejected``, ``prompt_id``.
 
-CLI (writes ``train.jsonl``, ``test.jsonl`` and ``DATA_CARD.md`` into ``--out``)::
+CLI (writes ``train.jsonl``, ``test.jsonl``, ``val.jsonl`` (with ``--val-prompts``) and
+``DATA_CARD.md`` into ``--out``)::
 
     python -m fpo.sentiment.build --out data/sentiment --train-prompts 500 --test-prompts 100 \
         --num-samples 4 --max-new-tokens 32 --min-gap 0.3 --seed 0
+
+``--splits val`` builds only the named splits (the others' files are left alone) and adds
+their section to an existing data card. Prompts of the three splits come from one seeded
+draw, cut in the order train, test, val (`fpo.sentiment.prompts.make_prompt_splits`), so
+they are disjoint and train/test do not change when validation prompts are added.
 """
 
 from __future__ import annotations
@@ -38,7 +44,8 @@ from fpo.sentiment.prompts import make_prompt_splits
 
 # Tokens after which a base model starts a new document: a completion ends there, like EOS.
 DOCUMENT_END_TOKENS = ("<end_of_turn>", "<start_of_image>")
-TEST_SEED_OFFSET = 1_000_003  # test prompts are sampled with seed + this
+TEST_SEED_OFFSET = 1_000_003  # split i (train 0, test 1, val 2) is sampled with seed + i * this
+SPLITS = ("train", "test", "val")
 
 
 @dataclass(frozen=True)
@@ -215,14 +222,15 @@ def data_card(args: argparse.Namespace, stats: dict[str, dict[str, Any]], info: 
         f"| temperature / top_k / top_p | {args.temperature} / {args.top_k} / {args.top_p} |",
         f"| min gap | {args.min_gap} |",
         f"| seed | prompts: {args.seed}; sampling: train {args.seed}, "
-        f"test {args.seed} + {TEST_SEED_OFFSET} |",
+        f"test {args.seed} + {TEST_SEED_OFFSET}, val {args.seed} + 2 x {TEST_SEED_OFFSET} |",
         f"| batch size (sequences) | {args.batch_size} |",
         "| judge | vaderSentiment 3.3.2 compound, completion only |",
         f"| versions | {info['versions']} |",
         "",
         "Rows (JSON lines): `prompt_id`, `prompt`, `chosen`, `rejected`, `score_chosen`,",
         "`score_rejected`. Completions keep their leading space: `prompt + chosen` is the",
-        "sampled text. Test prompts are disjoint from train prompts.",
+        "sampled text. Train, test and validation prompts are disjoint (one draw, cut in",
+        "that order).",
         "",
         "Statistics: mean ± std [min, median, max]; `all samples` is every sampled",
         "completion's score (the reference policy's reward).",
@@ -253,6 +261,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--out", required=True, help="output folder (train/test.jsonl, DATA_CARD.md)")
     p.add_argument("--train-prompts", type=int, required=True)
     p.add_argument("--test-prompts", type=int, required=True)
+    p.add_argument("--val-prompts", type=int, default=0, help="validation prompts (after test)")
+    p.add_argument(
+        "--splits", default=None, help="comma list of splits to build (default: all non-empty)"
+    )
     p.add_argument("--num-samples", type=int, default=4)
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--min-gap", type=float, default=0.3)
@@ -277,12 +289,18 @@ def run(argv: Sequence[str]) -> dict[str, dict[str, Any]]:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model, tokenizer, model_desc = load_model(args.model, args.dtype, args.cache_dir)
-    splits = dict(zip(("train", "test"), make_prompt_splits(
-        args.train_prompts, args.test_prompts, args.seed), strict=True))  # fmt: skip
+    drawn = make_prompt_splits(args.train_prompts, args.test_prompts, args.seed, args.val_prompts)
+    every = {name: prompts for name, prompts in zip(SPLITS, drawn, strict=False) if prompts}
+    wanted = args.splits.split(",") if args.splits else list(every)
+    unknown = [name for name in wanted if name not in every]
+    if unknown:
+        raise UserError(f"--splits: {unknown} not among the non-empty splits {list(every)}")
+    splits = {name: every[name] for name in wanted}
     sampling = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
                 "batch_size": args.batch_size}  # fmt: skip
     stats, start, n_tokens = {}, time.time(), 0
-    for offset, (split, prompts) in enumerate(splits.items()):
+    for split, prompts in splits.items():
+        offset = SPLITS.index(split)
 
         def progress(done: int, total: int, split: str = split) -> None:
             minutes = (time.time() - start) / 60
@@ -304,8 +322,40 @@ def run(argv: Sequence[str]) -> dict[str, dict[str, Any]]:
         "tokens_per_s": n_tokens / max(wall, 1e-9), "threads": torch.get_num_threads(),
         "versions": f"torch {torch.__version__}, transformers {transformers.__version__}",
     }  # fmt: skip
-    (out / "DATA_CARD.md").write_text(data_card(args, stats, info), encoding="utf-8")
+    card = out / "DATA_CARD.md"
+    if set(splits) == set(every) or not card.is_file():
+        card.write_text(data_card(args, stats, info), encoding="utf-8")
+    else:
+        card.write_text(add_card_section(card.read_text(), args, stats, info), encoding="utf-8")
     return stats
+
+
+def add_card_section(card: str, args: argparse.Namespace, stats: dict, info: dict) -> str:
+    """``card`` with a section for splits built on their own (replacing an older one)."""
+    names = ", ".join(stats)
+    heading = f"## Added split: {names}"
+    command = "python -m fpo.sentiment.build " + shlex.join(info["argv"])
+    seeds = ", ".join(f"{n} {args.seed} + {SPLITS.index(n)} x {TEST_SEED_OFFSET}" for n in stats)
+    columns = list(next(iter(stats.values())).keys())
+    section = [
+        heading,
+        "",
+        f"Built later with the same recipe, model and judge (sampling seeds: {seeds}); its",
+        "prompts are the tail of the same prompt draw, disjoint from train and test:",
+        "",
+        "```",
+        command,
+        "```",
+        "",
+        f"Wall time {info['wall_s'] / 60:.1f} min ({info['tokens_per_s']:.1f} sampled tokens/s,"
+        f" {info['threads']} CPU threads, {args.dtype}).",
+        "",
+        "| split | " + " | ".join(columns) + " |",
+        "|---|" + "---|" * len(columns),
+        *(f"| {name} | " + " | ".join(map(str, s.values())) + " |" for name, s in stats.items()),
+    ]
+    kept = card.split(heading)[0].rstrip("\n")
+    return kept + "\n\n" + "\n".join(section) + "\n"
 
 
 def main(argv: Sequence[str] | None = None) -> None:

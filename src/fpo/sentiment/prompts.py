@@ -9,8 +9,9 @@ real film's reputation leaks in. Prompts end without a trailing space: a complet
 with its own whitespace, so ``prompt + completion`` is the full text.
 
 ``make_prompts(n, seed)`` draws n distinct prompts from the finite template space with a
-seeded ``random.Random``; ``make_prompt_splits`` draws once and cuts, so train and test
-prompts are disjoint by construction.
+seeded ``random.Random``; ``make_prompt_splits`` draws once and cuts, so train, test and
+validation prompts are disjoint by construction. Validation prompts come *after* train and
+test in the draw, so adding them leaves the train and test prompts of a seed unchanged.
 """
 
 from __future__ import annotations
@@ -113,7 +114,14 @@ def make_prompts(n: int, seed: int = 0) -> list[str]:
     return prompts
 
 
-def make_prompt_splits(n_train: int, n_test: int, seed: int = 0) -> tuple[list[str], list[str]]:
-    """Disjoint ``(train, test)`` prompt lists: one draw of ``n_train + n_test``, then a cut."""
-    prompts = make_prompts(n_train + n_test, seed)
-    return prompts[:n_train], prompts[n_train:]
+def make_prompt_splits(
+    n_train: int, n_test: int, seed: int = 0, n_val: int = 0
+) -> tuple[list[str], ...]:
+    """Disjoint prompt lists: one draw of ``n_train + n_test + n_val``, then cuts.
+
+    Returns ``(train, test)``, or ``(train, test, val)`` when ``n_val > 0``: validation is
+    the draw's tail, so ``(train, test)`` are the same with and without it.
+    """
+    prompts = make_prompts(n_train + n_test + n_val, seed)
+    train, test = prompts[:n_train], prompts[n_train : n_train + n_test]
+    return (train, test, prompts[n_train + n_test :]) if n_val else (train, test)

@@ -1,0 +1,172 @@
+"""``fpo-eval``: evaluate a finished run (its own config and final policy), or the initial
+model by itself, with the code ``fpo-train`` runs after fit.
+
+- ``run_dir=<run>``: reads ``<run>/.hydra/config.yaml``, loads the run's model and puts the
+  saved final policy (``<run>/policy/``, `fpo.policy_io`) into it.
+- ``ckpt_path=<file>``: the policy weights of a Lightning checkpoint; the run is the folder
+  above it that has ``.hydra/config.yaml`` (or ``run_dir``).
+- neither: the config composed here (like ``fpo-train``'s, e.g. ``experiment=...``); the
+  policy is the initial model, evaluated against a second load of itself.
+
+Keys given on the command line (``evaluation.num_prompts=8``, ``seed=1``, a group such as
+``evaluation=smoke``) replace the run's values. Files go to ``<run>/evaluation`` (``out_dir``
+to change it); scalars go to the run's loggers (``eval/*``), whose files are redirected into
+that folder so the training logs are not touched.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import hydra
+import lightning as L
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from fpo.cli import user_errors
+from fpo.errors import UserError
+from fpo.evaluation.after_fit import evaluate_experiment
+from fpo.experiment import build_experiment, instantiate_all
+from fpo.policy_io import POLICY_DIR, load_policy_weights
+from fpo.train import CONFIG_DIR
+
+log = logging.getLogger("fpo.eval")
+RUN_CONFIG = Path(".hydra") / "config.yaml"
+OWN_KEYS = ("run_dir", "ckpt_path", "out_dir")
+
+
+def find_run_dir(path: str | os.PathLike) -> Path:
+    """The nearest folder at or above ``path`` that has ``.hydra/config.yaml``."""
+    start = Path(path).resolve()
+    for folder in [start, *start.parents]:
+        if (folder / RUN_CONFIG).is_file():
+            return folder
+    raise UserError(f"{path}: no run folder (with {RUN_CONFIG}) at or above it; give run_dir=.")
+
+
+def command_line_keys() -> list[tuple[str, bool]]:
+    """``(key, deleted)`` for each key set (``key=``, ``+key=``) or deleted (``~key``) on the
+    command line."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    overrides = OverridesParser.create().parse_overrides(list(HydraConfig.get().overrides.task))
+    return [(o.key_or_group, o.is_delete()) for o in overrides]
+
+
+def run_config(cfg: DictConfig, run_dir: Path, keys: list[tuple[str, bool]]) -> DictConfig:
+    """The run's saved config, its output dir set to ``run_dir``, with ``keys`` from ``cfg``
+    (deleted keys removed)."""
+    run_cfg = OmegaConf.load(run_dir / RUN_CONFIG)
+    OmegaConf.update(run_cfg, "paths.output_dir", str(run_dir), force_add=True)
+    for key, deleted in keys:
+        if key in OWN_KEYS or key.startswith("hydra"):
+            continue
+        if deleted:
+            parent, _, name = key.rpartition(".")
+            node = OmegaConf.select(run_cfg, parent) if parent else run_cfg
+            if node is not None and name in node:
+                node.pop(name)
+            continue
+        value = OmegaConf.select(cfg, key, default=None, throw_on_missing=False)
+        if value is None and key not in cfg:
+            log.warning("%s: not a key of the composed config (a global group?); ignored", key)
+            continue
+        OmegaConf.update(run_cfg, key, value, force_add=True, merge=False)
+    return run_cfg
+
+
+def eval_loggers(run_cfg: DictConfig, out_dir: Path, run_dir: Path | None) -> list:
+    """The run's loggers, writing under ``out_dir``; W&B: job type ``eval``, and the group
+    of the run's sweep (``<task>/<sweep folder>``) when the run is a multirun job."""
+    loggers = OmegaConf.to_container(run_cfg.get("logger") or {}, resolve=True)
+    for spec in loggers.values():
+        if isinstance(spec, dict) and "save_dir" in spec:
+            spec["save_dir"] = str(out_dir)
+        if isinstance(spec, dict) and spec.get("_target_", "").endswith("wandb_logger"):
+            spec["job_type"] = "eval"
+            if run_dir is not None and run_dir.parent.parent.name == "multiruns":
+                spec["group"] = spec.get("group") or f"{run_cfg.task_name}/{run_dir.parent.name}"
+    return instantiate_all(OmegaConf.create(loggers))
+
+
+def evaluate(cfg: DictConfig) -> dict[str, float]:
+    run_dir = Path(cfg.run_dir).resolve() if cfg.get("run_dir") else None
+    ckpt = cfg.get("ckpt_path")
+    if ckpt and run_dir is None:
+        run_dir = find_run_dir(Path(ckpt).parent)
+    if run_dir is not None:
+        if not (run_dir / RUN_CONFIG).is_file():
+            raise UserError(f"run_dir={run_dir}: no {RUN_CONFIG}; give a run folder of fpo-train.")
+        run_cfg = run_config(cfg, run_dir, command_line_keys())
+        run_cfg.ckpt_path = None  # the run's resume setting, not ours
+        weights = Path(ckpt) if ckpt else run_dir / POLICY_DIR
+        if not weights.exists():
+            raise UserError(
+                f"{weights} does not exist: the run saved no final policy (save_policy=false, "
+                "or it stopped before the end). Give ckpt_path=<a checkpoint of the run>."
+            )
+        out_dir = Path(cfg.out_dir or run_dir / "evaluation")
+    else:
+        run_cfg, weights = cfg, None
+        out_dir = Path(cfg.out_dir or Path(cfg.paths.output_dir) / "evaluation")
+    if not run_cfg.get("evaluation"):
+        raise UserError("no evaluation block: add evaluation=sentiment (or another option).")
+    L.seed_everything(run_cfg.seed, workers=True)
+    experiment = build_experiment(run_cfg)
+    if weights is not None:
+        load_policy_weights(experiment.policy, weights)
+        log.info("policy weights from %s", weights)
+    else:
+        log.info("no run given: evaluating the initial model against itself")
+    loggers = eval_loggers(run_cfg, out_dir, run_dir)
+    scalars = evaluate_experiment(experiment, experiment.policy, loggers, out_dir=out_dir)
+    for logger in loggers:
+        logger.finalize("success")
+    finish_wandb()
+    return scalars
+
+
+def finish_wandb() -> None:
+    """Close a W&B run this process opened (its files are complete when we return)."""
+    import wandb
+
+    if wandb.run is not None:
+        wandb.finish()
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")
+def hydra_main(cfg: DictConfig) -> float | None:
+    """Hydra entry point; returns the main judge's win rate."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+    torch.set_float32_matmul_precision("high")
+    with user_errors():
+        return evaluate(cfg).get("eval/win_rate")
+
+
+def quote_path_arguments(argv: list[str]) -> list[str]:
+    """``run_dir=``, ``ckpt_path=``, ``out_dir=`` values as quoted Hydra strings: multirun
+    folders are named ``0_objective=dpo,seed=0``, which Hydra's override grammar rejects."""
+    quoted = []
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if sep and key.lstrip("+") in OWN_KEYS and value[:1] not in ("'", '"'):
+            value = "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+            arg = f"{key}={value}"
+        quoted.append(arg)
+    return quoted
+
+
+def main() -> None:
+    """``fpo-eval``: path arguments quoted (`quote_path_arguments`), then Hydra."""
+    sys.argv = [sys.argv[0], *quote_path_arguments(sys.argv[1:])]
+    hydra_main()
+
+
+if __name__ == "__main__":
+    main()

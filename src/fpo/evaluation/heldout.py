@@ -1,0 +1,266 @@
+"""Metrics on held-out preference pairs: entropy, preference accuracy, SAE feature drift.
+
+One pass over the pairs (batches of chosen + rejected rows, the training layout): each
+model runs its decoder trunk once; the LM heads run on response positions only, in chunks
+of ``logits_chunk_size`` positions (at most ``chunk x vocab`` float32 logits per model at a
+time, never ``[B, T, vocab]``); the SAE encodes the hooked activations at the same positions.
+
+With ``w`` chosen, ``l`` rejected, ``avg_lp`` the per-token mean response log-prob:
+
+- ``entropy``: per held-out *chosen* response, the mean over its response positions of the
+  predictive entropy ``H(pi_theta(.|ctx_t)) = -sum_v p(v) log p(v)`` (nats), then the mean
+  over responses (stderr over responses). ``reference_entropy``: the same for the reference.
+- ``preference_accuracy`` (method-agnostic, comparable across objectives): the pair is right
+  when ``avg_lp_policy(w) - avg_lp_ref(w) > avg_lp_policy(l) - avg_lp_ref(l)``.
+- ``implicit_reward_accuracy``: the run's own objective (``Objective.loss`` on the pair,
+  its constraint terms included) gives ``chosen_rewards > rejected_rewards``. For both
+  accuracies a tie counts half (a policy equal to its reference scores 0.5, chance);
+  stderr over pairs.
+- ``feature_drift``: FPO's discrepancy ``D`` (`fpo.objectives.feature_mse`, top-``k`` union,
+  ``/ k``) between the policy's and the reference's pooled SAE features of each response,
+  averaged over the pair's two responses, then over pairs (stderr over pairs). It is
+  computed for every objective, with the run's SAE.
+
+`FeatureShift` also accumulates the mean pooled feature change ``policy - reference`` over
+responses and, per feature, the positions where each model activates it most (for the
+feature report, `fpo.evaluation.features`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from fpo.evaluation.stats import grouped_mean_stderr
+from fpo.forward import forward_response_positions
+from fpo.generation import eval_mode
+from fpo.logprobs import (
+    _chunk_bounds,
+    response_positions,
+    segment_mean,
+    segment_sum,
+    sequence_logps,
+)
+from fpo.models.hf import split_causal_lm
+from fpo.objective import Objective
+from fpo.objectives import feature_mse
+from fpo.sae import resolve_hook_module
+
+DEFAULT_DRIFT_K = 50
+
+
+def chunked_head_stats(
+    policy_hidden: Tensor,
+    policy_head: Any,
+    ref_hidden: Tensor,
+    ref_head: Any,
+    targets: Tensor,
+    chunk_size: int | None,
+    token_kl: bool = False,
+) -> dict[str, Tensor]:
+    """Both LM heads over ``M`` positions, ``chunk_size`` at a time, no grad.
+
+    Returns ``[M]`` float32 tensors: ``policy_logps``, ``ref_logps`` (log-prob of the
+    target), ``policy_entropy``, ``ref_entropy`` (``-sum_v p log p``) and, with ``token_kl``,
+    ``kl = sum_v p_ref (log p_ref - log p_theta)`` (TDPO's per-token KL).
+    """
+    names = ["policy_logps", "ref_logps", "policy_entropy", "ref_entropy"]
+    names += ["kl"] if token_kl else []
+    parts: dict[str, list[Tensor]] = {name: [] for name in names}
+    with torch.no_grad():
+        for start, end in _chunk_bounds(targets.shape[0], chunk_size):
+            target = targets[start:end].unsqueeze(1)
+            logs = {}
+            for side, hidden, head in (
+                ("policy", policy_hidden, policy_head),
+                ("ref", ref_hidden, ref_head),
+            ):
+                log_probs = torch.log_softmax(head(hidden[start:end]).float(), dim=-1)
+                parts[f"{side}_logps"].append(log_probs.gather(1, target).squeeze(1))
+                parts[f"{side}_entropy"].append(-(log_probs.exp() * log_probs).sum(dim=-1))
+                logs[side] = log_probs
+            if token_kl:
+                ref = logs["ref"]
+                parts["kl"].append((ref.exp() * (ref - logs["policy"])).sum(dim=-1))
+            del logs
+    empty = policy_hidden.new_zeros(0, dtype=torch.float32)
+    return {name: torch.cat(values) if values else empty for name, values in parts.items()}
+
+
+@dataclass
+class FeatureShift:
+    """Running per-feature statistics over held-out responses (see the module docstring).
+
+    ``top`` keeps, per model and feature, the ``contexts`` largest activations seen so far
+    and the global position id of each (``positions[id] = (row, col)``, ``rows[row]`` the
+    row's token ids), so memory is ``O(contexts x d_sae)`` whatever the number of pairs.
+    """
+
+    d_sae: int
+    contexts: int = 3
+    count: int = 0
+    policy_sum: Tensor | None = None
+    ref_sum: Tensor | None = None
+    top: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)
+    positions: list[tuple[int, int]] = field(default_factory=list)
+    rows: list[list[int]] = field(default_factory=list)
+
+    def update(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        rows: Tensor,
+        cols: Tensor,
+        acts: dict[str, Tensor],
+        pooled: dict[str, Tensor],
+    ) -> None:
+        """One batch: token rows, packed ``(rows, cols)``, per-position ``acts[model]``
+        ``[M, d_sae]`` and pooled ``[N, d_sae]`` features of ``policy`` and ``ref``."""
+        row_offset, position_offset = len(self.rows), len(self.positions)
+        for ids, mask in zip(input_ids.tolist(), attention_mask.tolist(), strict=True):
+            self.rows.append([token for token, keep in zip(ids, mask, strict=True) if keep])
+        self.positions += [
+            (row_offset + r, c) for r, c in zip(rows.tolist(), cols.tolist(), strict=True)
+        ]
+        self.count += pooled["policy"].shape[0]
+        if self.policy_sum is None:
+            self.policy_sum = torch.zeros(self.d_sae, dtype=torch.float64)
+            self.ref_sum = torch.zeros(self.d_sae, dtype=torch.float64)
+        self.policy_sum += pooled["policy"].double().sum(0).cpu()
+        self.ref_sum += pooled["ref"].double().sum(0).cpu()
+        ids = torch.arange(position_offset, len(self.positions))
+        for model, values in acts.items():
+            values = values.float().cpu()
+            take = min(self.contexts, values.shape[0])
+            if take == 0:
+                continue
+            best, where = values.topk(take, dim=0)  # [take, d_sae]
+            found = ids[where]
+            if model in self.top:
+                old_values, old_ids = self.top[model]
+                best, found = torch.cat([old_values, best]), torch.cat([old_ids, found])
+                keep = min(self.contexts, best.shape[0])
+                best, order = best.topk(keep, dim=0)
+                found = found.gather(0, order)
+            self.top[model] = (best, found)
+
+    def mean_change(self) -> Tensor:
+        """``mean(policy pooled) - mean(reference pooled)`` per feature, ``[d_sae]``."""
+        return (self.policy_sum - self.ref_sum) / max(self.count, 1)
+
+
+def _rate(values: list[float]) -> tuple[float | None, float | None]:
+    if not values:
+        return None, None
+    return grouped_mean_stderr(values, list(range(len(values))))
+
+
+def _outcomes(chosen: Tensor, rejected: Tensor) -> list[float]:
+    """1 if chosen > rejected, 0.5 on a tie, 0 otherwise."""
+    return ((chosen > rejected).float() + 0.5 * (chosen == rejected).float()).tolist()
+
+
+def heldout_pair_metrics(
+    policy: nn.Module,
+    reference: nn.Module,
+    batches: Iterable[dict],
+    objective: Objective,
+    sae: nn.Module | None = None,
+    hook_name: str | None = None,
+    drift_k: int = DEFAULT_DRIFT_K,
+    logits_chunk_size: int | None = 256,
+    contexts: int = 3,
+) -> tuple[dict[str, Any], FeatureShift | None]:
+    """The module docstring's metrics over ``batches`` (collated preference batches).
+
+    Returns the JSON-ready metrics (``entropy``, ``reference_entropy``,
+    ``preference_accuracy``, ``implicit_reward_accuracy``, ``feature_drift``, each with
+    ``*_stderr``, and ``heldout_pairs``) and the `FeatureShift` (``None`` without an SAE).
+    """
+    needs = objective.needs
+    parts = {"policy": split_causal_lm(policy), "ref": split_causal_lm(reference)}
+    device = next(policy.parameters()).device
+    hooks = {"policy": None, "ref": None}
+    if sae is not None:
+        hooks = {"policy": resolve_hook_module(policy, hook_name)}
+        hooks["ref"] = resolve_hook_module(reference, hook_name)
+        drift_k = min(drift_k, int(sae.cfg.d_sae))
+    objective_k = objective.feature_k
+    shift = FeatureShift(int(sae.cfg.d_sae), contexts) if sae is not None else None
+    entropy, ref_entropy, agnostic, implicit, drift = [], [], [], [], []
+    with eval_mode(policy), eval_mode(reference), torch.no_grad():
+        for batch in batches:
+            batch = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
+            positions = response_positions(batch["labels"])
+            n = positions.num_rows
+            outs = {
+                side: forward_response_positions(parts[side], batch, positions, hooks[side])
+                for side in parts
+            }
+            tokens = chunked_head_stats(
+                outs["policy"].hidden,
+                parts["policy"].head,
+                outs["ref"].hidden,
+                parts["ref"].head,
+                positions.targets,
+                logits_chunk_size,
+                token_kl=needs.reference_logits,
+            )
+            policy_lp = sequence_logps(tokens["policy_logps"], positions.rows, n)
+            ref_lp = sequence_logps(tokens["ref_logps"], positions.rows, n)
+            pairs = n // 2
+            entropy += _row_mean(tokens["policy_entropy"], positions.rows, n)[:pairs].tolist()
+            ref_entropy += _row_mean(tokens["ref_entropy"], positions.rows, n)[:pairs].tolist()
+            ratio = (policy_lp.avg - ref_lp.avg).chunk(2)
+            agnostic += _outcomes(*ratio)
+            stats: dict[str, Tensor] = {}
+            if needs.reference_logits:
+                stats["kl"] = segment_sum(tokens["kl"], positions.rows, n)
+            if shift is not None:
+                acts = {side: sae.encode(outs[side].hooked.to(sae.W_dec.dtype)) for side in parts}
+                pooled = {side: segment_mean(a, positions.rows, n) for side, a in acts.items()}
+                drift += _pair_mean(_discrepancy(pooled, drift_k)).tolist()
+                if objective_k:
+                    stats["fmse"] = _discrepancy(pooled, objective_k)
+                shift.update(
+                    batch["input_ids"],
+                    batch["attention_mask"],
+                    positions.rows,
+                    positions.cols,
+                    acts,
+                    pooled,
+                )
+            result = objective.loss(policy_lp, ref_lp, stats)
+            implicit += _outcomes(result.chosen_rewards, result.rejected_rewards)
+    metrics: dict[str, Any] = {"heldout_pairs": len(agnostic)}
+    for key, values in (
+        ("entropy", entropy),
+        ("reference_entropy", ref_entropy),
+        ("preference_accuracy", agnostic),
+        ("implicit_reward_accuracy", implicit),
+        ("feature_drift", drift),
+    ):
+        metrics[key], metrics[f"{key}_stderr"] = _rate(values)
+    metrics["feature_drift_k"] = drift_k if sae is not None else None
+    return metrics, shift
+
+
+def _row_mean(values: Tensor, rows: Tensor, num_rows: int) -> Tensor:
+    """Per-row mean of per-position values ``[M] -> [N]`` (0 for a row without positions)."""
+    return segment_mean(values.unsqueeze(1), rows, num_rows).squeeze(1)
+
+
+def _discrepancy(pooled: dict[str, Tensor], k: int) -> Tensor:
+    """``feature_mse`` of the policy's pooled features against the reference's top-k: ``[N]``."""
+    top = pooled["ref"].topk(k, dim=-1)
+    return feature_mse(pooled["policy"], top.indices, top.values, k=k)
+
+
+def _pair_mean(values: Tensor) -> Tensor:
+    """``[2B]`` rows chosen-then-rejected -> ``[B]`` mean of each pair's two values."""
+    chosen, rejected = values.chunk(2)
+    return (chosen + rejected) / 2
