@@ -32,6 +32,7 @@ from fpo.data.formats import (
     parse_row,
     short_hash,
 )
+from fpo.data.sampler import GlobalBatchSampler
 from fpo.data.tokenize import (
     TemplateSettings,
     TokenizedPair,
@@ -292,12 +293,17 @@ class PreferenceDataModule(LightningDataModule):
 
     # ------------------------------------------------------------------ loaders
 
-    def _loader(self, dataset: PreferenceDataset, batch_size: int, shuffle: bool) -> DataLoader:
+    def _loader(
+        self, dataset: PreferenceDataset, batch_size: int, shuffle: bool, pad: bool = False
+    ) -> DataLoader:
         generator = torch.Generator().manual_seed(self.seed) if shuffle else None
+        # One global order for any number of devices (fpo.data.sampler); training pads so
+        # that every rank runs the same number of steps.
+        sampler = GlobalBatchSampler(dataset, batch_size, generator=generator, pad=pad)
         return DataLoader(
             dataset,
             batch_size=batch_size,
-            shuffle=shuffle,
+            sampler=sampler,
             generator=generator,
             collate_fn=self.collator,
             num_workers=self.num_workers,
@@ -306,7 +312,7 @@ class PreferenceDataModule(LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         """Train pairs, reshuffled each epoch from ``seed`` (when ``shuffle``)."""
-        return self._loader(self.train_dataset, self.batch_size, self.shuffle)
+        return self._loader(self.train_dataset, self.batch_size, self.shuffle, pad=True)
 
     def val_dataloader(self) -> DataLoader | list:
         """Val pairs in file order; ``[]`` (no validation) without ``val_source``."""
