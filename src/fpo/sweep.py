@@ -37,7 +37,8 @@ import re
 import sys
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -187,12 +188,17 @@ def run_job(cfg: DictConfig, job: Callable[[DictConfig], float | None]) -> float
             log.info("job %s was interrupted: resuming from %s", job_dir.name, last)
         elif not has_checkpoints:
             log.info("job %s reruns from the start (no model_checkpoint callback)", job_dir.name)
-    job_dir.mkdir(parents=True, exist_ok=True)
-    _write_json(job_dir / STATUS_FILE, status)
+    # Under SLURM with one task per GPU (hydra/launcher=slurm) every rank runs this job;
+    # rank 0 keeps the books.
+    writer = int(os.environ.get("SLURM_PROCID", os.environ.get("RANK", "0"))) == 0
+    if writer:
+        job_dir.mkdir(parents=True, exist_ok=True)
+        _write_json(job_dir / STATUS_FILE, status)
 
     value: float | None = float("nan")
     try:
-        value = job(cfg)
+        with _single_run_command_for_ddp(job_dir, status["overrides"]):
+            value = job(cfg)
         metrics = _read_metrics(job_dir)
         bad = {k: v for k, v in metrics.items() if not _finite(v)}
         if not _finite(value) or bad:
@@ -213,9 +219,40 @@ def run_job(cfg: DictConfig, job: Callable[[DictConfig], float | None]) -> float
         gc.collect()
         _empty_cuda_cache()
     status["seconds"] = time.time() - status["started"]
-    _write_json(job_dir / STATUS_FILE, status)
-    write_summary(sweep_dir)
+    if writer:
+        _write_json(job_dir / STATUS_FILE, status)
+        write_summary(sweep_dir)
     return value
+
+
+@contextmanager
+def _single_run_command_for_ddp(job_dir: Path, overrides: list[str]) -> Iterator[None]:
+    """Let Lightning's DDP launcher start the other ranks of *this job*.
+
+    It re-executes ``sys.argv`` (here: the whole ``-m`` sweep) with
+    ``hydra.run.dir=<HydraConfig run.dir>``; during the job both name the job instead. The
+    environment and the process group are restored afterwards so that the next job of the
+    sweep starts its own ranks.
+    """
+    argv, environ, hydra_cfg = list(sys.argv), dict(os.environ), HydraConfig.get()
+    run_dir = hydra_cfg.run.dir
+    sys.argv = [argv[0], *overrides]
+    with read_write(hydra_cfg), open_dict(hydra_cfg):
+        hydra_cfg.run.dir = str(job_dir)
+    try:
+        yield
+    finally:
+        sys.argv = argv
+        # Lightning's launcher sets LOCAL_RANK, WORLD_SIZE, MASTER_PORT...: a next job that
+        # found LOCAL_RANK would take its ranks for started elsewhere and spawn none.
+        os.environ.clear()
+        os.environ.update(environ)
+        with read_write(hydra_cfg), open_dict(hydra_cfg):
+            hydra_cfg.run.dir = run_dir
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def _read_metrics(job_dir: Path) -> dict:

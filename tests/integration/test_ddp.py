@@ -106,3 +106,27 @@ def test_two_ddp_processes_equal_one_process(tmp_path, objective, reference):
     assert required <= set(final_single), sorted(final_single)
     for name, value in final_single.items():
         assert math.isclose(final_double[name], value, rel_tol=RTOL, abs_tol=ATOL), name
+
+
+def test_ddp_jobs_in_a_sweep_each_start_their_own_ranks(tmp_path):
+    """Lightning's DDP launcher re-executes the command line: in a multirun that is the whole
+    sweep, and a second job found the first one's LOCAL_RANK and waited forever for ranks it
+    never started (fpo.sweep gives each job its own single-run command and environment)."""
+    env = {**os.environ, "FPO_ROOT": str(ROOT), "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [
+            *(sys.executable, "-m", "fpo.train", "-m", f"paths.log_dir={tmp_path}"),
+            *("experiment=smoke", "objective=dpo,simpo", "trainer.precision=32-true", *DDP),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    (sweep_dir,) = (tmp_path / "smoke" / "multiruns").iterdir()
+    jobs = json.loads((sweep_dir / "sweep_summary.json").read_text())["jobs"]
+    assert [job["status"] for job in jobs] == ["finished", "finished"]
+    for job in jobs:  # rank 1 ran in the job's own folder, as a single run
+        assert (sweep_dir / job["dir"] / "train_ddp_process_1.log").exists(), job["dir"]
