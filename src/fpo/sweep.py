@@ -43,9 +43,12 @@ from pathlib import Path
 from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, open_dict, read_write
+
+from fpo.errors import UserError
 
 log = logging.getLogger("fpo.sweep")
 
@@ -208,9 +211,11 @@ def run_job(cfg: DictConfig, job: Callable[[DictConfig], float | None]) -> float
             )
         status.update(status="finished", value=value, metrics=metrics)
     except Exception as error:  # recorded; the sweep goes on
+        cause = error.__cause__ if isinstance(error, InstantiationException) else None
+        shown = cause if isinstance(cause, UserError) else error
         status.update(
             status="failed",
-            error=f"{type(error).__name__}: {error}",
+            error=f"{type(shown).__name__}: {shown}",
             traceback=traceback.format_exc(limit=-8),
             metrics=_read_metrics(job_dir),
         )
