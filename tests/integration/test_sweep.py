@@ -60,13 +60,15 @@ def test_sweep_name_is_the_command_minus_where_it_runs():
 
 def test_failing_job_is_recorded_and_the_others_finish(tmp_path):
     """FPO's k exceeds the random SAE's width (a config error); DPO and SimPO (no feature
-    term) still run and finish; the sweep exits 1 after all jobs."""
+    term) still run and finish; the sweep exits 1 after all jobs. Jobs run in two parallel
+    worker processes (hydra/launcher=parallel): they find the sweep's folder too."""
     result = run(
         train_command(
             tmp_path,
             "experiment=smoke",
             "objective=dpo,fpo,simpo",
             "objective.constraints.features.k=500",
+            "hydra/launcher=parallel",
         )
     )
     assert result.returncode == 1, result.stderr[-3000:]
