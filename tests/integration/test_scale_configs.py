@@ -150,3 +150,16 @@ def test_paper_9b_setting():
     assert cfg.trainer.strategy._target_ == "fpo.strategies.fsdp"
     assert cfg.trainer.precision == "bf16-mixed"
     assert cfg.objective.name == "fpo" and cfg.global_batch_size == 32
+
+
+def test_every_local_sae_config_has_its_shipped_folder_and_card():
+    local = [p for p in (CONFIGS / "sae").glob("*.yaml") if "path:" in p.read_text()]
+    assert len(local) >= 3  # layer 17 (the main job's) and the ablation layers
+    for path in local:
+        folder = Path(
+            compose_train(f"sae={path.stem}", "paths.root_dir=" + str(CONFIGS.parent)).sae.path
+        )
+        assert (folder / "cfg.json").exists(), path.name
+        card = (folder / "SAE_CARD.md").read_text()
+        assert "python scripts/train_sae.py" in card, path.name  # the remake command
+        assert (folder / "sae_weights.safetensors").stat().st_size < 11 * 2**20, path.name
