@@ -7,6 +7,8 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from hydra.errors import InstantiationException
+
 from fpo.errors import UserError
 
 log = logging.getLogger("fpo")
@@ -20,7 +22,11 @@ def user_errors() -> Iterator[None]:
     """
     try:
         yield
-    except UserError as error:
+    except (UserError, InstantiationException) as error:
+        # Hydra's instantiate wraps a UserError raised by a config's target.
+        cause = error if isinstance(error, UserError) else error.__cause__
+        if not isinstance(cause, UserError):
+            raise
         # Not re-wrapped: a message may end with a command to copy and paste.
-        print(f"\nerror: {error}\n", file=sys.stderr, flush=True)
+        print(f"\nerror: {cause}\n", file=sys.stderr, flush=True)
         sys.exit(2)

@@ -20,6 +20,7 @@ from fpo.cli import user_errors
 from fpo.errors import UserError
 from fpo.experiment import Experiment, build_experiment
 from fpo.policy_io import POLICY_DIR, save_policy, should_save_policy
+from fpo.sweep import run_job
 
 log = logging.getLogger("fpo.train")
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")
@@ -80,13 +81,19 @@ def main(cfg: DictConfig) -> float | None:
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
     torch.set_float32_matmul_precision("high")
     with user_errors():
-        metrics = train(cfg)
-        name = cfg.get("optimized_metric")
-        if name and name not in metrics:
-            raise UserError(
-                f"optimized_metric={name!r} was not logged; logged metrics: {sorted(metrics)}."
-            )
-        return metrics.get(name) if name else None
+        # In multirun mode: status per job, skip finished / resume interrupted (fpo.sweep).
+        return run_job(cfg, train_and_select)
+
+
+def train_and_select(cfg: DictConfig) -> float | None:
+    """Train; return the value of ``cfg.optimized_metric``."""
+    metrics = train(cfg)
+    name = cfg.get("optimized_metric")
+    if name and name not in metrics:
+        raise UserError(
+            f"optimized_metric={name!r} was not logged; logged metrics: {sorted(metrics)}."
+        )
+    return metrics.get(name) if name else None
 
 
 if __name__ == "__main__":

@@ -3,13 +3,15 @@ the batches already served."""
 
 from __future__ import annotations
 
-from fpo.data.resumable import EpochShuffleSampler, ResumableDataLoader
+from fpo.data.resumable import ResumableDataLoader
+from fpo.data.sampler import GlobalBatchSampler
 
 DATA = list(range(10))
 
 
 def loader(seed: int = 0) -> ResumableDataLoader:
-    return ResumableDataLoader(DATA, batch_size=3, sampler=EpochShuffleSampler(DATA, seed))
+    sampler = GlobalBatchSampler(DATA, 3, seed=seed, num_replicas=1, rank=0)
+    return ResumableDataLoader(DATA, batch_size=3, sampler=sampler)
 
 
 def epoch(dl: ResumableDataLoader, e: int) -> list[list[int]]:

@@ -31,7 +31,8 @@ from fpo.data.formats import (
     parse_row,
     short_hash,
 )
-from fpo.data.resumable import EpochShuffleSampler, ResumableDataLoader
+from fpo.data.resumable import ResumableDataLoader
+from fpo.data.sampler import GlobalBatchSampler
 from fpo.data.tokenize import (
     TemplateSettings,
     TokenizedPair,
@@ -292,11 +293,22 @@ class PreferenceDataModule(LightningDataModule):
 
     # ------------------------------------------------------------------ loaders
 
-    def _loader(self, dataset: PreferenceDataset, batch_size: int, shuffle: bool) -> DataLoader:
-        return DataLoader(
+    def _loader(
+        self,
+        dataset: PreferenceDataset,
+        batch_size: int,
+        shuffle: bool,
+        pad: bool = False,
+        loader_class: type[DataLoader] = DataLoader,
+    ) -> DataLoader:
+        # One global order for any number of devices, epoch e's drawn from seed + e
+        # (fpo.data.sampler); training pads so that every rank runs the same number of steps.
+        seed = self.seed if shuffle else None
+        sampler = GlobalBatchSampler(dataset, batch_size, seed=seed, pad=pad)
+        return loader_class(
             dataset,
             batch_size=batch_size,
-            shuffle=False,
+            sampler=sampler,
             collate_fn=self.collator,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
@@ -308,15 +320,12 @@ class PreferenceDataModule(LightningDataModule):
         A :class:`~fpo.data.resumable.ResumableDataLoader`: its position is saved in the
         checkpoint, so a run resumed mid-epoch serves the rest of that epoch.
         """
-        dataset = self.train_dataset
-        sampler = EpochShuffleSampler(dataset, self.seed) if self.shuffle else None
-        return ResumableDataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            sampler=sampler,
-            collate_fn=self.collator,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
+        return self._loader(
+            self.train_dataset,
+            self.batch_size,
+            self.shuffle,
+            pad=True,
+            loader_class=ResumableDataLoader,
         )
 
     def val_dataloader(self) -> DataLoader | list:

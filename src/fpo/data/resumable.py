@@ -5,10 +5,9 @@ Lightning (2.6) saves ``state_dict()`` of every train loader that has ``state_di
 combined_loader`` and hands it back to the new loader before the resumed epoch starts. Two
 pieces make the resumed epoch serve exactly the batches the interrupted one had not served:
 
-* :class:`EpochShuffleSampler` draws epoch ``e``'s order from ``seed + e`` alone (Lightning
-  calls ``set_epoch`` every epoch), so a restarted process shuffles epoch ``e`` as the
-  first one did. Under DDP Lightning replaces it (a ``RandomSampler``) with its
-  ``DistributedSampler``, which is also seeded per epoch (from the run's ``seed``).
+* :class:`fpo.data.sampler.GlobalBatchSampler` draws epoch ``e``'s order from ``seed + e``
+  alone (Lightning calls ``set_epoch`` every epoch), so a restarted process shuffles epoch
+  ``e`` as the first one did, for any number of devices.
 * :class:`ResumableDataLoader` counts the batches it served in the current epoch;
   ``load_state_dict`` makes its next pass over the same epoch skip that many.
 
@@ -21,24 +20,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-import torch
-from torch.utils.data import DataLoader, RandomSampler
-
-
-class EpochShuffleSampler(RandomSampler):
-    """A permutation of ``range(len(data_source))`` that depends only on ``seed + epoch``."""
-
-    def __init__(self, data_source: Any, seed: int = 0) -> None:
-        super().__init__(data_source)
-        self.seed = int(seed)
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def __iter__(self) -> Iterator[int]:
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        yield from torch.randperm(len(self.data_source), generator=generator).tolist()
+from torch.utils.data import DataLoader
 
 
 class ResumableDataLoader(DataLoader):
