@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import signal
@@ -103,6 +104,7 @@ def test_killed_sweep_rerun_runs_only_the_missing_jobs(tmp_path):
         tmp_path,
         "experiment=smoke",
         "callbacks=default",
+        "callbacks.last_checkpoint.every_n_train_steps=2",
         "objective=dpo,simpo",
         "seed=0,1",
         "trainer.max_epochs=10",
@@ -142,11 +144,12 @@ def test_killed_sweep_rerun_runs_only_the_missing_jobs(tmp_path):
     assert third["attempts"] == 2
     assert third["resumed_from"] == str(third_checkpoint)
     assert fourth["attempts"] == 1 and fourth["resumed_from"] is None
-    # The resumed job went on from its checkpoint: its second CSV log starts after epoch 0.
+    # The resumed job went on from its checkpoint: its second CSV log starts after step 0.
     logs = sorted((third_checkpoint.parents[1] / "csv").glob("version_*/metrics.csv"))
     assert len(logs) == 2, logs
-    epochs = [line.split(",")[0] for line in logs[-1].read_text().splitlines()[1:]]
-    assert min(int(e) for e in epochs if e) > 0
+    with logs[-1].open() as handle:
+        steps = [int(row["step"]) for row in csv.DictReader(handle) if row.get("step")]
+    assert min(steps) > 0, steps
     jobs = summary(sweep_dir)["jobs"]
     assert [j["status"] for j in jobs] == ["finished"] * 4
     assert [j["num"] for j in jobs] == [0, 1, 2, 3]
