@@ -22,7 +22,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
-from fpo.cli import user_errors
+from fpo.cli import run_hydra, user_errors
 from fpo.errors import UserError
 from fpo.experiment import build_experiment
 from fpo.reference.build import build_reference_cache
@@ -110,7 +110,7 @@ def main() -> None:
                 raise UserError("usage: fpo-cache --info PATH")
             print(info_text(paths[0]))
         return
-    hydra_main()
+    run_hydra(hydra_main)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from fpo.cli import user_errors
+from fpo.cli import run_hydra, user_errors
 from fpo.errors import UserError
 from fpo.evaluation.after_fit import evaluate_experiment
 from fpo.experiment import build_experiment, instantiate_all
@@ -165,7 +165,7 @@ def quote_path_arguments(argv: list[str]) -> list[str]:
 def main() -> None:
     """``fpo-eval``: path arguments quoted (`quote_path_arguments`), then Hydra."""
     sys.argv = [sys.argv[0], *quote_path_arguments(sys.argv[1:])]
-    hydra_main()
+    run_hydra(hydra_main)
 
 
 if __name__ == "__main__":

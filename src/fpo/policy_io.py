@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from fpo.checkpoints import AtomicCheckpointIO
 from fpo.errors import UserError
 
 log = logging.getLogger("fpo.policy_io")
@@ -63,7 +64,7 @@ def _folder_state(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def _checkpoint_state(path: Path) -> dict[str, torch.Tensor]:
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    checkpoint = AtomicCheckpointIO().load_checkpoint(path, map_location="cpu")  # weights only
     state = checkpoint.get("state_dict", checkpoint)
     policy = {k.removeprefix("policy."): v for k, v in state.items() if k.startswith("policy.")}
     if not policy:

@@ -16,7 +16,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from fpo.checkpoints import resolve_ckpt_path
-from fpo.cli import user_errors
+from fpo.cli import run_hydra, user_errors
 from fpo.errors import UserError
 from fpo.experiment import Experiment, build_experiment
 from fpo.policy_io import POLICY_DIR, save_policy, should_save_policy
@@ -73,7 +73,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
-def main(cfg: DictConfig) -> float | None:
+def hydra_main(cfg: DictConfig) -> float | None:
     """Hydra entry point; returns ``cfg.optimized_metric`` for sweepers."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # The frozen reference and SAE stay in eval mode on purpose.
@@ -94,6 +94,11 @@ def train_and_select(cfg: DictConfig) -> float | None:
             f"optimized_metric={name!r} was not logged; logged metrics: {sorted(metrics)}."
         )
     return metrics.get(name) if name else None
+
+
+def main() -> None:
+    """``fpo-train``: Hydra, with config errors as user errors (exit 2)."""
+    run_hydra(hydra_main)
 
 
 if __name__ == "__main__":

@@ -70,7 +70,7 @@ def test_smoke_multirun_all_objectives(tmp_path):
 )
 def test_user_errors_are_one_paragraph(tmp_path, overrides, expected):
     result = run_train(tmp_path, "experiment=smoke", "objective=fpo", *overrides)
-    assert result.returncode != 0
+    assert result.returncode == 2, result.stderr[-2000:]
     assert expected in result.stderr, result.stderr[-2000:]
     assert "Traceback" not in result.stderr, result.stderr[-2000:]
 
