@@ -26,7 +26,8 @@ def run_hydra(hydra_main: Callable[[], Any]) -> None:
     try:
         hydra_main()
     except SystemExit as exit_:
-        if exit_.code == 1 and not _task_started:
+        # Subclasses (fpo.sweep.SweepFailed) are the runs' own statuses.
+        if type(exit_) is SystemExit and exit_.code == 1 and not _task_started:
             raise SystemExit(2) from None
         raise
 

@@ -80,6 +80,10 @@ def derive_sweep_name(task_overrides: list[str]) -> str:
     return f"{slug}-{digest}" if slug else f"sweep-{digest}"
 
 
+class SweepFailed(SystemExit):
+    """Exit status 1 at the end of a sweep in which some job failed (not a config error)."""
+
+
 class SweepCallback(Callback):
     """Hydra callback: deterministic sweep folder at the start, summary and exit status at
     the end (see the module docstring)."""
@@ -120,7 +124,7 @@ class SweepCallback(Callback):
                 file=sys.stderr,
                 flush=True,
             )
-            sys.exit(1)
+            raise SweepFailed(1)
 
 
 # ----------------------------------------------------------------------------- one job

@@ -10,21 +10,32 @@ from fpo.data.sampler import GlobalBatchSampler
 
 
 def epochs(loader: DataLoader, n: int) -> list[list[list[int]]]:
-    return [[batch.tolist() for batch in loader] for _ in range(n)]
+    """``n`` epochs, announced to the sampler as Lightning does (``set_epoch``)."""
+    result = []
+    for epoch in range(n):
+        loader.sampler.set_epoch(epoch)
+        result.append([batch.tolist() for batch in loader])
+    return result
 
 
 def loader(data, batch_size, *, rank=0, world=1, shuffle=True, pad=True) -> DataLoader:
-    generator = torch.Generator().manual_seed(3) if shuffle else None
     sampler = GlobalBatchSampler(
-        data, batch_size, generator=generator, pad=pad, num_replicas=world, rank=rank
+        data, batch_size, seed=3 if shuffle else None, pad=pad, num_replicas=world, rank=rank
     )
-    return DataLoader(data, batch_size=batch_size, sampler=sampler, generator=generator)
+    return DataLoader(data, batch_size=batch_size, sampler=sampler)
 
 
-def test_one_process_keeps_the_shuffled_loader_order():
+def test_one_process_order_is_drawn_from_seed_plus_epoch():
+    """Epoch e depends on ``seed + e`` alone (so a restarted process repeats it); epoch 0 is
+    the order of ``DataLoader(shuffle=True)`` with a generator seeded ``seed``."""
     data = list(range(11))
+    got = epochs(loader(data, 3), 3)
+    again = epochs(loader(data, 3), 3)
+    assert got == again  # a fresh sampler (a restarted process) repeats every epoch
     plain = DataLoader(data, batch_size=3, shuffle=True, generator=torch.Generator().manual_seed(3))
-    assert epochs(loader(data, 3), 3) == epochs(plain, 3)
+    assert got[0] == [batch.tolist() for batch in plain]
+    assert got[0] != got[1]
+    assert epochs(loader(data, 3, shuffle=False), 1)[0][0] == [0, 1, 2]
 
 
 @pytest.mark.parametrize("world", [2, 4])

@@ -5,8 +5,8 @@ always shuffles the training set with its own permutation and deals items to ran
 round-robin, so two processes do not see the batches one process sees, even with the same
 global batch. :class:`GlobalBatchSampler` keeps one global order for every world size:
 
-- epoch ``e``'s order is ``torch.randperm`` drawn from ``seed + e`` alone (file order without
-  a seed), so a restarted process shuffles epoch ``e`` as the first one did (resuming
+- epoch ``e``'s order is drawn from ``seed + e`` alone (file order without a seed; epoch 0 is
+  the order of ``DataLoader(shuffle=True)`` with a generator seeded ``seed``), so a restarted process shuffles epoch ``e`` as the first one did (resuming
   mid-epoch, ``fpo.data.resumable``); Lightning calls ``set_epoch`` every epoch;
 - consecutive runs of ``batch_size x world_size`` items form one step of all ranks and rank
   ``r`` takes the ``r``-th ``batch_size`` slice of each. One process with gradient
@@ -59,6 +59,9 @@ class GlobalBatchSampler(DistributedSampler):
         if self.order_seed is None:
             return list(range(n))
         generator = torch.Generator().manual_seed(int(self.order_seed) + self.epoch)
+        # The draw a DataLoader(shuffle=True, generator=...) makes for its base seed first:
+        # epoch 0 keeps the order the loader has always had (the README's runs used it).
+        torch.empty((), dtype=torch.int64).random_(generator=generator)
         return torch.randperm(n, generator=generator).tolist()
 
     def rank_indices(self, order: list[int]) -> list[int]:
