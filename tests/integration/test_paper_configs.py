@@ -91,8 +91,8 @@ def tiny_stand_in(cfg, tmp_path):
     return cfg
 
 
-@pytest.mark.parametrize("objective", list(PAPER))
-def test_paper_experiment_runs_with_tiny_stand_in(objective, tmp_path, monkeypatch):
+def spy_on_tiny_loader(monkeypatch) -> dict:
+    """``{"model", "before"}``: the tiny model the next run builds and its initial weights."""
     from fpo.models import tiny
 
     built = {}
@@ -104,6 +104,12 @@ def test_paper_experiment_runs_with_tiny_stand_in(objective, tmp_path, monkeypat
         return model, tokenizer
 
     monkeypatch.setattr(tiny, "load_tiny", spy)
+    return built
+
+
+@pytest.mark.parametrize("objective", list(PAPER))
+def test_paper_experiment_runs_with_tiny_stand_in(objective, tmp_path, monkeypatch):
+    built = spy_on_tiny_loader(monkeypatch)
     cfg = tiny_stand_in(compose_paper(objective), tmp_path)
     OmegaConf.resolve(cfg)
     metrics = train(cfg)
@@ -118,17 +124,7 @@ def test_paper_experiment_runs_with_tiny_stand_in(objective, tmp_path, monkeypat
 
 def first_update(cfg, monkeypatch) -> dict[str, torch.Tensor]:
     """The change of every policy tensor after one optimizer step of ``cfg``."""
-    from fpo.models import tiny
-
-    built = {}
-    original = tiny.load_tiny
-
-    def spy(**kwargs):
-        model, tokenizer = original(**kwargs)
-        built["model"], built["before"] = model, copy.deepcopy(model.state_dict())
-        return model, tokenizer
-
-    monkeypatch.setattr(tiny, "load_tiny", spy)
+    built = spy_on_tiny_loader(monkeypatch)
     OmegaConf.resolve(cfg)
     train(cfg)
     after = built["model"].state_dict()
