@@ -5,9 +5,10 @@ always shuffles the training set with its own permutation and deals items to ran
 round-robin, so two processes do not see the batches one process sees, even with the same
 global batch. :class:`GlobalBatchSampler` keeps one global order for every world size:
 
-- epoch ``e``'s order is drawn from ``seed + e`` alone (file order without a seed; epoch 0 is
-  the order of ``DataLoader(shuffle=True)`` with a generator seeded ``seed``), so a restarted process shuffles epoch ``e`` as the first one did (resuming
-  mid-epoch, ``fpo.data.resumable``); Lightning calls ``set_epoch`` every epoch;
+- epoch ``e``'s order is drawn from ``seed + e`` alone (file order without a seed; epoch 0
+  is the order of ``DataLoader(shuffle=True)`` with a generator seeded ``seed``), so a
+  restarted process shuffles epoch ``e`` as the first one did (resuming mid-epoch,
+  ``fpo.data.resumable``); Lightning calls ``set_epoch`` every epoch;
 - consecutive runs of ``batch_size x world_size`` items form one step of all ranks and rank
   ``r`` takes the ``r``-th ``batch_size`` slice of each. One process with gradient
   accumulation ``a`` and ``a`` processes without see the same pairs per optimizer step.
