@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from hydra import compose, initialize_config_dir
 
+from fpo.data import PreferenceDataModule
 from fpo.objective import Objective, build_objective
 from fpo.train import CONFIG_DIR
 
@@ -19,3 +22,20 @@ def compose_train(*overrides: str):
 def preset(name: str, *overrides: str) -> Objective:
     """The objective exactly as ``fpo-train objective=NAME OVERRIDES`` composes it."""
     return build_objective(compose_train(f"objective={name}", *overrides).objective)
+
+
+def fixture_datamodule(
+    tokenizer, fixtures_dir, batch_size=2, eval_batch_size=4, shuffle=True
+) -> PreferenceDataModule:
+    """The eight UltraFeedback fixture pairs as train and val splits (max length 128)."""
+    path = str(Path(fixtures_dir) / "ultrafeedback_binarized.jsonl")
+    return PreferenceDataModule(
+        train_source=path,
+        val_source=path,
+        tokenizer=tokenizer,
+        max_length=128,
+        max_prompt_length=64,
+        batch_size=batch_size,
+        eval_batch_size=eval_batch_size,
+        shuffle=shuffle,
+    )

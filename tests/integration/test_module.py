@@ -12,27 +12,16 @@ import lightning as L
 import pytest
 import torch
 
-from fpo.data import PreferenceDataModule
 from fpo.module import FPOLightningModule
 from fpo.reference.base import OnlineReference
 from fpo.sae import build_random_sae
-from helpers import PRESETS, preset
+from helpers import PRESETS, fixture_datamodule, preset
 
 HOOK = "blocks.1.hook_resid_post"
 
 
 def make_datamodule(tokenizer, fixtures_dir, batch_size=2, shuffle=True):
-    path = str(Path(fixtures_dir) / "ultrafeedback_binarized.jsonl")
-    return PreferenceDataModule(
-        train_source=path,
-        val_source=path,
-        tokenizer=tokenizer,
-        max_length=128,
-        max_prompt_length=64,
-        batch_size=batch_size,
-        eval_batch_size=4,
-        shuffle=shuffle,
-    )
+    return fixture_datamodule(tokenizer, fixtures_dir, batch_size=batch_size, shuffle=shuffle)
 
 
 def make_module(name, model, lr=1e-3, chunk=None, optimizer=torch.optim.AdamW):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 from functools import partial
-from pathlib import Path
 
 import lightning as L
 import pytest
@@ -17,28 +16,19 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.loggers import Logger
 
-from fpo.data import PreferenceDataModule
 from fpo.models.tiny import build_tiny_model, load_tiny
 from fpo.module import FPOLightningModule
 from fpo.objective import Objective
 from fpo.reference.base import OnlineReference
 from fpo.sae import build_random_sae
-from helpers import PRESETS, preset
+from helpers import PRESETS, fixture_datamodule, preset
 
 HOOK_LAYER = 0  # hidden_states[1] is the output of decoder layer 0, before any final norm
 
 
 def fixture_batch(tokenizer, fixtures_dir, batch_size=4):
-    path = str(Path(fixtures_dir) / "ultrafeedback_binarized.jsonl")
-    datamodule = PreferenceDataModule(
-        train_source=path,
-        val_source=path,
-        tokenizer=tokenizer,
-        max_length=128,
-        max_prompt_length=64,
-        batch_size=batch_size,
-        eval_batch_size=batch_size,
-        shuffle=False,
+    datamodule = fixture_datamodule(
+        tokenizer, fixtures_dir, batch_size, eval_batch_size=batch_size, shuffle=False
     )
     datamodule.setup("fit")
     return next(iter(datamodule.train_dataloader()))
@@ -241,11 +231,7 @@ def test_train_metrics_aggregate_one_optimizer_step_only(tiny_tokenizer, fixture
     a running mean since the start: the metrics restart every optimizer step."""
     torch.manual_seed(0)
     policy, reference_model = perturbed_pair(build_tiny_model())
-    path = str(Path(fixtures_dir) / "ultrafeedback_binarized.jsonl")
-    datamodule = PreferenceDataModule(
-        train_source=path, val_source=path, tokenizer=tiny_tokenizer, batch_size=1,
-        shuffle=False, max_length=128, max_prompt_length=64,
-    )  # fmt: skip
+    datamodule = fixture_datamodule(tiny_tokenizer, fixtures_dir, batch_size=1, shuffle=False)
     module = FPOLightningModule(
         policy.train(),
         objective=preset("dpo"),
