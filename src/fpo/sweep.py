@@ -208,6 +208,8 @@ def run_job(cfg: DictConfig, job: Callable[[DictConfig], float | None]) -> float
                 + (f"; metrics {sorted(bad)}" if bad else "")
             )
         status.update(status="finished", value=value, metrics=metrics)
+        if writer and not cfg.get("sweep", {}).get("keep_last_checkpoint", True):
+            last.unlink(missing_ok=True)  # only needed to resume an unfinished job
     except Exception as error:  # recorded; the sweep goes on
         cause = error.__cause__ if isinstance(error, InstantiationException) else None
         shown = cause if isinstance(cause, UserError) else error

@@ -204,3 +204,38 @@ def test_wandb_offline_sweep_groups_tags_tables_and_images(tmp_path):
     run = next(r.run for r in wandb_records(records_file) if r.WhichOneof("record_type") == "run")
     assert run.run_group == f"smoke/{sweep_dir.name}" and run.job_type == "eval"
     assert list(job.glob("evaluation/wandb/offline-run-*/files/media/images/eval/frontier_*.png"))
+
+
+def test_validation_prompts_give_selection_metrics_apart_from_test(tmp_path):
+    """``evaluation.validation.prompts_file``: a second sampling pass on the validation
+    prompts, in <run>/evaluation/validation and as ``val/sampled/*`` (usable as
+    optimized_metric); the test-split numbers stay as they were. The test prompts file
+    itself is refused as validation."""
+    validation = ROOT / "tests" / "fixtures" / "plain_pairs.jsonl"
+    common = [f"paths.log_dir={tmp_path}", "experiment=smoke", "objective=dpo", "evaluation=smoke"]
+    result = run_module(
+        "fpo.train", *common, f"evaluation.validation.prompts_file={validation}",
+        "evaluation.validation.num_prompts=3", "optimized_metric=val/sampled/policy_judge_mean",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run,) = [p.parent for p in tmp_path.glob("smoke/runs/*/metrics.json")]
+    metrics = json.loads((run / "metrics.json").read_text())
+    chosen = json.loads((run / "evaluation" / "validation" / "summary.json").read_text())
+    test = json.loads((run / "evaluation" / "summary.json").read_text())
+    assert chosen["num_prompts"] == 3 and test["num_prompts"] == 4
+    prompts = [json.loads(line)["prompt"] for line in validation.read_text().splitlines()][:3]
+    generations = (run / "evaluation" / "validation" / "generations.jsonl").read_text()
+    assert [json.loads(line)["prompt"] for line in generations.splitlines()] == prompts
+    assert metrics["val/sampled/policy_judge_mean"] == chosen["policy_judge_mean"]
+    assert metrics["val/sampled/kl"] == chosen["kl"]
+    assert metrics["val/sampled/judges/afinn/win_rate"] == chosen["judges"]["afinn"]["win_rate"]
+    assert metrics["eval/kl"] == test["kl"] != chosen["kl"]
+    assert test["validation"]["kl"] == chosen["kl"]
+
+    test_file = ROOT / "tests" / "fixtures" / "ultrafeedback_binarized.jsonl"
+    refused = run_module(
+        "fpo.train", *common, f"paths.log_dir={tmp_path / 'same'}",
+        f"evaluation.validation.prompts_file={test_file}",
+    )  # fmt: skip
+    assert refused.returncode != 0
+    assert "model selection needs prompts of its own" in refused.stderr

@@ -179,3 +179,18 @@ def test_optuna_search_writes_trials_and_resumes_its_study(tmp_path, search):
     assert len(study.trials) == 6
     assert all(t.state.name == "COMPLETE" for t in study.trials)
     assert (sweep_dir / "optimization_results.yaml").exists()
+
+
+def test_finished_jobs_lose_last_checkpoint_only_when_asked(tmp_path):
+    """``sweep.keep_last_checkpoint=false`` deletes a finished job's last.ckpt (the default
+    keeps it); the job still finishes and records its metric."""
+    for keep in ("true", "false"):
+        logs = tmp_path / keep
+        overrides = ["experiment=smoke", "objective=dpo", f"sweep.keep_last_checkpoint={keep}"]
+        result = run(train_command(logs, *overrides))
+        assert result.returncode == 0, result.stderr[-3000:]
+        sweep_dir = only_sweep_dir(logs)
+        (job,) = summary(sweep_dir)["jobs"]
+        assert job["status"] == "finished"
+        (job_dir,) = [p.parent for p in sweep_dir.glob("*/job_status.json")]
+        assert (job_dir / "checkpoints" / "last.ckpt").exists() == (keep == "true")

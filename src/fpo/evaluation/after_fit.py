@@ -11,7 +11,11 @@
    implicit reward) and SAE feature drift with the run's SAE (`fpo.evaluation.heldout`);
 3. ``<out>/summary.json``, ``generations.jsonl``, ``judge_vs_kl.png``, ``feature_report.md``
    (`fpo.evaluation.features`), copied to ``latest_dir``; scalars to the loggers as
-   ``eval/*``, tables and the plot to W&B (`fpo.evaluation.wandb_report`).
+   ``eval/*``, tables and the plot to W&B (`fpo.evaluation.wandb_report`);
+4. optionally (``evaluation.validation.prompts_file``), step 1 again on the *validation*
+   prompts, for model selection: ``<out>/validation/`` and the scalars as ``val/sampled/*``
+   (e.g. ``optimized_metric=val/sampled/policy_judge_mean``). The test numbers above are
+   never used to choose anything.
 """
 
 from __future__ import annotations
@@ -116,18 +120,77 @@ def copy_to_latest(out_dir: Path, latest_dir: str | Path) -> None:
     log.info("evaluation copied to %s", latest)
 
 
-def scalars_of(result: dict[str, Any]) -> dict[str, float]:
-    """``eval/<key>`` for the numbers of the summary, ``eval/judges/<name>/<key>`` per judge."""
+def scalars_of(result: dict[str, Any], prefix: str = "eval") -> dict[str, float]:
+    """``<prefix>/<key>`` for the numbers of the summary, ``<prefix>/judges/<name>/<key>``
+    per judge."""
     scalars = {
-        f"eval/{k}": float(v)
+        f"{prefix}/{k}": float(v)
         for k, v in result.items()
         if isinstance(v, int | float) and not isinstance(v, bool)
     }
     for name, block in (result.get("judges") or {}).items():
         for key, value in block.items():
             if isinstance(value, int | float) and not isinstance(value, bool):
-                scalars[f"eval/judges/{name}/{key}"] = float(value)
+                scalars[f"{prefix}/judges/{name}/{key}"] = float(value)
     return scalars
+
+
+VALIDATION_PREFIX = "val/sampled"
+
+
+def sample_and_judge(
+    policy: nn.Module,
+    reference: nn.Module,
+    tokenizer: Any,
+    judges: dict[str, Any],
+    settings: dict[str, Any],
+    prompts_file: str,
+    num_prompts: int | None,
+) -> dict[str, Any]:
+    """`evaluate_sentiment` on the prompts of ``prompts_file`` with the evaluation settings."""
+    return evaluate_sentiment(
+        policy,
+        reference,
+        tokenizer,
+        read_prompts(prompts_file, num_prompts),
+        judges,
+        num_samples=settings.get("num_samples", 1),
+        max_new_tokens=settings.get("max_new_tokens", 24),
+        batch_size=settings.get("batch_size", 32),
+        seed=settings.get("seed", 0),
+        logits_chunk_size=settings.get("logits_chunk_size", 256),
+    )
+
+
+def validation_scalars(
+    policy: nn.Module,
+    reference: nn.Module,
+    tokenizer: Any,
+    judges: dict[str, Any],
+    settings: dict[str, Any],
+    out: Path,
+) -> dict[str, float]:
+    """Judge scores, win rate and KL on ``evaluation.validation.prompts_file`` (model
+    selection), written to ``<out>/validation/``; returns them as ``val/sampled/*``."""
+    validation = settings.get("validation") or {}
+    if not validation.get("prompts_file"):
+        return {}
+    if Path(validation["prompts_file"]).resolve() == Path(settings["prompts_file"]).resolve():
+        raise UserError(
+            "evaluation.validation.prompts_file is the test prompts_file "
+            f"({settings['prompts_file']}): model selection needs prompts of its own."
+        )
+    result = sample_and_judge(
+        policy,
+        reference,
+        tokenizer,
+        judges,
+        settings,
+        validation["prompts_file"],
+        validation.get("num_prompts"),
+    )
+    write_evaluation(result, out / "validation", title="validation prompts (model selection)")
+    return scalars_of(result, VALIDATION_PREFIX)
 
 
 def evaluate_experiment(
@@ -151,20 +214,16 @@ def evaluate_experiment(
     out = Path(out_dir or Path(cfg.paths.output_dir) / "evaluation")
     started = time.perf_counter()
     judges = build_judges(settings.get("judges"))
-    prompts = read_prompts(settings["prompts_file"], settings.get("num_prompts"))
     reference = reference if reference is not None else instantiate(cfg.model.loader)[0]
     chunk = settings.get("logits_chunk_size", 256)
-    result = evaluate_sentiment(
+    result = sample_and_judge(
         policy,
         reference,
         experiment.tokenizer,
-        prompts,
         judges,
-        num_samples=settings.get("num_samples", 1),
-        max_new_tokens=settings.get("max_new_tokens", 24),
-        batch_size=settings.get("batch_size", 32),
-        seed=settings.get("seed", 0),
-        logits_chunk_size=chunk,
+        settings,
+        settings["prompts_file"],
+        settings.get("num_prompts"),
     )
     sampled = time.perf_counter()
     rows, shift = None, None
@@ -199,6 +258,13 @@ def evaluate_experiment(
         "sampling_and_judging": round(sampled - started, 2),
         "heldout_pairs": round(time.perf_counter() - sampled, 2),
     }
+    validated = time.perf_counter()
+    selection = validation_scalars(policy, reference, experiment.tokenizer, judges, settings, out)
+    if selection:
+        result["seconds"]["validation"] = round(time.perf_counter() - validated, 2)
+        result["validation"] = {
+            k.removeprefix(f"{VALIDATION_PREFIX}/"): v for k, v in selection.items()
+        }
     del reference
     summary_path = write_evaluation(result, out)
     summary = json.loads(summary_path.read_text())
@@ -215,7 +281,7 @@ def evaluate_experiment(
     print(format_summary(result), flush=True)
     if settings.get("latest_dir"):
         copy_to_latest(summary_path.parent, settings["latest_dir"])
-    scalars = scalars_of(result)
+    scalars = {**scalars_of(result), **selection}
     for logger in loggers:
         logger.log_metrics(scalars)
     log_evaluation_to_wandb(loggers, summary, rows, summary.get("plot"), summary.get("generations"))
