@@ -1,0 +1,79 @@
+"""scripts/comparison.py: the validation-only selection rule and the commands it derives."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def comparison():
+    spec = importlib.util.spec_from_file_location("comparison", ROOT / "scripts" / "comparison.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def job(beta: str, score: float, kl: float, test_score: float = 0.0) -> dict:
+    return {
+        "overrides": [f"objective.beta={beta}", "experiment=comparison/frontier_dpo"],
+        "metrics": {
+            "val/sampled/policy_judge_mean": score,
+            "val/sampled/kl": kl,
+            "eval/policy_judge_mean": test_score,
+        },
+    }
+
+
+def test_choose_takes_the_best_validation_score_within_the_kl_budget(comparison):
+    budget = comparison.KL_BUDGET
+    candidates = [job("0.03", 0.9, budget + 5), job("0.1", 0.7, budget), job("0.3", 0.5, 1.0)]
+    best, reason = comparison.choose(candidates)
+    assert best["overrides"][0] == "objective.beta=0.1"
+    assert "highest validation judge score" in reason
+
+
+def test_choose_never_reads_test_numbers(comparison):
+    """A candidate that is best on the test prompts but not on validation is not chosen."""
+    candidates = [job("0.1", 0.6, 1.0, test_score=0.1), job("0.3", 0.5, 1.0, test_score=0.99)]
+    best, _ = comparison.choose(candidates)
+    assert best["overrides"][0] == "objective.beta=0.1"
+
+
+def test_choose_falls_back_to_the_lowest_kl(comparison):
+    over = comparison.KL_BUDGET + 1
+    best, reason = comparison.choose([job("0.03", 0.9, over + 2), job("0.3", 0.5, over)])
+    assert best["overrides"][0] == "objective.beta=0.3"
+    assert "lowest validation KL" in reason
+
+
+SELECTION = {
+    name: {"experiment": f"frontier_{name}", "overrides": ["objective.beta=0.1"]}
+    for name in ("fpo", "dpo", "simpo", "tdpo1", "tdpo2")
+}
+
+
+def test_seed_runs_share_the_grid_runs_config(comparison):
+    """Seeds 1 and 2 run in the chosen point's own frontier experiment with the same
+    objective overrides, so fpo-compare groups them with the seed-0 grid run."""
+    commands = comparison.seed_commands(SELECTION)
+    assert commands["seeds_tdpo1"] == [
+        "experiment=comparison/frontier_tdpo1",
+        "objective.beta=0.1",
+        "seed=1,2",
+        "sweep.name=seeds_tdpo1",
+    ]
+
+
+def test_ablations_wait_for_the_selection_and_each_has_its_folder(comparison):
+    assert comparison.ablation_commands({"fpo": SELECTION["fpo"]}) == {}
+    commands = comparison.ablation_commands(SELECTION)
+    assert {c[-1] for c in commands.values()} == {f"sweep.name={n}" for n in commands}
+    assert "objective.constraints.features.alpha=0" in commands["ablation_alpha0"]
+    for name, command in commands.items():
+        assert command[0].startswith("experiment=comparison/frontier_"), name
+        assert "objective.beta=0.1" in command, name
