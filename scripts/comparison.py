@@ -253,6 +253,7 @@ RUN_COLUMNS = [
     "eval:validation/policy_judge_mean",
     "eval:validation/kl",
     "wall_seconds",
+    "fit_cpu_seconds",
     "peak_memory_gb",
     "tokens_per_sec",
 ]

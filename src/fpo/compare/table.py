@@ -24,6 +24,7 @@ from fpo.compare.runs import Run, as_number, differing_overrides, flatten
 TRAIN_METRICS = {
     "accuracy": "val/rewards/accuracies",
     "wall_seconds": "run/wall_seconds",
+    "fit_cpu_seconds": "run/fit_cpu_seconds",
     "peak_memory_gb": "run/peak_memory_gb",
     "tokens_per_sec": "train/tokens_per_sec",
 }
@@ -38,7 +39,8 @@ EVAL_METRICS = {
     "preference_accuracy": ("preference_accuracy", "preference_accuracy_stderr"),
     "feature_drift": ("feature_drift", "feature_drift_stderr"),
 }
-METRIC_COLUMNS = ["accuracy", *EVAL_METRICS, "wall_seconds", "peak_memory_gb", "tokens_per_sec"]
+METRIC_COLUMNS = ["accuracy", *EVAL_METRICS, "wall_seconds", "fit_cpu_seconds"]
+METRIC_COLUMNS += ["peak_memory_gb", "tokens_per_sec"]
 _KNOWN_SUMMARY_KEYS = {key for pair in EVAL_METRICS.values() for key in pair}
 _SKIPPED_SUMMARY_BLOCKS = {"settings", "generations", "plot"}
 _SKIPPED_EXTRA = {"seed"}  # the run's seed, already a column
