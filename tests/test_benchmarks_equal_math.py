@@ -1,0 +1,49 @@
+"""Equal math first (issue 11): our DPO and SimPO losses equal TRL's on the same batch, at
+step 0 and after one update (benchmarks/equal_math.py), on the tests' tiny models."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("trl")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the benchmarks/ package
+
+from benchmarks import equal_math
+from benchmarks.models import load_model
+from benchmarks.rows import make_rows
+
+
+def _spec(tmp_path, **extra) -> dict:
+    base = dict(device="cpu", batch_pairs=2, accumulation=1, lr=5e-7, check_lr=0.01)
+    return {**base, "max_length": 160, "seed": 0, "workdir": str(tmp_path), **extra}
+
+
+def _rows(row_set: str) -> list[dict]:
+    return make_rows(
+        row_set, 2, vocab_size=261, bos_id=1, eos_id=2, max_prompt=48, max_length=160, seed=3
+    )
+
+
+@pytest.mark.parametrize("row_set", ["fixed", "spread"])
+def test_losses_equal_trl_fp32(tmp_path, row_set):
+    out = equal_math.check(_spec(tmp_path), _rows(row_set), lambda: load_model("tiny"))
+    assert out["ok"], out
+    assert out["dpo"]["ours"][0] == pytest.approx(math.log(2), abs=1e-6)
+    # the update moved the loss by far more than the tolerance: the check has teeth
+    for kind in ("dpo", "simpo"):
+        assert abs(out[kind]["ours"][1] - out[kind]["ours"][0]) > 100 * out["tolerance"][1]
+
+
+def test_simpo_bf16_difference_is_trl_bf16_log_probs(tmp_path):
+    """Under bf16 autocast TRL's CPOTrainer averages bf16 log-probs (the issue's 0.946 vs
+    0.920): its raw loss differs from ours, but with its logits cast to float32 it is ours."""
+    spec = _spec(tmp_path, precision="bf16")
+    out = equal_math.check(spec, _rows("fixed"), lambda: load_model("gemma2_tiny"))
+    simpo = out["simpo"]
+    assert abs(simpo["trl"][0] - simpo["ours"][0]) > 1e-3  # TRL's bf16 average
+    assert simpo["ok"], out  # ours vs TRL with float32 log-probs
+    assert out["dpo"]["ok"], out
