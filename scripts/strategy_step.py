@@ -86,8 +86,11 @@ TRACKED = ("model.layers.0.mlp.down_proj.weight", "model.layers.{last}.self_attn
 def stub_wandb() -> bool:
     """sae-lens imports wandb at import time (only its training code uses it); when wandb is
     not installed (the GPU image), an empty module stands in. Returns whether it did."""
-    if importlib.util.find_spec("wandb") is not None:
-        return False
+    try:
+        if importlib.util.find_spec("wandb") is not None:
+            return False
+    except (ImportError, ValueError):  # a broken install counts as missing
+        pass
     stub = types.ModuleType("wandb")
     stub.__spec__ = importlib.machinery.ModuleSpec("wandb", None)
     sys.modules["wandb"] = stub
@@ -121,11 +124,11 @@ WORDS = ("the", "model", "reads", "a", "long", "review", "and", "writes", "caref
 
 
 def _text(chars: int, rng: random.Random) -> str:
-    """About `chars` characters of space-separated `WORDS` (seeded)."""
-    out = []
-    while sum(len(word) + 1 for word in out) < chars:
-        out.append(rng.choice(WORDS))
-    return " ".join(out)[:chars]
+    """Exactly `chars` characters of space-separated `WORDS` (seeded)."""
+    text = ""
+    while len(text) < chars:
+        text += rng.choice(WORDS) + " "
+    return text[:chars]
 
 
 def synthetic_rows(path: Path, n: int, prompt_chars: int, response_chars: int) -> Path:
@@ -231,13 +234,32 @@ class StepTimer(L.Callback):
         self.losses.append(float(loss) if loss is not None else float("nan"))
 
 
+class WeightProbe(L.Callback):
+    """At the end of training, before the strategy's teardown (which moves the module to the
+    CPU), `weight_report` of the tracked parameters against their initial values."""
+
+    def __init__(self, params: dict, before: dict) -> None:
+        self.params, self.before = params, before
+        self.report: dict[str, Any] = {}
+        self.error: str | None = None
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        try:  # a failure here must not lose the memory and time measurements
+            self.report = weight_report(trainer, self.params, self.before)
+        except Exception as error:
+            self.error = f"{type(error).__name__}: {error}"
+
+
 def full_fp32(trainer, param) -> Any:
     """The full fp32 value of `param` as the strategy keeps it after the fit (on the CPU)."""
     name = type(trainer.strategy).__name__
     if name == "DeepSpeedStrategy":
         from deepspeed.utils import safe_get_full_fp32_param
 
-        return safe_get_full_fp32_param(param).detach().float().cpu().clone()
+        master = safe_get_full_fp32_param(param)
+        if master is None:
+            raise RuntimeError("DeepSpeed keeps no fp32 master copy of this parameter")
+        return master.detach().float().cpu().clone()
     if name == "FSDPStrategy":
         from torch.distributed.fsdp import FullyShardedDataParallel
 
@@ -289,9 +311,9 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         torch.cuda.synchronize()
         weights_gib = torch.cuda.memory_allocated() / 2**30
         torch.cuda.reset_peak_memory_stats()
-    timer = StepTimer(cuda)
+    timer, probe = StepTimer(cuda), WeightProbe(params, before)
     trainer = experiment.build_trainer(
-        callbacks=[timer], enable_checkpointing=False, enable_progress_bar=False
+        callbacks=[timer, probe], enable_checkpointing=False, enable_progress_bar=False
     )
     trainer.fit(module, datamodule=experiment.datamodule)
     steady = timer.times[1:] or timer.times
@@ -311,8 +333,10 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "median_step_seconds_after_first": statistics.median(steady) if steady else None,
         "losses": timer.losses,
         "setup_seconds": setup_s,
-        "weights": weight_report(trainer, params, before),
+        "weights": probe.report,
     }
+    if probe.error:
+        result["weights_error"] = probe.error
     if cuda:
         result.update(
             device=torch.cuda.get_device_name(),
@@ -320,7 +344,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             peak_allocated_gib=torch.cuda.max_memory_allocated() / 2**30,
             peak_reserved_gib=torch.cuda.max_memory_reserved() / 2**30,
         )
-    result["weights_changed"] = all(w["changed_fraction"] > 0 for w in result["weights"].values())
+    weights = result["weights"].values()
+    result["weights_changed"] = bool(weights) and all(w["changed_fraction"] > 0 for w in weights)
     return result
 
 
