@@ -24,7 +24,8 @@ values, and with what a bf16 parameter would have kept (``bf16_visible_fraction`
 
 ``--strategy``: ``single`` (``trainer=gpu``), ``fsdp``, ``deepspeed_zero2``,
 ``deepspeed_zero3`` (the trainer configs). ``--tiny``: a 2-layer, 64-wide Gemma-2 and short
-rows, for checking the script on a CPU (``--cpu``: ``trainer.accelerator=cpu``, fp32).
+rows, for checking the script on a CPU (``--cpu``: ``trainer.accelerator=cpu``, fp32 unless
+``--precision`` says otherwise).
 """
 
 from __future__ import annotations
@@ -200,6 +201,8 @@ def compose(args: argparse.Namespace, data_file: Path):
             cfg.trainer.accelerator = "cpu"
             cfg.trainer.devices = 1
             cfg.trainer.precision = "32-true"
+        if args.precision is not None:
+            cfg.trainer.precision = args.precision
         if args.lr is not None:
             cfg.optimizer.lr = args.lr
     return cfg
@@ -235,23 +238,37 @@ class StepTimer(L.Callback):
 
 
 class WeightProbe(L.Callback):
-    """At the end of training, before the strategy's teardown (which moves the module to the
-    CPU), `weight_report` of the tracked parameters against their initial values."""
+    """Reads the tracked parameters' fp32 values as the strategy keeps them (`full_fp32`) when
+    training starts (after the strategy's setup: DeepSpeed's fp32 masters are made from its
+    bf16 copy of the loaded weights) and when it ends (before the strategy's teardown, which
+    moves the module to the CPU), and reports the change (`weight_report`)."""
 
-    def __init__(self, params: dict, before: dict) -> None:
-        self.params, self.before = params, before
+    def __init__(self, params: dict, loaded: dict) -> None:
+        self.params, self.loaded = params, loaded
+        self.start: dict[str, Any] = {}
         self.report: dict[str, Any] = {}
         self.error: str | None = None
 
+    def _read(self, trainer) -> dict[str, Any]:
+        return {name: full_fp32(trainer, param) for name, param in self.params.items()}
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        try:
+            self.start = self._read(trainer)
+        except Exception as error:
+            self.error = f"at the start: {type(error).__name__}: {error}"
+
     def on_train_end(self, trainer, pl_module) -> None:
+        if not self.start:
+            return
         try:  # a failure here must not lose the memory and time measurements
-            self.report = weight_report(trainer, self.params, self.before)
+            self.report = weight_report(self.params, self.loaded, self.start, self._read(trainer))
         except Exception as error:
             self.error = f"{type(error).__name__}: {error}"
 
 
 def full_fp32(trainer, param) -> Any:
-    """The full fp32 value of `param` as the strategy keeps it after the fit (on the CPU)."""
+    """The full fp32 value of `param` as the strategy keeps it now (a CPU copy)."""
     name = type(trainer.strategy).__name__
     if name == "DeepSpeedStrategy":
         from deepspeed.utils import safe_get_full_fp32_param
@@ -268,19 +285,21 @@ def full_fp32(trainer, param) -> Any:
     return param.detach().to(torch.float32).cpu().clone()
 
 
-def weight_report(trainer, params: dict, before: dict) -> dict[str, Any]:
-    """Per tracked tensor: dtype kept by the module, the fraction of master elements that
-    changed, the largest change, and the fraction still visible after rounding to bf16."""
+def weight_report(params: dict, loaded: dict, start: dict, end: dict) -> dict[str, Any]:
+    """Per tracked tensor (``[out, in]`` fp32 values on the CPU): the dtype the module keeps,
+    the fraction of fp32 (master) elements that changed during training and the largest
+    change, the fraction whose bf16 rounding changed (what a bf16 parameter would have kept),
+    and how far the masters at the start are from the loaded fp32 weights (DeepSpeed's bf16
+    mode rounds them once)."""
     report = {}
     for name, param in params.items():
-        after = full_fp32(trainer, param)
-        start = before[name]
-        changed = after.shape == start.shape and not torch.equal(after, start)
+        before, after = start[name], end[name]
         report[name] = {
             "module_dtype": str(param.dtype).removeprefix("torch."),
-            "changed_fraction": float((after != start).double().mean()) if changed else 0.0,
-            "max_abs_change": float((after - start).abs().max()) if changed else 0.0,
-            "bf16_visible_fraction": float((after.bfloat16() != start.bfloat16()).double().mean()),
+            "changed_fraction": float((after != before).double().mean()),
+            "max_abs_change": float((after - before).abs().max()),
+            "bf16_visible_fraction": float((after.bfloat16() != before.bfloat16()).double().mean()),
+            "start_vs_loaded_max_abs": float((before - loaded[name]).abs().max()),
         }
     return report
 
@@ -305,13 +324,13 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     names = [name.format(last=last) for name in TRACKED]
     params = dict(experiment.policy.named_parameters())
     params = {name: params[name] for name in names}
-    before = {name: p.detach().float().cpu().clone() for name, p in params.items()}
+    loaded = {name: p.detach().float().cpu().clone() for name, p in params.items()}
     setup_s = time.perf_counter() - started
     if cuda:
         torch.cuda.synchronize()
         weights_gib = torch.cuda.memory_allocated() / 2**30
         torch.cuda.reset_peak_memory_stats()
-    timer, probe = StepTimer(cuda), WeightProbe(params, before)
+    timer, probe = StepTimer(cuda), WeightProbe(params, loaded)
     trainer = experiment.build_trainer(
         callbacks=[timer, probe], enable_checkpointing=False, enable_progress_bar=False
     )
@@ -359,6 +378,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         type=int,
         default=None,
         help="pairs per optimizer step (default: one micro-batch; the paper: 32)",
+    )
+    p.add_argument(
+        "--precision", default=None, help="trainer.precision (default: the experiment's)"
     )
     p.add_argument("--lr", type=float, default=None, help="default: the experiment's 5e-7")
     p.add_argument("--tiny", action="store_true", help="a tiny Gemma-2 (checks on a CPU)")

@@ -44,6 +44,7 @@ __all__ = [
     "describe_sae",
     "encode_pooled",
     "load_sae",
+    "match_sae_dtype",
     "model_hidden_size",
     "reconstruction_report",
     "resolve_hook_module",
@@ -197,6 +198,17 @@ def build_random_sae(
         with torch.no_grad():
             sae.threshold.fill_(_RANDOM_JUMPRELU_THRESHOLD)
     return _freeze(sae, f"random {architecture} (d_in={d_in}, d_sae={d_sae}, seed={seed})")
+
+
+def match_sae_dtype(sae: SAE) -> SAE:
+    """Make ``sae.dtype`` (the dtype sae-lens casts every input to) that of its parameters.
+
+    Only sae-lens's own ``SAE.to`` updates it; a strategy that casts the module in place
+    (DeepSpeed's bf16 mode calls ``module.bfloat16()``, the SAE included) leaves it stale, and
+    ``encode`` then multiplies float32 inputs with bfloat16 weights.
+    """
+    sae.dtype = next(sae.parameters()).dtype
+    return sae
 
 
 def describe_sae(sae: SAE) -> str:

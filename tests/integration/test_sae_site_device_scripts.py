@@ -1,7 +1,8 @@
 """The GPU strategy benchmark's scripts (scripts/strategy_step.py, scripts/device_strategies.sh)
 on a CPU: the single-device path measures and detects the weight update, a strategy that
 cannot run is recorded as failed (never a hang or a lost result), and the driver's summary
-holds every run. FSDP and DeepSpeed themselves need a GPU (Lightning refuses them here)."""
+holds every run. FSDP and DeepSpeed themselves need a GPU (Lightning refuses them here); the two
+fixes their runs needed (an SAE cast in place, ZeRO-3's partitioned SAE) are checked in part."""
 
 from __future__ import annotations
 
@@ -11,6 +12,12 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+import torch
+
+from fpo.sae import build_random_sae, match_sae_dtype
+from fpo.strategies import gathered_parameters
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPTS = ROOT / "scripts"
@@ -111,3 +118,33 @@ def test_driver_records_runs_past_the_budget_and_timeouts(tmp_path):
     assert timed_out.returncode == 0, timed_out.stderr[-2000:]
     run = json.loads((tmp_path / "b" / "out" / "strategies.json").read_text())[0]
     assert run["status"] == "failed" and "exit 124" in run["error"]
+
+
+def test_an_sae_cast_in_place_encodes_after_match_sae_dtype():
+    """DeepSpeed's bf16 mode casts the whole module in place (``module.bfloat16()``), the SAE
+    included; sae-lens then still casts inputs to float32 and ``encode`` fails until
+    `match_sae_dtype` (called by the module's ``on_fit_start``) syncs it."""
+    sae = build_random_sae(16, 32, architecture="jumprelu").bfloat16()
+    x = torch.randn(3, 16, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="dtype"):
+        sae.encode(x)
+    assert match_sae_dtype(sae) is sae and sae.dtype == torch.bfloat16
+    assert sae.encode(x).dtype == torch.bfloat16
+
+
+def test_gathered_parameters_is_a_no_op_without_zero3():
+    module = torch.nn.Linear(2, 2)
+    with gathered_parameters(module):
+        assert module.weight.shape == (2, 2)
+
+
+def test_module_syncs_the_sae_dtype_when_fit_starts():
+    """The module's ``on_fit_start`` runs after the strategy's setup (where DeepSpeed casts)."""
+    from fpo.experiment import build_experiment
+    from helpers import compose_train
+
+    module = build_experiment(compose_train("experiment=smoke", "objective=fpo")).build_module()
+    module.sae_report_batches = 0  # the report needs a trainer; the dtype sync does not
+    module.sae.bfloat16()  # what DeepSpeed's bf16 mode does to the whole module
+    module.on_fit_start()
+    assert module.sae.dtype == torch.bfloat16
