@@ -22,10 +22,10 @@ values, and with what a bf16 parameter would have kept (``bf16_visible_fraction`
     python scripts/strategy_step.py --strategy fsdp --objective fpo --out fsdp_fpo.json
     python scripts/strategy_step.py --strategy single --tiny --cpu --out t.json  # CPU check
 
-``--strategy``: ``single`` (``trainer=gpu``), ``fsdp``, ``deepspeed_zero2``,
-``deepspeed_zero3`` (the trainer configs). ``--tiny``: a 2-layer, 64-wide Gemma-2 and short
-rows, for checking the script on a CPU (``--cpu``: ``trainer.accelerator=cpu``, fp32 unless
-``--precision`` says otherwise).
+``--strategy``: ``single`` (``trainer=gpu``), ``fsdp``, ``fsdp_fp32_reference`` (FSDP with
+the online reference in fp32, see `STRATEGIES`), ``deepspeed_zero2``, ``deepspeed_zero3``.
+``--tiny``: a 2-layer, 64-wide Gemma-2 and short rows, for checking the script on a CPU
+(``--cpu``: ``trainer.accelerator=cpu``, fp32 unless ``--precision`` says otherwise).
 """
 
 from __future__ import annotations
@@ -48,11 +48,16 @@ import lightning as L
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+# --strategy: the trainer config and any other override. The paper configs keep the online
+# reference in bf16 next to the fp32 policy; FSDP flattens the parameters that no decoder-layer
+# unit holds (the policy's and the reference's embeddings and final norms, the SAE) into one
+# root unit, which must have one dtype, so `fsdp_fp32_reference` also runs it in fp32.
 STRATEGIES = {
-    "single": "gpu",
-    "fsdp": "fsdp",
-    "deepspeed_zero2": "deepspeed_zero2",
-    "deepspeed_zero3": "deepspeed_zero3",
+    "single": ("gpu", []),
+    "fsdp": ("fsdp", []),
+    "fsdp_fp32_reference": ("fsdp", ["reference.dtype=null"]),
+    "deepspeed_zero2": ("deepspeed_zero2", []),
+    "deepspeed_zero3": ("deepspeed_zero3", []),
 }
 # google/gemma-2-2b's config.json (the architecture; the weights here are random).
 GEMMA2_2B = {
@@ -161,9 +166,10 @@ def compose(args: argparse.Namespace, data_file: Path):
 
     overrides = [
         f"experiment={args.objective}_gemma2_2b_ultrafeedback",
-        f"trainer={STRATEGIES[args.strategy]}",
-        "reference=online",  # no fpo-cache beforehand: the bf16 online reference
+        f"trainer={STRATEGIES[args.strategy][0]}",
+        "reference=online",  # no fpo-cache beforehand: the experiment's bf16 online reference
         f"paths.root_dir={ROOT}",
+        *STRATEGIES[args.strategy][1],
     ]
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = hydra_compose(config_name="train", overrides=overrides)
@@ -342,6 +348,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "model": "gemma-2-2b shape, random weights" if not args.tiny else "tiny gemma-2",
         "trainer_strategy": type(trainer.strategy).__name__,
         "precision": str(trainer.precision),
+        "reference_dtype": str(next(module.reference.parameters()).dtype).removeprefix("torch."),
         "parameters": sum(p.numel() for p in experiment.policy.parameters()),
         "micro_batch_pairs": int(cfg.data.batch_size),
         "accumulate_grad_batches": int(trainer.accumulate_grad_batches),

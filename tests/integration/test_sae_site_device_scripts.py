@@ -69,6 +69,11 @@ def test_paper_shapes_and_stand_ins_compose(tmp_path):
     assert cfg.sae.d_in == 2304 and cfg.sae.hook_name == "blocks.25.hook_resid_post"
     assert cfg.model.gradient_checkpointing is True and cfg.optimizer.lr == 5e-7
     assert cfg.scheduler.num_warmup_steps == 0 and cfg.global_batch_size == 2
+    assert cfg.reference.dtype == "bfloat16"  # the paper's frozen reference
+    args.strategy = "fsdp_fp32_reference"
+    cfg = step.compose(args, tmp_path / "rows.jsonl")
+    assert cfg.trainer.strategy._target_ == "fpo.strategies.fsdp"
+    assert cfg.reference.dtype is None
 
 
 def test_a_strategy_that_cannot_run_is_recorded_as_failed(tmp_path):
