@@ -46,6 +46,10 @@ fi
 export PYTHONPATH="$PWD/src:$SITE${PYTHONPATH:+:$PYTHONPATH}"
 "$PYTHON" - <<'PY' 2>&1 | tee -a "$SETUP_LOG"
 import importlib
+import sys
+
+sys.path.insert(0, "scripts")
+importlib.import_module("strategy_step").stub_wandb()  # as the runs do (sae-lens imports it)
 for name in ("torch", "lightning", "transformers", "sae_lens", "hydra", "deepspeed"):
     try:
         print(name, importlib.import_module(name).__version__)
