@@ -9,8 +9,12 @@ shipped SAE is recorded in its ``SAE_CARD.md``::
         --heldout-tokens 15000 --epochs 8 --preference-file data/sentiment/train.jsonl \\
         --storage-dtype float32 --out assets/sae/gemma3-270m-layer17 --seed 0
 
+``--site mlp_out`` trains on what layer L's MLP adds to the residual stream
+(``blocks.L.hook_mlp_out``; Gemma 2/3: after ``post_feedforward_layernorm``) instead of the
+residual stream after the layer (``blocks.L.hook_resid_post``, the default).
+
 Steps: load the model -> build an offline English corpus (preference rows + local docs)
--> hold out every 10th document -> collect layer activations once (train and held-out)
+-> hold out every 10th document -> collect hook activations once (train and held-out)
 -> train with sae-lens's `SAETrainer` -> evaluate on the held-out activations -> save the
 folder (sae-lens format + card).
 """
@@ -32,18 +36,39 @@ import torch
 from fpo.atomic import atomic_save_bytes
 from fpo.cli import user_errors
 from fpo.errors import UserError
+from fpo.sae import SAE_SITES
 from fpo.sae_training.activations import collect_activations, hook_name_for_layer
 from fpo.sae_training.io import folder_size_bytes, round_to_storage, save_sae
 from fpo.sae_training.trainer import evaluate_sae, train_sae
 
 CHARS_PER_TOKEN = 4.7  # measured on this corpus with the Gemma-3 tokenizer
+# What each --site hooks, for the card (L = --layer).
+SITE_DESCRIPTIONS = {
+    "resid_post": (
+        "residual stream",
+        "the output of `model.model.layers[{L}]`, before the final norm",
+    ),
+    "mlp_out": (
+        "MLP output",
+        "what layer {L}'s MLP adds to the residual stream: the output of "
+        "`model.model.layers[{L}].post_feedforward_layernorm` (Gemma 2/3; `mlp` for a model "
+        "without a post-MLP norm), TransformerLens's `hook_mlp_out`",
+    ),
+}
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     """Command-line options (see ``--help``)."""
     p = argparse.ArgumentParser(prog="python scripts/train_sae.py", description=__doc__)
     p.add_argument("--model", default="gemma3-270m", help="gemma3-270m | tiny | HF name/folder")
-    p.add_argument("--layer", type=int, default=17, help="decoder layer whose output is hooked")
+    p.add_argument("--layer", type=int, default=17, help="decoder layer that is hooked")
+    p.add_argument(
+        "--site",
+        choices=SAE_SITES,
+        default="resid_post",
+        help="hook site in that layer: resid_post (the layer's output, residual stream) or "
+        "mlp_out (the MLP's contribution to the residual stream)",
+    )
     p.add_argument("--d-sae", type=int, default=4096, help="number of SAE latents")
     p.add_argument("--k", type=int, default=32, help="active latents per token (TopK)")
     p.add_argument("--tokens", type=int, default=300_000, help="unique training tokens")
@@ -119,7 +144,9 @@ def activations_for(args: argparse.Namespace, model, tokenizer) -> tuple[dict[st
     """Train / held-out activations and the seconds their collection took.
 
     With ``--activation-cache``, a cache made with the same collection options is reused
-    (the card then reports the original collection time); a different one is refused.
+    (the card then reports the original collection time); a different one is refused. The
+    key names the site only when it is not ``resid_post``, so caches made before ``--site``
+    existed stay valid.
     """
     key = {
         k: str(getattr(args, k))
@@ -134,6 +161,8 @@ def activations_for(args: argparse.Namespace, model, tokenizer) -> tuple[dict[st
             "collect_dtype",
         )
     }
+    if args.site != "resid_post":
+        key["site"] = args.site
     cache = args.activation_cache
     if cache is not None and cache.is_file():
         stored = torch.load(cache, weights_only=True)
@@ -150,7 +179,12 @@ def activations_for(args: argparse.Namespace, model, tokenizer) -> tuple[dict[st
     texts, taken = corpus.build_corpus(corpus_sources(args.preference_file), budget, args.seed)
     train_texts, heldout_texts = corpus.split_texts(texts)
     print(f"corpus: {len(texts)} texts, chars per source {taken}", flush=True)
-    common = {"hook_layer": args.layer, "seq_len": args.seq_len, "exclude_bos": True}
+    common = {
+        "hook_layer": args.layer,
+        "site": args.site,
+        "seq_len": args.seq_len,
+        "exclude_bos": True,
+    }
     heldout = collect_activations(
         model, tokenizer, heldout_texts, max_tokens=args.heldout_tokens, **common
     )
@@ -177,19 +211,20 @@ def build_card(args, argv, model_name, sae, data, metrics, times) -> dict[str, A
     n_train, d_in = data["train"].shape
     batch = min(args.batch_size, n_train)
     held, train = metrics["heldout"], metrics["train"]
+    hook_name = hook_name_for_layer(args.layer, args.site)
+    site, what = (text.format(L=args.layer) for text in SITE_DESCRIPTIONS[args.site])
     return {
-        "title": f"TopK SAE: {model_name}, layer {args.layer} residual stream",
+        "title": f"TopK SAE: {model_name}, layer {args.layer} {site}",
         "description": (
             f"Trained with sae-lens {sae_lens.__version__} (`SAETrainer`, TopK) on activations "
-            f"of `{hook_name_for_layer(args.layer)}` = the output of `model.model.layers"
-            f"[{args.layer}]`, before the final norm. BOS and pad positions excluded; `b_dec` "
+            f"of `{hook_name}` = {what}. BOS and pad positions excluded; `b_dec` "
             "initialised to the mean activation. Load with "
             "`sae_lens.SAE.load_from_disk(folder)`. Metrics are on held-out documents. "
             "`--activation-cache` only reuses activations collected by the same options; "
             "without the file the command collects them again."
         ),
         "model": model_name,
-        "hook_name": hook_name_for_layer(args.layer),
+        "hook_name": hook_name,
         "architecture": f"topk (k={args.k})",
         "d_in": d_in,
         "d_sae": args.d_sae,
@@ -231,7 +266,7 @@ def run(argv: list[str]) -> dict[str, Any]:
     start = time.perf_counter()
     metadata = {
         "model_name": model_name,
-        "hook_name": hook_name_for_layer(args.layer),
+        "hook_name": hook_name_for_layer(args.layer, args.site),
         "context_size": args.seq_len,
         "prepend_bos": True,
     }

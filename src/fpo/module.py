@@ -28,7 +28,8 @@ from fpo.models.hf import split_causal_lm
 from fpo.nonfinite import NonFiniteGuard
 from fpo.objective import Objective, build_objective
 from fpo.reference.base import ReferenceSource
-from fpo.sae import encode_pooled, reconstruction_report, resolve_hook_module
+from fpo.sae import encode_pooled, match_sae_dtype, reconstruction_report, resolve_hook_module
+from fpo.strategies import gathered_parameters
 
 METRIC_NAMES = (
     "loss",
@@ -260,6 +261,8 @@ class FPOLightningModule(L.LightningModule):
 
     # ------------------------------------------------------------- start-up
     def on_fit_start(self) -> None:
+        if self.sae is not None:
+            match_sae_dtype(self.sae)  # the strategy may have cast it (DeepSpeed bf16)
         if self.sae is not None and self.sae_report_batches > 0:
             report = self.sae_reconstruction_report(self.sae_report_batches)
             self.print(
@@ -283,7 +286,8 @@ class FPOLightningModule(L.LightningModule):
             out = forward_response_positions(self.parts, batch, positions, self.hook_module)
             activations.append(out.hooked)
         acts = torch.cat(activations)
-        report = reconstruction_report(self.sae, acts.to(self.sae.W_dec.dtype))
+        with gathered_parameters(self.sae):  # ZeRO-3: outside a forward, partitioned
+            report = reconstruction_report(self.sae, acts.to(self.sae.W_dec.dtype))
         return {**report, "positions": acts.shape[0]}
 
     # ---------------------------------------------------------- optimisation

@@ -6,10 +6,16 @@ finds the policy module whose output the SAE was trained on, captures that outpu
 policy forward (keeping the autograd graph, so the FPO penalty trains the policy), checks the
 SAE fits the model, and reports how well the SAE reconstructs the captured activations.
 
-Hook point: sae-lens / TransformerLens name residual-stream SAEs ``blocks.{L}.hook_resid_post``,
-the output of decoder layer L *before* the final norm. In a Hugging Face CausalLM that is the
-output of ``model.model.layers[L]`` (``hidden_states[L + 1]`` for L < last; the model's
-``hidden_states[-1]`` is after the final norm and is *not* the SAE's input).
+Hook points (sae-lens / TransformerLens names, see :data:`SAE_SITES`):
+
+- ``blocks.{L}.hook_resid_post``: the residual stream after decoder layer L, *before* the
+  final norm. In a Hugging Face CausalLM that is the output of ``model.model.layers[L]``
+  (``hidden_states[L + 1]`` for L < last; the model's ``hidden_states[-1]`` is after the final
+  norm and is *not* the SAE's input).
+- ``blocks.{L}.hook_mlp_out``: what layer L's MLP adds to the residual stream. For Gemma 2/3
+  (sandwich norms) that is the output of ``layers[L].post_feedforward_layernorm``, i.e.
+  ``post_ff_norm(mlp(pre_ff_norm(resid_mid)))``, as TransformerLens's ``ln2_post`` then
+  ``hook_mlp_out``; for a model without a post-MLP norm (Llama-style) it is ``layers[L].mlp``.
 """
 
 from __future__ import annotations
@@ -31,12 +37,14 @@ from fpo.logprobs import segment_mean
 
 __all__ = [
     "RANDOM_SAE_ARCHITECTURES",
+    "SAE_SITES",
     "ActivationCapture",
     "build_random_sae",
     "check_sae_fits_model",
     "describe_sae",
     "encode_pooled",
     "load_sae",
+    "match_sae_dtype",
     "model_hidden_size",
     "reconstruction_report",
     "resolve_hook_module",
@@ -49,12 +57,16 @@ RANDOM_SAE_ARCHITECTURES = ("topk", "standard", "jumprelu")
 # while still exercising the jump.
 _RANDOM_JUMPRELU_THRESHOLD = 0.05
 
-_RESID_POST = re.compile(r"^blocks\.(\d+)\.hook_resid_post$")
+SAE_SITES = ("resid_post", "mlp_out")  # blocks.{L}.hook_{site}
+_SITE_HOOK = re.compile(r"^blocks\.(\d+)\.hook_(resid_post|mlp_out)$")
+# The norm Gemma 2/3 apply to the MLP output before adding it to the residual stream.
+_POST_MLP_NORM = "post_feedforward_layernorm"
 _TRANSFORMER_LENS_NAME = re.compile(r"^(blocks\.|hook_)")
 _HF_LAYER = re.compile(r"^(?:model\.)?layers\.(\d+)$")
 _SUPPORTED_HOOKS = (
     "supported: 'blocks.{L}.hook_resid_post' (the output of decoder layer L, before the final "
-    "norm) or a Hugging Face module name such as 'model.layers.{L}'"
+    "norm), 'blocks.{L}.hook_mlp_out' (what layer L's MLP adds to the residual stream) or a "
+    "Hugging Face module name such as 'model.layers.{L}'"
 )
 _SOURCE_ATTR = "_fpo_source"
 
@@ -188,6 +200,17 @@ def build_random_sae(
     return _freeze(sae, f"random {architecture} (d_in={d_in}, d_sae={d_sae}, seed={seed})")
 
 
+def match_sae_dtype(sae: SAE) -> SAE:
+    """Make ``sae.dtype`` (the dtype sae-lens casts every input to) that of its parameters.
+
+    Only sae-lens's own ``SAE.to`` updates it; a strategy that casts the module in place
+    (DeepSpeed's bf16 mode calls ``module.bfloat16()``, the SAE included) leaves it stale, and
+    ``encode`` then multiplies float32 inputs with bfloat16 weights.
+    """
+    sae.dtype = next(sae.parameters()).dtype
+    return sae
+
+
 def describe_sae(sae: SAE) -> str:
     """Where the SAE came from (hub release/id, folder, or random), for messages."""
     return getattr(sae, _SOURCE_ATTR, None) or f"{sae.cfg.architecture()} SAE"
@@ -231,10 +254,26 @@ def _layer(model: nn.Module, hook_name: str, index: int) -> nn.Module:
     return layers[index]
 
 
+def _mlp_out_module(layer: nn.Module, hook_name: str) -> nn.Module:
+    """The module whose output is the MLP's contribution to the residual stream."""
+    post_norm = getattr(layer, _POST_MLP_NORM, None)
+    if isinstance(post_norm, nn.Module):
+        return post_norm
+    mlp = getattr(layer, "mlp", None)
+    if not isinstance(mlp, nn.Module):
+        raise UserError(
+            f"SAE hook {hook_name!r}: decoder layer {type(layer).__name__} has neither "
+            f"{_POST_MLP_NORM} nor mlp; give the hook as a Hugging Face module name."
+        )
+    return mlp
+
+
 def resolve_hook_module(model: nn.Module, hook_name: str) -> nn.Module:
     """The module whose forward output is the SAE's input activation.
 
-    ``blocks.{L}.hook_resid_post`` -> decoder layer L; an HF module name (``model.layers.17``,
+    ``blocks.{L}.hook_resid_post`` -> decoder layer L; ``blocks.{L}.hook_mlp_out`` -> layer L's
+    ``post_feedforward_layernorm`` (Gemma 2/3) or ``mlp`` (no post-MLP norm); an HF module
+    name (``model.layers.17``,
     or anything ``model.get_submodule`` accepts) -> that module; ``model.layers.{L}`` /
     ``layers.{L}`` also resolve on wrappers whose layers live elsewhere (multimodal Gemma 3).
 
@@ -242,9 +281,10 @@ def resolve_hook_module(model: nn.Module, hook_name: str) -> nn.Module:
         UserError: unsupported TransformerLens hook (e.g. ``hook_resid_pre``, attention hooks),
             layer out of range, or unknown module name.
     """
-    resid_post = _RESID_POST.match(hook_name)
-    if resid_post:
-        return _layer(model, hook_name, int(resid_post.group(1)))
+    site_hook = _SITE_HOOK.match(hook_name)
+    if site_hook:
+        layer = _layer(model, hook_name, int(site_hook.group(1)))
+        return layer if site_hook.group(2) == "resid_post" else _mlp_out_module(layer, hook_name)
     if not hook_name or _TRANSFORMER_LENS_NAME.match(hook_name):
         raise UserError(f"Unsupported SAE hook {hook_name!r}; {_SUPPORTED_HOOKS}.")
     try:

@@ -9,6 +9,7 @@ under every strategy.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 
@@ -56,3 +57,18 @@ def deepspeed(stage: int = 2, **kwargs):
     from lightning.pytorch.strategies import DeepSpeedStrategy
 
     return DeepSpeedStrategy(stage=stage, **kwargs)
+
+
+def gathered_parameters(module: nn.Module) -> contextlib.AbstractContextManager:
+    """A context in which `module`'s parameters are whole.
+
+    DeepSpeed ZeRO-3 partitions every parameter of the model it wraps and gathers one only
+    inside a forward; code that reads parameters outside one (the SAE's ``encode`` in the
+    start-up report) must gather them first. A no-op for parameters ZeRO-3 does not manage.
+    """
+    partitioned = [p for p in module.parameters() if hasattr(p, "ds_id")]
+    if not partitioned:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(partitioned)

@@ -1,9 +1,11 @@
-"""Collect residual-stream activations at one decoder layer's output, once, into a tensor.
+"""Collect activations at one decoder layer's hook site, once, into a tensor.
 
-The hooked activation is ``blocks.{L}.hook_resid_post`` = the output of
-``model.model.layers[L]`` (before the final norm). The forward is stopped right after that
-layer (a hook raises `_StopForward`), so the later layers and the LM head, the expensive
-part of a 262k-vocab model, never run.
+The hooked activation is ``blocks.{L}.hook_{site}`` (`fpo.sae.SAE_SITES`): ``resid_post`` =
+the output of ``model.model.layers[L]`` (before the final norm), ``mlp_out`` = what layer L's
+MLP adds to the residual stream (Gemma 2/3: after ``post_feedforward_layernorm``); the module
+is the one `fpo.sae.resolve_hook_module` finds during training. The forward is stopped right
+after that module (a hook raises `_StopForward`), so the later layers and the LM head, the
+expensive part of a 262k-vocab model, never run.
 
 Texts are tokenized without special tokens and packed (joined by a blank line) into windows
 of ``seq_len - 1`` tokens; each window gets BOS prepended (the way the model always sees
@@ -21,12 +23,14 @@ from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 
 from fpo.errors import UserError
-from fpo.sae import resolve_hook_module
+from fpo.sae import SAE_SITES, resolve_hook_module
 
 
-def hook_name_for_layer(layer: int) -> str:
-    """sae-lens hook name of decoder layer `layer`'s output: ``blocks.{layer}.hook_resid_post``."""
-    return f"blocks.{layer}.hook_resid_post"
+def hook_name_for_layer(layer: int, site: str = "resid_post") -> str:
+    """sae-lens hook name of decoder layer `layer` at `site`: ``blocks.{layer}.hook_{site}``."""
+    if site not in SAE_SITES:
+        raise UserError(f"unknown SAE hook site {site!r}; choose one of {SAE_SITES}")
+    return f"blocks.{layer}.hook_{site}"
 
 
 def token_windows(
@@ -67,16 +71,21 @@ class _StopForward(Exception):
 
 @torch.inference_mode()
 def layer_output(
-    model: nn.Module, layer: int, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    model: nn.Module,
+    layer: int,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    site: str = "resid_post",
 ) -> torch.Tensor:
-    """Output of decoder layer `layer` for a batch, ``[B, T, d_model]``; later layers skipped."""
+    """Activation at ``blocks.{layer}.hook_{site}`` for a batch, ``[B, T, d_model]``; the
+    forward stops there (later modules skipped)."""
     captured: list[torch.Tensor] = []
 
     def capture(_module: nn.Module, _inputs: object, output: object) -> None:
         captured.append(output[0] if isinstance(output, tuple) else output)
         raise _StopForward
 
-    module = resolve_hook_module(model, hook_name_for_layer(layer))
+    module = resolve_hook_module(model, hook_name_for_layer(layer, site))
     handle = module.register_forward_hook(capture)
     try:
         model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
@@ -97,8 +106,9 @@ def collect_activations(
     exclude_bos: bool = True,
     batch_size: int = 8,
     log_every: int = 0,
+    site: str = "resid_post",
 ) -> torch.Tensor:
-    """Residual activations after decoder layer `hook_layer`: ``FloatTensor[N, d_model]``.
+    """Activations at ``blocks.{hook_layer}.hook_{site}``: ``FloatTensor[N, d_model]``.
 
     ``N = min(max_tokens, number of kept positions)``; kept positions are the non-pad tokens
     of every window, minus the BOS positions when `exclude_bos`. Rows come in text order.
@@ -117,7 +127,7 @@ def collect_activations(
             if not batch:
                 break
             input_ids, attention_mask = _pad_batch(batch, pad_id)
-            hidden = layer_output(model, hook_layer, input_ids, attention_mask)
+            hidden = layer_output(model, hook_layer, input_ids, attention_mask, site)
             keep = attention_mask.bool()
             if exclude_bos and bos_id is not None:
                 keep &= input_ids != bos_id
