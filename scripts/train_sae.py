@@ -1,4 +1,4 @@
-"""Build the shipped SAE: collect activations, train a TopK SAE, evaluate, save the folder.
+"""Build the shipped SAE: collect activations, train a TopK (or JumpReLU) SAE, evaluate, save.
 
 An asset-building script, not part of the installed package: it trains on an offline
 English corpus scraped from this machine (`sae_corpus`, next to it) with the library parts
@@ -39,7 +39,7 @@ from fpo.errors import UserError
 from fpo.sae import SAE_SITES
 from fpo.sae_training.activations import collect_activations, hook_name_for_layer
 from fpo.sae_training.io import folder_size_bytes, round_to_storage, save_sae
-from fpo.sae_training.trainer import evaluate_sae, train_sae
+from fpo.sae_training.trainer import ARCHITECTURES, evaluate_sae, train_sae
 
 CHARS_PER_TOKEN = 4.7  # measured on this corpus with the Gemma-3 tokenizer
 # What each --site hooks, for the card (L = --layer).
@@ -70,7 +70,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "mlp_out (the MLP's contribution to the residual stream)",
     )
     p.add_argument("--d-sae", type=int, default=4096, help="number of SAE latents")
-    p.add_argument("--k", type=int, default=32, help="active latents per token (TopK)")
+    p.add_argument(
+        "--k", type=int, default=32, help="active latents per token (TopK); JumpReLU: target L0"
+    )
+    p.add_argument("--architecture", choices=ARCHITECTURES, default="topk", help="SAE kind")
     p.add_argument("--tokens", type=int, default=300_000, help="unique training tokens")
     p.add_argument("--heldout-tokens", type=int, default=30_000, help="evaluation tokens")
     p.add_argument("--epochs", type=int, default=10, help="passes over the training tokens")
@@ -213,10 +216,11 @@ def build_card(args, argv, model_name, sae, data, metrics, times) -> dict[str, A
     held, train = metrics["heldout"], metrics["train"]
     hook_name = hook_name_for_layer(args.layer, args.site)
     site, what = (text.format(L=args.layer) for text in SITE_DESCRIPTIONS[args.site])
+    kind = {"topk": "TopK", "jumprelu": "JumpReLU"}[args.architecture]
     return {
-        "title": f"TopK SAE: {model_name}, layer {args.layer} {site}",
+        "title": f"{kind} SAE: {model_name}, layer {args.layer} {site}",
         "description": (
-            f"Trained with sae-lens {sae_lens.__version__} (`SAETrainer`, TopK) on activations "
+            f"Trained with sae-lens {sae_lens.__version__} (`SAETrainer`, {kind}) on activations "
             f"of `{hook_name}` = {what}. BOS and pad positions excluded; `b_dec` "
             "initialised to the mean activation. Load with "
             "`sae_lens.SAE.load_from_disk(folder)`. Metrics are on held-out documents. "
@@ -225,10 +229,12 @@ def build_card(args, argv, model_name, sae, data, metrics, times) -> dict[str, A
         ),
         "model": model_name,
         "hook_name": hook_name,
-        "architecture": f"topk (k={args.k})",
+        "architecture": f"topk (k={args.k})"
+        if args.architecture == "topk"
+        else f"jumprelu (quadratic L0 loss, target L0 {args.k})",
         "d_in": d_in,
         "d_sae": args.d_sae,
-        "k": args.k,
+        "k" if args.architecture == "topk" else "target L0": args.k,
         "variance_explained (held-out)": held["variance_explained"],
         "L0 (held-out)": held["l0"],
         "dead fraction (held-out, never fires)": held["dead_fraction"],
@@ -280,6 +286,7 @@ def run(argv: list[str]) -> dict[str, Any]:
         seed=args.seed,
         metadata=metadata,
         dead_window_tokens=args.dead_window_tokens,
+        architecture=args.architecture,
     )
     train_s = time.perf_counter() - start
     round_to_storage(sae, args.storage_dtype)  # evaluate the weights that get shipped

@@ -4,8 +4,9 @@ Pipeline, each step a function so tests can run it end to end on a tiny model:
 
 - `collect_activations(model, tokenizer, texts, hook_layer, max_tokens, seq_len,
   exclude_bos=True) -> Tensor[N, d]`: layer output, forward stopped after that layer;
-- `train_sae(activations, d_sae, k, epochs, lr, batch_size, seed) -> TopKSAE`:
-  sae-lens `SAETrainer` over the cached tensor, ``b_dec`` initialised to the mean;
+- `train_sae(activations, d_sae, k, epochs, lr, batch_size, seed, architecture) -> SAE`:
+  sae-lens `SAETrainer` over the cached tensor (TopK, or JumpReLU with target L0 ``k``),
+  ``b_dec`` initialised to the mean;
 - `evaluate_sae(sae, activations) -> dict`: variance explained, L0, dead fraction;
 - `save_sae(sae, folder, card)`: sae-lens disk format plus ``SAE_CARD.md``.
 

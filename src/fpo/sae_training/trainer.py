@@ -1,4 +1,4 @@
-"""Train a TopK SAE on a cached activation tensor with sae-lens's own `SAETrainer`.
+"""Train a TopK or JumpReLU SAE on a cached activation tensor with sae-lens's `SAETrainer`.
 
 The activations are collected once (`fpo.sae_training.activations`), so training can run
 several epochs over them: the optimizer loop, TopK auxiliary loss (dead latents), decoder
@@ -11,8 +11,13 @@ norm handling and learning-rate schedule are all sae-lens's. What this module ad
   are ~3.5e4; scaled, biases and weights live on the scale Adam's step size suits); sae-lens
   folds ``s`` back into the weights at the end, so the saved SAE takes raw activations;
 - a seeded, epoch-wise shuffled data provider over the tensor;
-- the conversion of the trained `TopKTrainingSAE` to the inference `TopKSAE`
-  (decoder norms folded into the encoder, as `save_inference_model` does);
+- the conversion of the trained SAE to its inference class with unit-norm decoder rows
+  (decoder norms folded into the encoder, and a JumpReLU's thresholds, as
+  `save_inference_model` / `fold_W_dec_norm` do), so both architectures' features are in
+  the same units;
+- JumpReLU (``architecture="jumprelu"``): sae-lens's Gemma Scope 2 recipe, the quadratic
+  L0 penalty ``2 / k * (L0 - k)^2`` around a target ``L0 = k`` with learned per-latent
+  thresholds (straight-through estimator, gradient to the thresholds only);
 - `evaluate_sae`: variance explained, L0 and dead fraction on any activation sample.
 """
 
@@ -23,14 +28,22 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-from sae_lens import SAE, TopKSAE, TopKSAEConfig
+from sae_lens import SAE
 from sae_lens.config import SAETrainerConfig
-from sae_lens.saes.sae import SAEMetadata
+from sae_lens.registry import get_sae_class
+from sae_lens.saes.jumprelu_sae import JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig
+from sae_lens.saes.sae import SAEMetadata, TrainingSAE
 from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
 from sae_lens.training.sae_trainer import SAETrainer
 
 from fpo.errors import UserError
 from fpo.sae import reconstruction_report
+
+ARCHITECTURES = ("topk", "jumprelu")
+# JumpReLU: initial threshold in the normalised units training sees (|s * x| ~ sqrt(d_in)).
+# sae-lens's 0.01 is far too low for gemma-3-270m layer 17 (L0 still ~1,400 of 2,048 after
+# 78 steps at lr 1e-3), 0.5 is above the initial pre-activations (every latent dead at once).
+JUMPRELU_INIT_THRESHOLD = 0.1
 
 
 def epoch_batches(
@@ -49,19 +62,37 @@ def epoch_batches(
             yield activations[order[step * batch_size : (step + 1) * batch_size]]
 
 
-def to_inference_sae(training_sae: TopKTrainingSAE) -> TopKSAE:
-    """The inference `TopKSAE` equivalent of a trained `TopKTrainingSAE`.
+def to_inference_sae(training_sae: TrainingSAE) -> SAE:
+    """The inference SAE (`TopKSAE` / `JumpReLUSAE`) equivalent of a trained training SAE.
 
-    Training rescales pre-activations by the decoder row norms; the inference SAE has them
-    folded in: ``W_enc[:, i] *= |W_dec[i]|``, ``b_enc[i] *= |W_dec[i]|``,
-    ``W_dec[i] /= |W_dec[i]|`` (the same processing as sae-lens's `save_inference_model`).
+    Its decoder rows have unit norm, the norms folded into the encoder:
+    ``W_enc[:, i] *= |W_dec[i]|``, ``b_enc[i] *= |W_dec[i]|``, ``W_dec[i] /= |W_dec[i]|``
+    (TopK: sae-lens's `save_inference_model` processing; JumpReLU: `fold_W_dec_norm`, which
+    scales ``threshold[i]`` by the same factor, so the same latents fire).
     """
     state_dict = {k: v.detach().clone() for k, v in training_sae.state_dict().items()}
     training_sae.process_state_dict_for_saving_inference(state_dict)
-    cfg = TopKSAEConfig.from_dict(training_sae.cfg.get_inference_sae_cfg_dict())
-    sae = TopKSAE(cfg)
+    sae_cls, cfg_cls = get_sae_class(training_sae.cfg.architecture())
+    sae = sae_cls(cfg_cls.from_dict(training_sae.cfg.get_inference_sae_cfg_dict()))
     sae.load_state_dict(state_dict)
+    if training_sae.cfg.architecture() == "jumprelu":
+        sae.fold_W_dec_norm()
     return sae.eval()
+
+
+def _training_sae(architecture: str, k: int, **common: Any) -> TrainingSAE:
+    """A fresh sae-lens training SAE; `k` is TopK's k or JumpReLU's target L0."""
+    if architecture == "topk":
+        return TopKTrainingSAE(TopKTrainingSAEConfig(k=k, **common))
+    if architecture == "jumprelu":
+        cfg = JumpReLUTrainingSAEConfig(
+            jumprelu_sparsity_loss_mode="quadratic",
+            target_l0=float(k),
+            jumprelu_init_threshold=JUMPRELU_INIT_THRESHOLD,
+            **common,
+        )
+        return JumpReLUTrainingSAE(cfg)
+    raise UserError(f"--architecture must be one of {ARCHITECTURES}, got {architecture!r}")
 
 
 def train_sae(
@@ -77,8 +108,12 @@ def train_sae(
     decay_fraction: float = 0.2,
     normalize: bool = True,
     autocast: bool = False,
-) -> TopKSAE:
-    """Train a TopK SAE (``d_in = activations.shape[1]``) with sae-lens's `SAETrainer`.
+    architecture: str = "topk",
+) -> SAE:
+    """Train a TopK or JumpReLU SAE (``d_in = activations.shape[1]``) with `SAETrainer`.
+
+    `k`: active latents per token (TopK) or the target mean L0 (JumpReLU, see the module
+    docstring); the TopK auxiliary loss and the dead-latent window apply to TopK only.
 
     Schedule: constant `lr` then a linear decay to 0 over the last `decay_fraction` of the
     ``epochs * (N // batch_size)`` steps. A latent counts as dead (and gets the TopK
@@ -99,16 +134,16 @@ def train_sae(
     if steps < 1:
         raise UserError(f"--epochs must be >= 1, got {epochs}")
     torch.manual_seed(seed)
-    sae_cfg = TopKTrainingSAEConfig(
+    training_sae = _training_sae(
+        architecture,
+        k,
         d_in=activations.shape[1],
         d_sae=d_sae,
-        k=k,
         dtype="float32",
         device="cpu",
         normalize_activations="expected_average_only_in" if normalize else "none",
         metadata=SAEMetadata(**(metadata or {})),
     )
-    training_sae = TopKTrainingSAE(sae_cfg)
     scale = math.sqrt(activations.shape[1]) / activations.norm(dim=1).mean().item()
     with torch.no_grad():
         training_sae.b_dec.copy_(activations.mean(dim=0) * (scale if normalize else 1.0))
