@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Every GPU-only check in ONE device call (~8 minutes on one H100), each under its own
+# budget so one slow part cannot starve the others:
+#   1. trainer strategies on the paper setting (scripts/device_strategies.sh; issue 9),
+#   2. the side-by-side benchmark with TRL on the Gemma-2-2B shape (benchmarks/device.sh;
+#      issue 11),
+#   3. FPO's D at step 0 under bf16 autocast with TopK and JumpReLU SAEs
+#      (scripts/device_bf16.sh; issue 10).
+# Prepare here: bash benchmarks/device_wheels.sh && bash scripts/device_strategies_wheels.sh
+# (both fill .whl/, ~23 MB together). On the device (carry .whl): bash scripts/device_checks.sh
+# $OUT gets at most 8 files: the three result JSONs/markdown and one archive of everything.
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/device_checks}
+WORK=/tmp/device_checks_work
+mkdir -p "$OUT" "$WORK"
+start=$(date +%s)
+stamp() { echo "=== $1 at $(($(date +%s) - start)) s"; }
+
+stamp strategies
+OUT="$WORK/strategies" OBJECTIVES=${OBJECTIVES:-fpo} BUDGET_S=${STRATEGIES_BUDGET_S:-180} \
+  RUN_TIMEOUT_S=80 bash scripts/device_strategies.sh
+stamp benchmark
+OUT="$WORK/bench" BENCH_TIMEOUT=${BENCH_TIMEOUT:-200} bash benchmarks/device.sh
+stamp bf16
+export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+OUT="$WORK/bf16" BF16_TIMEOUT=${BF16_TIMEOUT:-80} bash scripts/device_bf16.sh
+stamp done
+
+cp "$WORK/strategies/strategies.json" "$WORK/strategies/strategies.md" "$OUT/" 2>/dev/null
+cp "$WORK"/bench/*.json "$OUT/" 2>/dev/null
+cp "$WORK/bench/docs-section.md" "$OUT/bench-docs-section.md" 2>/dev/null
+cp "$WORK/bf16/bf16_drift.json" "$OUT/" 2>/dev/null
+tar -czf "$OUT/all.tar.gz" -C "$WORK" .
+ls -la "$OUT"
