@@ -17,24 +17,10 @@ from torch import nn
 
 from fpo.errors import UserError
 
-#: Attribute that marks the frozen reference model (`fpo.reference.base.OnlineReference`).
-FROZEN_REFERENCE = "fpo_frozen_reference"
-
 
 def is_decoder_layer(module: nn.Module) -> bool:
     """A transformer block of any Hugging Face decoder (``Gemma2DecoderLayer``, ...)."""
     return type(module).__name__.endswith("DecoderLayer")
-
-
-def is_fsdp_unit(module: nn.Module) -> bool:
-    """Each decoder layer, and the frozen reference model as a whole.
-
-    FSDP flattens the parameters of one unit into one tensor of one dtype. The reference may
-    be loaded in another dtype than the policy (the paper configs: bf16 reference, fp32
-    policy); as its own unit its embeddings and final norm do not share the root unit with
-    the policy's fp32 ones ("Must flatten tensors with uniform dtype").
-    """
-    return is_decoder_layer(module) or getattr(module, FROZEN_REFERENCE, False)
 
 
 def fsdp(
@@ -46,14 +32,13 @@ def fsdp(
     """``FSDPStrategy`` wrapping each decoder layer in its own FSDP unit.
 
     ``use_orig_params`` because one unit can mix trainable and frozen parameters (frozen
-    embeddings and the frozen SAE in the root unit). The frozen reference model is a unit
-    of its own (`is_fsdp_unit`).
+    embeddings, the frozen SAE and reference in the root unit).
     """
     from lightning.pytorch.strategies import FSDPStrategy
     from torch.distributed.fsdp.wrap import lambda_auto_wrap_policy
 
     return FSDPStrategy(
-        auto_wrap_policy=functools.partial(lambda_auto_wrap_policy, lambda_fn=is_fsdp_unit),
+        auto_wrap_policy=functools.partial(lambda_auto_wrap_policy, lambda_fn=is_decoder_layer),
         sharding_strategy=sharding_strategy,
         state_dict_type=state_dict_type,
         cpu_offload=cpu_offload,

@@ -7,7 +7,6 @@ import importlib.util
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 from hydra import compose, initialize_config_dir
 from hydra.errors import InstantiationException
@@ -15,6 +14,7 @@ from hydra.utils import get_class, instantiate
 from omegaconf import OmegaConf
 
 from fpo.errors import UserError
+from fpo.strategies import is_decoder_layer
 from fpo.train import CONFIG_DIR
 
 CONFIGS = Path(CONFIG_DIR)
@@ -104,42 +104,8 @@ def test_fsdp_strategy_instantiates_and_wraps_decoder_layers(tiny_model):
     strategy = instantiate(compose_train("trainer=fsdp").trainer.strategy)
     assert isinstance(strategy, FSDPStrategy)
     assert strategy.kwargs["use_orig_params"] is True
-    unit = strategy.kwargs["auto_wrap_policy"].keywords["lambda_fn"]
-    wrapped = [n for n, m in tiny_model.named_modules() if unit(m)]
+    wrapped = [n for n, m in tiny_model.named_modules() if is_decoder_layer(m)]
     assert wrapped == [f"model.layers.{i}" for i in range(len(tiny_model.model.layers))]
-
-
-def _flat_param_dtypes(root: torch.nn.Module, is_unit) -> dict[str, set]:
-    """What FSDP flattens together: per unit (and the root), the dtypes of the parameters
-    that no nested unit holds."""
-    owner = {}
-    for name, module in root.named_modules():
-        unit = name if (name == "" or is_unit(module)) else None
-        for _, param in module.named_parameters(recurse=False):
-            prefix = name
-            while unit is None:  # the nearest enclosing unit
-                prefix = prefix.rpartition(".")[0]
-                parent = root.get_submodule(prefix)
-                unit = prefix if (prefix == "" or is_unit(parent)) else None
-            owner.setdefault(unit, set()).add(param.dtype)
-    return owner
-
-
-def test_fsdp_units_each_have_one_dtype_with_a_bf16_reference(tiny_model):
-    """The paper configs: fp32 policy, bf16 online reference, fp32 SAE. FSDP needs one dtype
-    per unit; the frozen reference is its own unit, so no unit mixes them."""
-    import copy
-
-    from fpo.reference.base import OnlineReference
-
-    strategy = instantiate(compose_train("trainer=fsdp").trainer.strategy)
-    unit = strategy.kwargs["auto_wrap_policy"].keywords["lambda_fn"]
-    module = torch.nn.Module()
-    module.policy = tiny_model
-    module.reference = OnlineReference(copy.deepcopy(tiny_model).to(torch.bfloat16))
-    dtypes = _flat_param_dtypes(module, unit)
-    assert {name: len(found) for name, found in dtypes.items()} == dict.fromkeys(dtypes, 1)
-    assert dtypes["reference.model"] == {torch.bfloat16} and dtypes[""] == {torch.float32}
 
 
 @pytest.mark.parametrize("stage", [2, 3])

@@ -13,7 +13,6 @@ from fpo.forward import forward_response_positions
 from fpo.logprobs import ResponsePositions, SequenceLogps, response_token_stats, sequence_logps
 from fpo.models.hf import split_causal_lm
 from fpo.sae import encode_pooled, resolve_hook_module
-from fpo.strategies import FROZEN_REFERENCE
 
 
 class ReferenceStats(NamedTuple):
@@ -56,7 +55,6 @@ class OnlineReference(nn.Module):
     ) -> None:
         super().__init__()
         self.model = model.eval().requires_grad_(False)
-        setattr(model, FROZEN_REFERENCE, True)  # its own FSDP unit (fpo.strategies)
         self.parts = split_causal_lm(model)
         self.sae, self.hook_name = sae, hook_name if sae is not None else None
         if sae is not None and not hook_name:
