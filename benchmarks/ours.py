@@ -149,7 +149,7 @@ def build_cache(spec: dict, rows: list[dict]) -> dict:
         from fpo.experiment import build_experiment
 
         experiment = build_experiment(compose(spec, objective, "online"))
-        reference = experiment.build_reference()
+        reference = experiment.build_reference().to(spec["device"])
         collate = PreferenceCollator(experiment.tokenizer.pad_token_id)
         fields = {}
         for start in range(0, len(rows), spec["batch_pairs"]):

@@ -49,6 +49,36 @@ def build_sae(sae_cfg: DictConfig, model: nn.Module) -> nn.Module:
     return instantiate(sae_cfg)
 
 
+def check_reference_dtype(cfg: DictConfig, objective: Objective, policy: nn.Module) -> None:
+    """Refuse an online reference whose ``reference.dtype`` differs from the policy's where
+    that is wrong, not merely cheaper:
+
+    - FPO's feature term: a bf16 copy of an fp32 policy (even under the same bf16 autocast)
+      puts the two residual streams in different precisions, and ``D`` is ~10^3 at step 0
+      where it should be ~0 (docs/bf16_features.md);
+    - ``trainer=fsdp``: FSDP flattens the reference's embeddings with the policy's root
+      parameters, which needs one dtype.
+    """
+    wanted = getattr(torch, cfg.reference.dtype)
+    own = next(policy.parameters()).dtype
+    if wanted == own:
+        return
+    why = None
+    if objective.needs.features:
+        why = (
+            "the feature term compares policy and reference SAE features, and a reference in "
+            "another precision than the policy gives a spurious D of ~10^3 at step 0 "
+            "(docs/bf16_features.md)"
+        )
+    elif "fsdp" in str((cfg.trainer.get("strategy") or {}).get("_target_", "")):
+        why = "FSDP flattens the reference's parameters with the policy's, which needs one dtype"
+    if why:
+        raise UserError(
+            f"reference.dtype={cfg.reference.dtype} but the policy is {own}: {why}. Set "
+            "reference.dtype=null (the policy's dtype) or use reference=cached."
+        )
+
+
 @dataclass
 class Experiment:
     """A run's parts, built once (see the module docstring).
@@ -96,6 +126,7 @@ class Experiment:
             return BatchReference()
         reference_model = copy.deepcopy(self.policy)
         if self.cfg.reference.get("dtype"):
+            check_reference_dtype(self.cfg, self.objective, self.policy)
             reference_model.to(getattr(torch, self.cfg.reference.dtype))
         return OnlineReference(
             reference_model,

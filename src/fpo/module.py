@@ -291,9 +291,38 @@ class FPOLightningModule(L.LightningModule):
         return {**report, "positions": acts.shape[0]}
 
     # ---------------------------------------------------------- optimisation
+    def _clips_under_mixed_precision(self) -> bool:
+        """Gradient clipping under a mixed-precision plugin (``bf16-mixed``/``16-mixed``)."""
+        trainer = self._trainer
+        if trainer is None or not trainer.gradient_clip_val:
+            return False
+        return "mixed" in str(trainer.precision)
+
+    def configure_gradient_clipping(
+        self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None
+    ) -> None:
+        """Under FSDP, clip by the norm over all shards with the root's ``clip_grad_norm_``
+        (Lightning's FSDP precision plugin refuses ``gradient_clip_algorithm='norm'``, and
+        ``torch.nn.utils.clip_grad_norm_`` would see only this rank's shard); elsewhere
+        Lightning's own clipping."""
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        root = self._trainer.strategy.model if self._trainer is not None else None
+        if (
+            isinstance(root, FullyShardedDataParallel)
+            and gradient_clip_val
+            and gradient_clip_algorithm in (None, "norm")
+        ):
+            root.clip_grad_norm_(gradient_clip_val)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
     def configure_optimizers(self):
         params = [p for p in self.policy.parameters() if p.requires_grad]
-        optimizer = self.optimizer_factory(params, **fused_kwargs(self.optimizer_factory, params))
+        fused = fused_kwargs(self.optimizer_factory, params)
+        if fused and self._clips_under_mixed_precision():
+            fused = {}  # Lightning refuses to clip the gradients of a fused AdamW under AMP
+        optimizer = self.optimizer_factory(params, **fused)
         if self.scheduler_factory is None:
             return optimizer
         kwargs = {}

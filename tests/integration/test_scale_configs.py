@@ -7,6 +7,7 @@ import importlib.util
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from hydra import compose, initialize_config_dir
 from hydra.errors import InstantiationException
@@ -163,3 +164,64 @@ def test_every_local_sae_config_has_its_shipped_folder_and_card():
         card = (folder / "SAE_CARD.md").read_text()
         assert "python scripts/train_sae.py" in card, path.name  # the remake command
         assert (folder / "sae_weights.safetensors").stat().st_size < 11 * 2**20, path.name
+
+
+def test_fsdp_clips_by_the_sharded_roots_norm(monkeypatch):
+    """Under FSDP the module clips with the root's ``clip_grad_norm_`` (all shards), not
+    through Lightning's FSDP precision plugin, which refuses ``'norm'``; other strategies
+    keep Lightning's clipping."""
+    from types import SimpleNamespace
+
+    import lightning as L
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    from fpo.module import FPOLightningModule
+
+    class Root(FullyShardedDataParallel):
+        def __init__(self):  # no process group needed to be recognised
+            self.calls = []
+
+        def clip_grad_norm_(self, max_norm, norm_type=2.0):
+            self.calls.append(max_norm)
+
+    lightning_calls = []
+    monkeypatch.setattr(
+        L.LightningModule,
+        "configure_gradient_clipping",
+        lambda self, *args: lightning_calls.append(args),
+    )
+    module = object.__new__(FPOLightningModule)
+    root = Root()
+    module.__dict__["_trainer"] = SimpleNamespace(strategy=SimpleNamespace(model=root))
+    module.configure_gradient_clipping(None, 1.0, "norm")
+    assert root.calls == [1.0] and lightning_calls == []
+    module.__dict__["_trainer"] = SimpleNamespace(strategy=SimpleNamespace(model=object()))
+    module.configure_gradient_clipping(None, 1.0, "norm")
+    assert root.calls == [1.0] and len(lightning_calls) == 1
+
+
+@pytest.mark.parametrize(
+    ("overrides", "refused"),
+    [
+        (("objective=fpo",), "spurious D"),
+        (("objective=dpo", "trainer=fsdp"), "FSDP"),
+        (("objective=dpo",), None),
+        (("objective=fpo", "reference.dtype=float32"), None),
+    ],
+)
+def test_reference_dtype_is_refused_where_it_is_wrong(overrides, refused):
+    """A bf16 reference copy of an fp32 policy: refused for FPO's feature term (spurious D
+    at step 0) and under FSDP (one dtype per flat parameter); allowed for DPO (memory)."""
+    from fpo.experiment import build_experiment
+
+    cfg = compose_train(
+        "experiment=smoke", "reference=online", "reference.dtype=bfloat16", *overrides
+    )
+    experiment = build_experiment(cfg)
+    if refused:
+        with pytest.raises(UserError, match=rf"reference.dtype=\w+ .*{refused}"):
+            experiment.build_reference()
+    else:
+        reference = experiment.build_reference()
+        wanted = getattr(torch, cfg.reference.dtype)
+        assert next(reference.model.parameters()).dtype == wanted
