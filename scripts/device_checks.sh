@@ -17,11 +17,17 @@ mkdir -p "$OUT" "$WORK"
 start=$(date +%s)
 stamp() { echo "=== $1 at $(($(date +%s) - start)) s"; }
 
+# sae-lens imports wandb at import time only (training code uses it); wandb is ~20 MB, so
+# an empty module stands in for it on the device.
+mkdir -p "$WORK/stub/wandb" && : >"$WORK/stub/wandb/__init__.py"
+python3 -c "import wandb" 2>/dev/null || export PYTHONPATH="$WORK/stub${PYTHONPATH:+:$PYTHONPATH}"
 stamp strategies
-OUT="$WORK/strategies" OBJECTIVES=${OBJECTIVES:-fpo} BUDGET_S=${STRATEGIES_BUDGET_S:-180} \
-  RUN_TIMEOUT_S=80 bash scripts/device_strategies.sh
+# FSDP needs the reference in the policy's dtype (a bf16 one is refused: fpo.experiment).
+STRATEGIES=${STRATEGIES:-"single fsdp_fp32_reference deepspeed_zero2 deepspeed_zero3"}
+OUT="$WORK/strategies" STRATEGIES="$STRATEGIES" OBJECTIVES=${OBJECTIVES:-fpo} \
+  BUDGET_S=${STRATEGIES_BUDGET_S:-200} RUN_TIMEOUT_S=80 bash scripts/device_strategies.sh
 stamp benchmark
-OUT="$WORK/bench" BENCH_TIMEOUT=${BENCH_TIMEOUT:-200} bash benchmarks/device.sh
+OUT="$WORK/bench" BENCH_TIMEOUT=${BENCH_TIMEOUT:-180} bash benchmarks/device.sh
 stamp bf16
 export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 OUT="$WORK/bf16" BF16_TIMEOUT=${BF16_TIMEOUT:-80} bash scripts/device_bf16.sh
