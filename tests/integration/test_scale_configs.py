@@ -225,3 +225,15 @@ def test_reference_dtype_is_refused_where_it_is_wrong(overrides, refused):
         reference = experiment.build_reference()
         wanted = getattr(torch, cfg.reference.dtype)
         assert next(reference.model.parameters()).dtype == wanted
+
+
+@pytest.mark.parametrize(
+    ("objective", "alpha"),
+    [("fpo", 1e-4), ("dpo", 0.0), ("simpo", 0.0), ("tdpo1", 0.0), ("tdpo2", 0.0)],
+)
+def test_the_embedded_default_gives_only_fpo_the_feature_term(objective, alpha):
+    """experiment=sentiment_gemma3 sets FPO's alpha for its SAE (fpo_alpha); the baselines
+    composed with it stay baselines (no feature term slipped in)."""
+    cfg = compose_train("experiment=sentiment_gemma3", f"objective={objective}")
+    assert cfg.objective.constraints.features.alpha == alpha
+    assert compose_train("objective=fpo").objective.constraints.features.alpha == 0.5

@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from fpo.errors import UserError
 
@@ -136,11 +138,26 @@ def _curves_file(run: Path) -> Path | None:
     return max(found, key=lambda p: _natural_key(p.parent)) if found else None
 
 
+def _resolve_objective(config: dict[str, Any]) -> dict[str, Any]:
+    """The saved config with its ``objective`` block resolved (``.hydra/config.yaml`` keeps
+    interpolations, e.g. FPO's ``alpha: ${oc.select:fpo_alpha,0.5}``); unchanged when it
+    cannot be resolved outside Hydra."""
+    if not isinstance(config.get("objective"), dict):
+        return config
+    try:
+        objective = OmegaConf.to_container(OmegaConf.create(config).objective, resolve=True)
+    except OmegaConfBaseException:
+        return config
+    return {**config, "objective": objective}
+
+
 def load_run(path: str | os.PathLike, name: str | None = None) -> Run:
     """Read one run folder (see the module docstring)."""
     folder = Path(path)
     try:
-        config = yaml.safe_load((folder / CONFIG).read_text(encoding="utf-8")) or {}
+        config = _resolve_objective(
+            yaml.safe_load((folder / CONFIG).read_text(encoding="utf-8")) or {}
+        )
         overrides = _read_overrides(folder / OVERRIDES)
     except (OSError, yaml.YAMLError) as error:
         raise UserError(f"{folder / '.hydra'}: cannot read the run's config ({error}).") from None
