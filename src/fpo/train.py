@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -34,16 +35,32 @@ def evaluate(experiment: Experiment, loggers: list) -> dict[str, float]:
     return evaluate_experiment(experiment, experiment.policy, loggers)
 
 
+def reset_peak_memory() -> None:
+    """Start this run's peak-memory count afresh: the jobs of a Hydra multirun share one
+    process, whose peak RSS would otherwise carry over from the jobs before (Linux:
+    ``/proc/self/clear_refs`` 5 resets ``VmHWM``)."""
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    with contextlib.suppress(OSError):  # not Linux: ru_maxrss, the process's peak
+        Path("/proc/self/clear_refs").write_text("5")
+
+
 def peak_memory_gb() -> float:
-    """Peak memory of this process: CUDA max allocated on a GPU, else the peak RSS."""
+    """Peak memory since `reset_peak_memory`: CUDA max allocated on a GPU, else the peak RSS
+    (``VmHWM`` on Linux, the process's ``ru_maxrss`` elsewhere)."""
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**30
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20  # kB
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit one run; returns the final callback metrics as floats (also in metrics.json)."""
     started = time.perf_counter()
+    reset_peak_memory()
     ckpt_path = resolve_ckpt_path(cfg)  # ckpt_path=last: this config's newest last.ckpt
     L.seed_everything(cfg.seed, workers=True)
     experiment = build_experiment(cfg)
