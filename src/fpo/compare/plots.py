@@ -72,6 +72,12 @@ def plot_frontier(configs: Sequence[dict[str, Any]], path: str | os.PathLike) ->
         axes.scatter([0.0], [sum(references) / len(references)], marker="s", color="grey")
         axes.annotate("reference", (0.0, sum(references) / len(references)), fontsize=7)
     labelled = set()
+    parts = {id(c): str(c["config"]).split()[1:] for c in points}
+    shared = {}  # per objective, the "key=value" parts all its points have: not annotated
+    for config in points:
+        mine = set(parts[id(config)])
+        objective = str(config["objective"])
+        shared[objective] = shared.get(objective, mine) & mine
     for config in points:
         objective = str(config["objective"])
         axes.errorbar(
@@ -85,7 +91,7 @@ def plot_frontier(configs: Sequence[dict[str, Any]], path: str | os.PathLike) ->
             label=None if objective in labelled else objective,
         )
         labelled.add(objective)
-        detail = config["config"].removeprefix(objective).strip()
+        detail = " ".join(p for p in parts[id(config)] if p not in shared[objective])
         if detail:
             axes.annotate(detail, (config["kl"], config["judge_score"]), fontsize=6, alpha=0.7)
     judges = sorted({str(c["judge"]) for c in points if c.get("judge")})
