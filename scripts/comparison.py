@@ -25,11 +25,14 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import os
 import re
 import subprocess
 import sys
 from pathlib import Path
+
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
@@ -74,6 +77,14 @@ def frontier_commands() -> dict[str, list[str]]:
     }
 
 
+def expected_jobs(experiment: str) -> int:
+    """How many jobs ``experiment=comparison/<experiment>`` sweeps: the product of its own
+    ``hydra.sweeper.params`` value lists (each frontier file states all of its params)."""
+    path = ROOT / "configs" / "experiment" / "comparison" / f"{experiment}.yaml"
+    params = yaml.safe_load(path.read_text())["hydra"]["sweeper"]["params"]
+    return math.prod(len(str(values).split(",")) for values in params.values())
+
+
 def finished_jobs(overrides: list[str]) -> list[dict]:
     """The finished jobs of a sweep: their job_status.json plus ``experiment``."""
     jobs = []
@@ -108,8 +119,7 @@ def select() -> dict[str, dict]:
         for experiment in experiments:
             command = [f"experiment=comparison/{experiment}"]
             jobs = finished_jobs(command)
-            expected = len(list(sweep_dir(command).glob("*/job_status.json")))
-            complete &= bool(jobs) and len(jobs) == expected
+            complete &= len(jobs) == expected_jobs(experiment)
             candidates += [{**job, "experiment": experiment} for job in jobs]
         if not complete or not candidates:
             print(f"select: {objective}'s frontier is not finished yet; skipped")

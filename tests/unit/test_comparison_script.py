@@ -77,3 +77,10 @@ def test_ablations_wait_for_the_selection_and_each_has_its_folder(comparison):
     for name, command in commands.items():
         assert command[0].startswith("experiment=comparison/frontier_"), name
         assert "objective.beta=0.1" in command, name
+
+
+def test_a_frontier_counts_as_complete_only_with_all_its_grid_points(comparison):
+    """Selection waits for every grid point, also one whose job never started."""
+    assert comparison.expected_jobs("frontier_dpo") == 3
+    assert comparison.expected_jobs("frontier_simpo_gamma") == 1
+    assert sum(comparison.expected_jobs(e) for e in comparison.frontier_commands()) == 16
