@@ -162,6 +162,16 @@ def sample_and_judge(
     )
 
 
+def check_validation_prompts(settings: dict[str, Any]) -> None:
+    """Refuse the test prompts as model-selection prompts (checked before any sampling)."""
+    chosen = (settings.get("validation") or {}).get("prompts_file")
+    if chosen and Path(chosen).resolve() == Path(settings["prompts_file"]).resolve():
+        raise UserError(
+            "evaluation.validation.prompts_file is the test prompts_file "
+            f"({settings['prompts_file']}): model selection needs prompts of its own."
+        )
+
+
 def validation_scalars(
     policy: nn.Module,
     reference: nn.Module,
@@ -175,11 +185,6 @@ def validation_scalars(
     validation = settings.get("validation") or {}
     if not validation.get("prompts_file"):
         return {}
-    if Path(validation["prompts_file"]).resolve() == Path(settings["prompts_file"]).resolve():
-        raise UserError(
-            "evaluation.validation.prompts_file is the test prompts_file "
-            f"({settings['prompts_file']}): model selection needs prompts of its own."
-        )
     result = sample_and_judge(
         policy,
         reference,
@@ -213,6 +218,7 @@ def evaluate_experiment(
     settings = OmegaConf.to_container(cfg.evaluation, resolve=True)
     out = Path(out_dir or Path(cfg.paths.output_dir) / "evaluation")
     started = time.perf_counter()
+    check_validation_prompts(settings)
     judges = build_judges(settings.get("judges"))
     reference = reference if reference is not None else instantiate(cfg.model.loader)[0]
     chunk = settings.get("logits_chunk_size", 256)
