@@ -31,6 +31,7 @@ from fpo.checkpoints import AtomicCheckpointIO
 from fpo.errors import UserError
 from fpo.module import FPOLightningModule
 from fpo.objective import Objective, build_objective
+from fpo.packing import packing_from_config
 from fpo.reference.base import BatchReference, OnlineReference, ReferenceSource
 from fpo.reference.settings import CacheSettings, cache_settings
 from fpo.reference.store import attach_reference_cache
@@ -134,6 +135,7 @@ class Experiment:
             hook_name=self.hook_name,
             k=self.objective.feature_k,
             logits_chunk_size=self.cfg.logits_chunk_size,
+            packing=packing_from_config(self.cfg.model),
         )
 
     def build_module(self, reference: ReferenceSource | None = None) -> FPOLightningModule:
@@ -157,6 +159,7 @@ class Experiment:
             logits_chunk_size=cfg.logits_chunk_size,
             checkpoint_logits=cfg.checkpoint_logits,
             nonfinite=cfg.get("nonfinite", "stop"),
+            packing=packing_from_config(cfg.model),
         )
 
     def build_loggers(self) -> list:

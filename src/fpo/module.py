@@ -27,6 +27,7 @@ from fpo.logprobs import response_positions, response_token_stats, segment_sum, 
 from fpo.models.hf import split_causal_lm
 from fpo.nonfinite import NonFiniteGuard
 from fpo.objective import Objective, build_objective
+from fpo.packing import Packing, check_packable
 from fpo.reference.base import ReferenceSource
 from fpo.sae import encode_pooled, match_sae_dtype, reconstruction_report, resolve_hook_module
 from fpo.strategies import gathered_parameters
@@ -83,6 +84,8 @@ class FPOLightningModule(L.LightningModule):
         hook_name: the SAE's hook, resolved once by the caller (``fpo.sae.sae_hook_name``).
         logits_chunk_size: response positions per LM-head chunk (``None``: all at once).
         checkpoint_logits: recompute each logits chunk in backward (memory O(chunk * V)).
+        packing: run the policy trunk on the batch's real tokens only (`fpo.packing`;
+            ``None``: on the padded batch). Same results up to float rounding.
         sae_report_batches: batches used for the start-up SAE reconstruction report.
         nonfinite: ``stop`` (raise :class:`~fpo.nonfinite.NonFiniteError`, naming the step
             and the example ids) or ``skip`` (drop that optimizer step's update, count it
@@ -105,6 +108,7 @@ class FPOLightningModule(L.LightningModule):
         checkpoint_logits: bool = False,
         sae_report_batches: int = 2,
         nonfinite: str = "stop",
+        packing: Packing | None = None,
     ) -> None:
         super().__init__()
         self.objective: Objective = build_objective(objective)
@@ -127,6 +131,9 @@ class FPOLightningModule(L.LightningModule):
         self.scheduler_factory = scheduler
         self.logits_chunk_size = logits_chunk_size
         self.checkpoint_logits = checkpoint_logits
+        if packing is not None:
+            check_packable(policy)
+        self.packing = packing
         self.sae_report_batches = sae_report_batches
         # Checkpoints hold the policy only; on_load_checkpoint checks every policy weight.
         self.strict_loading = False
@@ -172,7 +179,9 @@ class FPOLightningModule(L.LightningModule):
         needs = self.objective.needs
         positions = response_positions(batch["labels"])
         rows = positions.num_rows
-        policy_out = forward_response_positions(self.parts, batch, positions, self.hook_module)
+        policy_out = forward_response_positions(
+            self.parts, batch, positions, self.hook_module, self.packing
+        )
         ref = None
         if needs.reference:
             ref = self.reference.stats(
@@ -283,7 +292,9 @@ class FPOLightningModule(L.LightningModule):
                 break
             batch = self.transfer_batch_to_device(batch, self.device, 0)
             positions = response_positions(batch["labels"])
-            out = forward_response_positions(self.parts, batch, positions, self.hook_module)
+            out = forward_response_positions(
+                self.parts, batch, positions, self.hook_module, self.packing
+            )
             activations.append(out.hooked)
         acts = torch.cat(activations)
         with gathered_parameters(self.sae):  # ZeRO-3: outside a forward, partitioned

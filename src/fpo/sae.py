@@ -23,17 +23,16 @@ from __future__ import annotations
 import re
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from sae_lens import SAE
-from sae_lens.constants import SAE_CFG_FILENAME
-from sae_lens.registry import get_sae_class
-from sae_lens.saes.sae import SAEMetadata
 from torch import Tensor, nn
 
 from fpo.errors import UserError
 from fpo.logprobs import segment_mean
+
+if TYPE_CHECKING:  # sae-lens (and TransformerLens, ~80 MB) load only where an SAE is built
+    from sae_lens import SAE
 
 __all__ = [
     "RANDOM_SAE_ARCHITECTURES",
@@ -120,6 +119,8 @@ def load_sae(
             f"A hub SAE needs both sae.release and sae.sae_id "
             f"(got sae.release={release!r}, sae.sae_id={sae_id!r})."
         )
+    from sae_lens import SAE
+
     try:
         sae = SAE.from_pretrained(release, sae_id, device=device, dtype=dtype)
     except ValueError as error:  # sae-lens: unknown release or id (checked before any download)
@@ -136,6 +137,9 @@ def _with_hook(sae: SAE, hook_name: str | None) -> SAE:
 
 
 def _load_from_folder(path: str, device: str, dtype: str) -> SAE:
+    from sae_lens import SAE
+    from sae_lens.constants import SAE_CFG_FILENAME
+
     folder = Path(path)
     if not folder.is_dir():
         raise UserError(f"SAE folder not found: sae.path={path!r} does not exist.")
@@ -181,6 +185,9 @@ def build_random_sae(
         raise UserError(
             f"Unknown SAE architecture {architecture!r}; choose one of {RANDOM_SAE_ARCHITECTURES}."
         )
+    from sae_lens.registry import get_sae_class
+    from sae_lens.saes.sae import SAEMetadata
+
     sae_cls, cfg_cls = get_sae_class(architecture)
     extra: dict[str, Any] = {"k": k} if architecture == "topk" else {}
     cfg = cfg_cls(

@@ -39,6 +39,7 @@ from fpo.evaluation.heldout import DEFAULT_DRIFT_K, heldout_pair_metrics
 from fpo.evaluation.report import format_summary, write_evaluation
 from fpo.evaluation.sentiment import evaluate_sentiment
 from fpo.evaluation.wandb_report import log_evaluation_to_wandb
+from fpo.packing import packing_from_config
 
 log = logging.getLogger("fpo.evaluation")
 
@@ -253,6 +254,7 @@ def evaluate_experiment(
             drift_k=k if experiment.objective.feature_k else DEFAULT_DRIFT_K,
             logits_chunk_size=chunk,
             contexts=settings.get("feature_contexts", 3),
+            packing=packing_from_config(cfg.model),
         )
         result.update(metrics)
         result["settings"]["pairs_file"] = str(pairs_file)

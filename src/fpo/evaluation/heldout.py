@@ -48,6 +48,7 @@ from fpo.logprobs import (
 from fpo.models.hf import split_causal_lm
 from fpo.objective import Objective
 from fpo.objectives import feature_mse
+from fpo.packing import Packing
 from fpo.sae import resolve_hook_module
 
 DEFAULT_DRIFT_K = 50
@@ -174,12 +175,14 @@ def heldout_pair_metrics(
     drift_k: int = DEFAULT_DRIFT_K,
     logits_chunk_size: int | None = 256,
     contexts: int = 3,
+    packing: Packing | None = None,
 ) -> tuple[dict[str, Any], FeatureShift | None]:
     """The module docstring's metrics over ``batches`` (collated preference batches).
 
     Returns the JSON-ready metrics (``entropy``, ``reference_entropy``,
     ``preference_accuracy``, ``implicit_reward_accuracy``, ``feature_drift``, each with
     ``*_stderr``, and ``heldout_pairs``) and the `FeatureShift` (``None`` without an SAE).
+    ``packing``: run both trunks on the real tokens only (`fpo.packing`).
     """
     needs = objective.needs
     parts = {"policy": split_causal_lm(policy), "ref": split_causal_lm(reference)}
@@ -198,7 +201,9 @@ def heldout_pair_metrics(
             positions = response_positions(batch["labels"])
             n = positions.num_rows
             outs = {
-                side: forward_response_positions(parts[side], batch, positions, hooks[side])
+                side: forward_response_positions(
+                    parts[side], batch, positions, hooks[side], packing
+                )
                 for side in parts
             }
             tokens = chunked_head_stats(

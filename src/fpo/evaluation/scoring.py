@@ -18,6 +18,7 @@ from fpo.forward import forward_response_positions
 from fpo.generation import eval_mode
 from fpo.logprobs import IGNORE_INDEX, response_positions, response_token_stats, sequence_logps
 from fpo.models.hf import split_causal_lm
+from fpo.packing import Packing
 
 
 def scoring_batch(
@@ -61,6 +62,7 @@ def sequence_logprob(
     completion_ids: Sequence[Sequence[int]],
     logits_chunk_size: int | None = None,
     batch_size: int | None = None,
+    packing: Packing | None = None,
 ) -> Tensor:
     """``log pi(completion_n | prompt_n)`` summed over the completion's tokens, no grad.
 
@@ -72,6 +74,7 @@ def sequence_logprob(
             float32 logits at a time); ``None`` = all response positions of a batch at once.
         batch_size: rows per forward pass; ``None`` = all ``N`` rows at once. Rows are
             batched by length (less padding) and returned in input order.
+        packing: run the trunk on the real tokens only (`fpo.packing`).
 
     Returns:
         ``FloatTensor[N]`` on the CPU, float32; an empty completion scores 0.
@@ -98,7 +101,7 @@ def sequence_logprob(
                 device,
             )
             positions = response_positions(batch["labels"], IGNORE_INDEX)
-            hidden = forward_response_positions(parts, batch, positions).hidden
+            hidden = forward_response_positions(parts, batch, positions, None, packing).hidden
             stats = response_token_stats(hidden, parts.head, positions.targets, logits_chunk_size)
             sums = sequence_logps(stats.policy_logps, positions.rows, positions.num_rows).sum
             out[torch.tensor(rows)] = sums.float().cpu()
@@ -112,6 +115,7 @@ def kl_log_ratios(
     pad_id: int,
     logits_chunk_size: int | None = None,
     batch_size: int | None = None,
+    packing: Packing | None = None,
 ) -> Tensor:
     """``log pi(y_n | x_n) - log pi_ref(y_n | x_n)`` for the policy's samples: ``[N]``.
 
@@ -124,4 +128,5 @@ def kl_log_ratios(
     ``samples.prompt_index`` gives its standard error over prompts.
     """
     args = (pad_id, samples.prompt_ids, samples.completion_ids, logits_chunk_size, batch_size)
+    args += (packing,)
     return sequence_logprob(policy, *args) - sequence_logprob(reference, *args)

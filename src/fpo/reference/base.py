@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from fpo.forward import forward_response_positions
 from fpo.logprobs import ResponsePositions, SequenceLogps, response_token_stats, sequence_logps
 from fpo.models.hf import split_causal_lm
+from fpo.packing import Packing, check_packable
 from fpo.sae import encode_pooled, resolve_hook_module
 
 
@@ -43,7 +44,7 @@ class OnlineReference(nn.Module):
     ``no_grad`` every step, and by the cache builder. With the frozen ``sae`` (FPO) it keeps
     the top ``k`` pooled features per row (``1 <= k <= d_sae``), read at ``hook_name``
     (required with an SAE; the caller resolves it). ``logits_chunk_size``: positions per
-    LM-head chunk."""
+    LM-head chunk; ``packing``: run the trunk on real tokens only (`fpo.packing`)."""
 
     def __init__(
         self,
@@ -52,6 +53,7 @@ class OnlineReference(nn.Module):
         hook_name: str | None = None,
         k: int = 0,
         logits_chunk_size: int | None = None,
+        packing: Packing | None = None,
     ) -> None:
         super().__init__()
         self.model = model.eval().requires_grad_(False)
@@ -62,6 +64,9 @@ class OnlineReference(nn.Module):
         if sae is not None:
             resolve_hook_module(model, hook_name)  # fail at start-up
         self.k, self.logits_chunk_size = k, logits_chunk_size
+        if packing is not None:
+            check_packable(model)
+        self.packing = packing
 
     def train(self, mode: bool = True) -> OnlineReference:
         """The reference stays in eval mode (no dropout) whatever Lightning asks."""
@@ -75,7 +80,7 @@ class OnlineReference(nn.Module):
             raise ValueError("SAE features asked of an OnlineReference built without an SAE")
         self.model.eval()
         hook = resolve_hook_module(self.model, self.hook_name) if features else None
-        out = forward_response_positions(self.parts, batch, positions, hook)
+        out = forward_response_positions(self.parts, batch, positions, hook, self.packing)
         topk_indices = topk_values = None
         if features:
             pooled = encode_pooled(self.sae, out.hooked, positions.rows, positions.num_rows)

@@ -45,6 +45,9 @@ from fpo.hashing import hash_json
 IRRELEVANT_OVERRIDES = ("hydra.", "reference=", "reference.source=", "logger", "callbacks")
 IRRELEVANT_OVERRIDES += ("optimizer", "scheduler", "ckpt_path", "optimized_metric")
 IRRELEVANT_OVERRIDES += ("hparams_search", "tags", "task_name")
+# Packing (fpo.packing) is the same computation without the pads (equal up to float rounding),
+# so it is no part of a cache's fingerprint: a padded cache serves a packed run and back.
+IRRELEVANT_OVERRIDES += ("model.packed", "model.pack_length")
 #: The command-line switch that lets fpo-cache replace a cache built for other inputs.
 OVERWRITE_OVERRIDE = "cache.overwrite=true"
 #: Model-config fields that cannot change the reference's values (at any nesting level).
