@@ -23,9 +23,19 @@ OURS = {
     "FPO cached": ("fpo", "cached"),
     "FPO online": ("fpo", "online"),
 }
+#: Padding-free runs (``model.packed=true``, `fpo.packing`) of some of them, named
+#: ``"<configuration> (packed)"``: the same objective and reference as the padded one.
+PACKED_SUFFIX = " (packed)"
+PACKED = ("DPO online", "SimPO", "FPO cached")
+OURS |= {f"{name}{PACKED_SUFFIX}": OURS[name] for name in PACKED}
 
 
-def compose(spec: dict, objective: str, source: str | None):
+def is_packed(config: str) -> bool:
+    """Whether configuration ``config`` runs the trunk on real tokens only."""
+    return config.endswith(PACKED_SUFFIX)
+
+
+def compose(spec: dict, objective: str, source: str | None, packed: bool = False):
     """The ``fpo-train`` config of one configuration (our defaults plus the spec's sizes)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
@@ -44,6 +54,7 @@ def compose(spec: dict, objective: str, source: str | None):
         "~scheduler",
         f"optimizer.lr={spec['lr']}",
         f"logits_chunk_size={spec.get('logits_chunk_size') or 'null'}",
+        f"model.packed={str(packed).lower()}",
     ]
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = hydra_compose(config_name="train", overrides=overrides, return_hydra_config=True)
@@ -93,7 +104,7 @@ def build(spec: dict, config: str):
     from fpo.reference.base import BatchReference
 
     objective, source = OURS[config]
-    experiment = build_experiment(compose(spec, objective, source))
+    experiment = build_experiment(compose(spec, objective, source, is_packed(config)))
     reference = BatchReference() if source == "cached" else None
     module = experiment.build_module(reference=reference)
     module.sae_report_batches = 0

@@ -15,6 +15,9 @@ from pathlib import Path
 START = "<!-- benchmarks/run.py: TRL side-by-side section, regenerated; edit notes below END -->"
 END = "<!-- end of the benchmarks/run.py section -->"
 ONLINE_REFERENCE = {"DPO online", "TDPO-1", "TDPO-2", "FPO online", "TRL DPO online"}
+ONLINE_REFERENCE |= {"DPO online (packed)"}
+#: Configurations run padded and packed (benchmarks/ours.py ``PACKED``).
+PACKED = ("DPO online", "SimPO", "FPO cached")
 #: (ours, TRL counterpart) pairs whose ratios the targets speak about.
 COUNTERPARTS = {
     "DPO online": "TRL DPO online",
@@ -145,6 +148,9 @@ def targets(rows: dict[str, dict], gpu: bool) -> list[str]:
                 row_set,
             )
     for row_set in ("fixed", "spread"):
+        for name in PACKED:  # packing must not cost time, even without pads to drop
+            packed = f"{name} (packed)"
+            ratio(f"{packed} / {name} step time", packed, name, "step_s", 1.0, row_set)
         ratio("FPO cached / SimPO step time", "FPO cached", "SimPO", "step_s", 1.05, row_set)
         key = "peak_memory" if gpu else "memory_increase"
         ratio(

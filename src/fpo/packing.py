@@ -110,7 +110,7 @@ def pack_rows(
             than the longest row (a row is never split).
     """
     real = attention_mask.bool()
-    num_rows, width = real.shape
+    width = real.shape[1]
     lengths = real.sum(dim=1)
     starts = real.long().argmax(dim=1)  # first real column (0 for right padding)
     cols = torch.arange(width, device=real.device)

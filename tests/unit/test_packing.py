@@ -128,13 +128,13 @@ def test_pack_rows_one_sequence_and_left_padding():
 
 def test_pack_rows_refuses_bad_input():
     batch = make_batch()
-    with pytest.raises(UserError, match="model.pack_length=4"):
+    with pytest.raises(UserError, match=r"model\.pack_length=4"):
         pack_rows(batch["input_ids"], batch["attention_mask"], Packing(4))
     holes = batch["attention_mask"].clone()
     holes[0, 1] = 0
     with pytest.raises(ValueError, match="contiguous"):
         pack_rows(batch["input_ids"], holes, Packing())
-    with pytest.raises(UserError, match="model.pack_length"):
+    with pytest.raises(UserError, match=r"model\.pack_length"):
         Packing(0)
 
 
@@ -142,7 +142,7 @@ def test_check_packable_refuses_other_attention():
     model = make_model("llama", "sdpa")
     check_packable(model)
     model.config._attn_implementation = "flash_attention_2"
-    with pytest.raises(UserError, match="model.packed=true.*flash_attention_2"):
+    with pytest.raises(UserError, match=r"model\.packed=true.*flash_attention_2"):
         check_packable(model)
 
 
@@ -179,7 +179,7 @@ def test_packed_gradients_equal_padded(name, attn):
     grads = []
     for packing in (None, Packing()):
         model = make_model(name, attn).train()
-        hidden, hooked, _, sums, avgs = run(model, make_batch(), packing)
+        _, hooked, _, sums, avgs = run(model, make_batch(), packing)
         (sums.sum() + avgs.sum() + hooked.square().mean()).backward()
         grads.append({n: p.grad for n, p in model.named_parameters()})
     assert any(g.abs().sum() > 0 for g in grads[0].values())

@@ -1,0 +1,40 @@
+"""A run without an SAE never imports sae-lens (and TransformerLens: ~100 MB of RSS)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+TESTS = Path(__file__).resolve().parents[1]
+
+SCRIPT = """
+import sys
+import fpo.train, fpo.experiment, fpo.module, fpo.forward, fpo.reference.base
+from helpers import compose_train
+from fpo.experiment import build_experiment
+
+cfg = compose_train("experiment=smoke", "objective=dpo", "paths.output_dir=" + sys.argv[1])
+build_experiment(cfg).build_module()
+loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("sae_lens", "transformer_lens"))
+print("LOADED", loaded[:3])
+import fpo.sae
+fpo.sae.build_random_sae(d_in=4, d_sae=8)  # the SAE path still imports it when used
+print("AFTER_SAE", "sae_lens" in sys.modules)
+"""
+
+
+def test_dpo_run_does_not_import_sae_lens(tmp_path):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), *sys.path])}
+    done = subprocess.run(
+        [sys.executable, "-c", SCRIPT, str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "LOADED []" in done.stdout, done.stdout
+    assert "AFTER_SAE True" in done.stdout, done.stdout
