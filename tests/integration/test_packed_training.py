@@ -18,7 +18,7 @@ class FirstLoss(L.Callback):
         self.grads = {n: p.grad.clone() for n, p in module.policy.named_parameters()}
 
 
-def first_step(objective: str, packed: bool, tmp_path) -> FirstLoss:
+def first_step(objective: str, packed: bool, tmp_path, *extra: str) -> FirstLoss:
     cfg = compose_train(
         "experiment=smoke",
         f"paths.output_dir={tmp_path}",
@@ -30,6 +30,7 @@ def first_step(objective: str, packed: bool, tmp_path) -> FirstLoss:
         "~optimizer.weight_decay",
         "data.batch_size=4",
         "data.shuffle=false",
+        *extra,
     )
     experiment = build_experiment(cfg)
     module = experiment.build_module()
@@ -52,9 +53,13 @@ def first_step(objective: str, packed: bool, tmp_path) -> FirstLoss:
     return capture
 
 
-@pytest.mark.parametrize("objective", ["fpo", "tdpo1", "simpo"])
-def test_packed_training_step_matches_padded(objective, tmp_path):
-    padded, packed = first_step(objective, False, tmp_path), first_step(objective, True, tmp_path)
+@pytest.mark.parametrize(
+    ("objective", "extra"),
+    [("fpo", ()), ("tdpo1", ()), ("simpo", ()), ("dpo", ("model.gradient_checkpointing=true",))],
+)
+def test_packed_training_step_matches_padded(objective, extra, tmp_path):
+    padded = first_step(objective, False, tmp_path, *extra)
+    packed = first_step(objective, True, tmp_path, *extra)
     assert padded.loss == pytest.approx(packed.loss, abs=1e-5)
     assert any(g.abs().sum() > 0 for g in padded.grads.values())
     for name, grad in padded.grads.items():

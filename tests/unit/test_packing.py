@@ -185,3 +185,50 @@ def test_packed_gradients_equal_padded(name, attn):
     assert any(g.abs().sum() > 0 for g in grads[0].values())
     for n, grad in grads[0].items():
         torch.testing.assert_close(grads[1][n], grad, atol=1e-5, rtol=1e-4, msg=n)
+
+
+# ------------------------------------------------------------------ evaluation paths
+
+
+def test_packed_heldout_metrics_and_scoring_equal_padded(monkeypatch):
+    import fpo.forward
+
+    calls = []
+    monkeypatch.setattr(fpo.forward, "pack_rows", lambda *a: calls.append(1) or pack_rows(*a))
+    from fpo.evaluation.heldout import heldout_pair_metrics
+    from fpo.evaluation.scoring import sequence_logprob
+    from fpo.sae import build_random_sae
+    from helpers import preset
+
+    reference = make_model("gemma3", "sdpa")
+    policy = make_model("gemma3", "sdpa")
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    sae = build_random_sae(d_in=32, d_sae=16, hook_name="blocks.0.hook_resid_post")
+    batch = make_batch(ROWS[:4])
+    results = []
+    for packing in (None, Packing()):
+        metrics, _ = heldout_pair_metrics(
+            policy,
+            reference,
+            [batch],
+            preset("tdpo1"),
+            sae,
+            sae.cfg.metadata.hook_name,
+            drift_k=4,
+            logits_chunk_size=4,
+            packing=packing,
+        )
+        prompts = [[5, 6, 7], [8], [9, 10, 11, 12, 13]]
+        completions = [[14, 15], [16, 17, 18, 19, 20, 21], [22]]
+        scores = sequence_logprob(policy, 0, prompts, completions, 4, packing=packing)
+        results.append((metrics, scores))
+        assert len(calls) == (0 if packing is None else 3)  # policy, reference; scoring
+    (padded, padded_scores), (packed, packed_scores) = results
+    assert padded["entropy"] > 0 and padded["feature_drift"] > 0
+    assert padded.keys() == packed.keys()
+    for key, value in padded.items():
+        if isinstance(value, float):
+            assert packed[key] == pytest.approx(value, abs=1e-5), key
+    assert_close(packed_scores, padded_scores)
