@@ -106,8 +106,8 @@ def pack_rows(
     """Pack the real tokens of ``input_ids[N, T]`` (``attention_mask`` 1 on them).
 
     Raises:
-        ValueError: a row whose real tokens are not contiguous, or ``packing.length`` shorter
-            than the longest row (a row is never split).
+        ValueError: a row whose real tokens are not contiguous.
+        UserError: ``packing.length`` shorter than the longest row (a row is never split).
     """
     real = attention_mask.bool()
     width = real.shape[1]
@@ -126,16 +126,16 @@ def pack_rows(
             "(rows are never split); raise it or set it to null (the batch's longest row)."
         )
     place, fills = _bins(sizes, capacity)
-    bins, width = len(fills), max(max(fills), 1)  # packed rows no longer than their content
-    base = torch.tensor([p * width + o for p, o in place], device=real.device)
+    bins, length = len(fills), max(max(fills), 1)  # packed rows no longer than their content
+    base = torch.tensor([p * length + o for p, o in place], device=real.device)
     slot = torch.where(real, base[:, None] + offsets, -1)  # bin * L + offset + (t - start)
     targets = slot[real]
-    flat_ids = input_ids.new_full((bins * width,), pad_id)
+    flat_ids = input_ids.new_full((bins * length,), pad_id)
     flat_ids[targets] = input_ids[real]
-    flat_pos = torch.zeros(bins * width, dtype=torch.long, device=real.device)
+    flat_pos = torch.zeros(bins * length, dtype=torch.long, device=real.device)
     flat_pos[targets] = offsets[real]
     # the free tail of each packed row: positions 0, 1, ... from its first free slot
     fill = torch.tensor(fills, device=real.device)[:, None]
-    tail = torch.arange(width, device=real.device) - fill
-    position_ids = torch.where(tail < 0, flat_pos.view(bins, width), tail)
-    return PackedRows(flat_ids.view(bins, width), position_ids, slot)
+    tail = torch.arange(length, device=real.device) - fill
+    position_ids = torch.where(tail < 0, flat_pos.view(bins, length), tail)
+    return PackedRows(flat_ids.view(bins, length), position_ids, slot)
