@@ -127,6 +127,12 @@ def kl_log_ratios(
     mean can be noisy or even below 0 (the true KL never is); `grouped_mean_stderr` over
     ``samples.prompt_index`` gives its standard error over prompts.
     """
-    args = (pad_id, samples.prompt_ids, samples.completion_ids, logits_chunk_size, batch_size)
-    args += (packing,)
+    args = (
+        pad_id,
+        samples.prompt_ids,
+        samples.completion_ids,
+        logits_chunk_size,
+        batch_size,
+        packing,
+    )
     return sequence_logprob(policy, *args) - sequence_logprob(reference, *args)
