@@ -14,10 +14,12 @@ the run), then ``rounds`` rounds in which every (row set, configuration) trains 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import os
 import platform
+import re
 import socket
 import subprocess
 import sys
@@ -37,6 +39,10 @@ CONFIG = Path(__file__).with_name("config.yaml")
 # ----------------------------------------------------------------------------- workers
 def worker(kind: str, spec: dict) -> dict:
     """One unit of work in this (fresh) process; returns what the parent records."""
+    if spec.get("framework") == "ours":  # what fpo-train's entry points do (fpo.cli)
+        from fpo.cli import default_cuda_allocator
+
+        default_cuda_allocator()
     import torch
 
     from benchmarks.common import current_rss, matmul_peak, peak_memory
@@ -84,17 +90,18 @@ def worker(kind: str, spec: dict) -> dict:
     else:
         import trl.experimental.cpo  # noqa: F401
     base = current_rss()
-    if spec["framework"] == "ours":
-        from benchmarks import ours
+    with profiled(spec):
+        if spec["framework"] == "ours":
+            from benchmarks import ours
 
-        cache = None
-        if ours.OURS[spec["config"]][1] == "cached":
-            cache = torch.load(ours.cache_path(**_cache_key(spec)), weights_only=True)
-        out = ours.train(spec, spec["config"], rows, cache)
-    else:
-        from benchmarks import trl_side
+            cache = None
+            if ours.OURS[spec["config"]][1] == "cached":
+                cache = torch.load(ours.cache_path(**_cache_key(spec)), weights_only=True)
+            out = ours.train(spec, spec["config"], rows, cache)
+        else:
+            from benchmarks import trl_side
 
-        out = trl_side.train(spec, spec["config"], rows)
+            out = trl_side.train(spec, spec["config"], rows)
     from benchmarks.common import batch_work, padded_tokens
 
     per_step = spec["batch_pairs"] * spec["accumulation"]
@@ -113,6 +120,38 @@ def worker(kind: str, spec: dict) -> dict:
         "base_rss": base,
         "threads": torch.get_num_threads(),
     }
+
+
+@contextlib.contextmanager
+def profiled(spec: dict):
+    """With ``profile=DIR`` set, the run under ``torch.profiler`` (CPU, and CUDA on a GPU):
+    ``DIR/<model>-<row set>-<configuration>.txt`` gets the operators and kernels by their
+    own device time (CPU time on a CPU), model building and warm-up included (their kernels
+    are few: random init, one step). Profiling slows the run: its step times are not kept
+    apart from others' in the JSON, so profile in a separate invocation."""
+    if not spec.get("profile"):
+        yield
+        return
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    gpu = spec["device"].startswith("cuda")
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])
+    with profile(activities=activities) as prof:
+        yield
+    name = f"{spec['model']}-{spec['row_set']}-{report.label(spec)}"
+    path = Path(spec["profile"]) / (re.sub(r"[^A-Za-z0-9.]+", "_", name).strip("_") + ".txt")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if gpu:
+        torch.cuda.synchronize()
+    averages = prof.key_averages()
+    sorts = ["self_cuda_time_total", "cpu_time_total"] if gpu else ["self_cpu_time_total"]
+    tables = [
+        f"sorted by {sort}:\n"
+        + averages.table(sort_by=sort, row_limit=40, max_name_column_width=70)
+        for sort in sorts
+    ]
+    path.write_text("\n\n".join(tables))
 
 
 def _cache_key(spec: dict) -> dict:
@@ -142,8 +181,10 @@ def run_worker(kind: str, spec: dict, timeout: int) -> dict:
     if done.returncode != 0:
         raise RuntimeError(f"worker {kind} {spec.get('config', '')} failed:\n{done.stderr[-6000:]}")
     result = json.loads(done.stdout.strip().splitlines()[-1])
+    # the whole process: imports, model building, warm-up and measured steps
+    result["process_s"] = time.perf_counter() - started
     label = " ".join(str(spec.get(k, "")) for k in ("model", "row_set", "config"))
-    print(f"[{time.perf_counter() - started:6.1f} s] {kind} {label}", file=sys.stderr, flush=True)
+    print(f"[{result['process_s']:6.1f} s] {kind} {label}", file=sys.stderr, flush=True)
     return result
 
 
@@ -154,13 +195,16 @@ def load_config(path: Path, sets: list[str]):
     return OmegaConf.to_container(cfg, resolve=True)
 
 
-def configurations(cfg: dict) -> list[dict]:
-    """(framework, config name, gradient checkpointing for TRL) of one model."""
-    out = [{"framework": "ours", "config": name} for name in cfg["ours"]]
-    for checkpointing in cfg["trl_checkpointing"]:
+def configurations(cfg: dict, row_set: str) -> list[dict]:
+    """(framework, config name, gradient checkpointing for TRL) on one row set: the global
+    ``ours`` / ``trl`` / ``trl_checkpointing`` lists, or ``plan.<row_set>``'s where it names
+    them (a short GPU schedule runs only what the issue's targets compare on each row set)."""
+    lists = {**cfg, **(cfg.get("plan") or {}).get(row_set, {})}
+    out = [{"framework": "ours", "config": name} for name in lists["ours"]]
+    for checkpointing in lists["trl_checkpointing"]:
         out += [
             {"framework": "trl", "config": n, "trl_checkpointing": checkpointing}
-            for n in cfg["trl"]
+            for n in lists["trl"]
         ]
     return out
 
@@ -184,6 +228,7 @@ def model_specs(cfg: dict, device: str, model: str, workdir: str) -> dict:
         "check_lr": cfg.get("check_lr", 0.01),
         "pairs": pairs,
         "workdir": workdir,
+        "profile": cfg.get("profile"),
     }
 
 
@@ -199,9 +244,19 @@ def main() -> None:
     parser.add_argument("--docs", default=str(ROOT / "docs" / "benchmarks.md"))
     parser.add_argument("--no-docs", action="store_true")
     parser.add_argument("--timeout", type=int, default=1800)
+    parser.add_argument(
+        "--from-json",
+        help="regenerate the docs section from a results JSON (e.g. one a device call "
+        "brought back, complete or cut short) instead of running anything",
+    )
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(worker(args.worker, json.loads(args.spec))), flush=True)
+        return
+    if args.from_json:
+        path = Path(args.from_json)
+        report.update_docs(Path(args.docs), json.loads(path.read_text()), path)
+        print(f"updated {args.docs}", file=sys.stderr)
         return
     cfg = load_config(Path(args.config), args.set)
     mode = cfg["cuda" if args.device.startswith("cuda") else "cpu"]
@@ -222,10 +277,14 @@ def main() -> None:
         "config": cfg,
         "models": {},
     }
+    # The JSON is rewritten after every worker, so a run cut short (a device call's time
+    # limit, a crash) keeps every finished configuration; "complete" says whether it ended.
+    record["complete"] = False
     with tempfile.TemporaryDirectory(prefix="fpo-trl-bench-") as workdir:
         record["peak"] = run_worker("peak", {"device": args.device}, args.timeout)
         if args.device.startswith("cuda"):
             record["machine"]["gpu"] = report.gpu_name()
+        report.write_json(record, args.out)
         for model in models:
             base = model_specs(cfg, args.device, model, workdir)
             for row_set in cfg["row_sets"]:
@@ -235,12 +294,12 @@ def main() -> None:
             check = run_worker("check", {**base, "row_set": cfg["row_sets"][0]}, args.timeout)
             entry = record["models"][model] = {"spec": base, "check": check, "runs": []}
             entry["counts"] = prepared["counts"]
+            report.write_json(record, args.out)
             if not check["ok"]:
-                report.write_json(record, args.out)
                 raise SystemExit(f"equal-math check failed for {model}: {json.dumps(check)}")
             for round_index in range(mode["rounds"]):
                 for row_set in cfg["row_sets"]:
-                    for item in configurations(cfg):
+                    for item in configurations(cfg, row_set):
                         checkpointing = item.get("trl_checkpointing", base["ours_checkpointing"])
                         spec = {
                             **base,
@@ -248,11 +307,21 @@ def main() -> None:
                             "row_set": row_set,
                             "gradient_checkpointing": checkpointing,
                         }
-                        result = run_worker("train", spec, args.timeout)
-                        entry["runs"].append(
-                            {**item, "row_set": row_set, "round": round_index, **result}
-                        )
+                        run = {**item, "row_set": row_set, "round": round_index}
+                        try:
+                            run.update(run_worker("train", spec, args.timeout))
+                        except (RuntimeError, subprocess.TimeoutExpired) as error:
+                            # one configuration failing (out of memory, say) must not lose
+                            # the others: recorded, reported, and the run goes on
+                            print(str(error), file=sys.stderr, flush=True)
+                            entry.setdefault("failed", []).append(
+                                {**run, "error": str(error)[-2000:]}
+                            )
+                        else:
+                            entry["runs"].append(run)
+                        report.write_json(record, args.out)
     record["wall_s"] = time.perf_counter() - started
+    record["complete"] = True
     path = report.write_json(record, args.out)
     print(f"wrote {path}", file=sys.stderr)
     if not args.no_docs:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -16,13 +17,30 @@ log = logging.getLogger("fpo")
 _task_started = False
 
 
+#: The CUDA caching allocator's setting every entry point starts with unless the user set
+#: one: expandable segments let freed blocks of one size serve requests of another, which
+#: variable-length batches need. Without it DPO on the Gemma-2-2B shape (online reference,
+#: no checkpointing, UltraFeedback-like lengths) ran out of an H100's 80 GB with 4.4 GiB
+#: reserved but unallocated; with it the same run peaked at 74 GiB (docs/benchmarks.md).
+CUDA_ALLOCATOR = "expandable_segments:True"
+
+
+def default_cuda_allocator() -> None:
+    """Set :data:`CUDA_ALLOCATOR` unless ``PYTORCH_CUDA_ALLOC_CONF`` or its newer name
+    ``PYTORCH_ALLOC_CONF`` is set. Read when CUDA first allocates, so call it before that."""
+    if not any(os.environ.get(name) for name in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")):
+        os.environ["PYTORCH_CUDA_ALLOC_CONF"] = CUDA_ALLOCATOR
+
+
 def run_hydra(hydra_main: Callable[[], Any]) -> None:
     """Run a ``@hydra.main`` function; a config Hydra cannot compose is a user error, exit 2.
 
     Hydra reports an unknown key, group option or bad value as one paragraph (no traceback)
     and exits with status 1, before the task starts. Mapped to 2 here, like every other
     user error; an exit 1 after a task started (a run's own failure) keeps its status.
+    The CUDA allocator gets :func:`default_cuda_allocator` first.
     """
+    default_cuda_allocator()
     try:
         hydra_main()
     except SystemExit as exit_:
