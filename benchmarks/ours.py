@@ -67,7 +67,9 @@ def compose(spec: dict, objective: str, source: str | None, packed: bool = False
         "seed": spec["seed"],
     }
     cfg.model.gradient_checkpointing = bool(spec.get("gradient_checkpointing", False))
-    cfg.reference.dtype = spec.get("reference_dtype")
+    # As the paper experiment configs: a bf16 online reference for DPO/TDPO, the policy's
+    # dtype for FPO (a reference in another precision gives a spurious D, fpo.experiment).
+    cfg.reference.dtype = None if objective == "fpo" else spec.get("reference_dtype")
     OmegaConf.resolve(cfg)
     return cfg
 

@@ -14,6 +14,9 @@ from pathlib import Path
 
 START = "<!-- benchmarks/run.py: TRL side-by-side section, regenerated; edit notes below END -->"
 END = "<!-- end of the benchmarks/run.py section -->"
+#: The GPU run (``--device cuda``) has its own section, so neither mode overwrites the other.
+START_GPU = "<!-- benchmarks/run.py --device cuda: GPU section, regenerated -->"
+END_GPU = "<!-- end of the benchmarks/run.py --device cuda section -->"
 ONLINE_REFERENCE = {"DPO online", "TDPO-1", "TDPO-2", "FPO online", "TRL DPO online"}
 ONLINE_REFERENCE |= {"DPO online (packed)"}
 #: Configurations run padded and packed (benchmarks/ours.py ``PACKED``).
@@ -216,18 +219,35 @@ def model_section(model: str, entry: dict, record: dict) -> list[str]:
     return lines
 
 
+def shown_path(path: Path) -> str:
+    """``path`` relative to the repository root where it lies inside it (else as given)."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        return str(path.resolve().relative_to(root))
+    except ValueError:
+        return str(path)
+
+
+def markers(record: dict) -> tuple[str, str]:
+    """The (start, end) markers of this record's section: one for CPU runs, one for GPU."""
+    gpu = record["machine"]["device"].startswith("cuda")
+    return (START_GPU, END_GPU) if gpu else (START, END)
+
+
 def render(record: dict, json_path: Path) -> str:
     peak = record["peak"]
     device = record["machine"].get("gpu") or f"CPU ({record['machine']['cpus']} cores, shared)"
+    start, end = markers(record)
+    gpu = record["machine"]["device"].startswith("cuda")
     lines = [
-        START,
-        "## Side by side with TRL (issue 11)",
+        start,
+        f"## Side by side with TRL{' on the GPU' if gpu else ''} (issue 11)",
         "",
         "Produced by (from the repository root):",
         "",
         f"    {record['command']}",
         "",
-        f"Results: `benchmarks/results/{json_path.name}`. "
+        f"Results: `{shown_path(json_path)}`. "
         f"{record['date']}, {device}, versions {json.dumps(record['versions'])}. "
         f"Matrix-multiply peak measured in this run: {peak['flops'] / 1e9:.1f} GFLOP/s "
         f"({peak['dtype']}); MFU = (6 x trunk parameters x real tokens + 6 x LM-head "
@@ -241,19 +261,29 @@ def render(record: dict, json_path: Path) -> str:
         "both (benchmarks/rows.py: `fixed` lengths, and an UltraFeedback-like `spread`).",
         "",
     ]
+    if not record.get("complete", True):
+        lines += [
+            "**This run was cut short** (the JSON is rewritten after every configuration; "
+            "these are the configurations that finished).",
+            "",
+        ]
     for model, entry in record["models"].items():
         lines += model_section(model, entry, record)
-    lines.append(END)
+        for failed in entry.get("failed", []):
+            error = failed["error"].strip().splitlines()[-1] if failed["error"].strip() else ""
+            lines += [f"- **{label(failed)} ({failed['row_set']}) failed**: {error}", ""]
+    lines.append(end)
     return "\n".join(lines)
 
 
 def update_docs(path: Path, record: dict, json_path: Path) -> None:
-    """Replace the section between START and END (append it when absent)."""
+    """Replace this record's section (between its markers; appended when absent)."""
     text = path.read_text() if path.exists() else "# Benchmarks\n"
     section = render(record, json_path)
-    if START in text and END in text:
-        before, rest = text.split(START, 1)
-        after = rest.split(END, 1)[1]
+    start, end = markers(record)
+    if start in text and end in text:
+        before, rest = text.split(start, 1)
+        after = rest.split(end, 1)[1]
         text = before + section + after
     else:
         text = text.rstrip("\n") + "\n\n" + section + "\n"
