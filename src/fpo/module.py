@@ -335,7 +335,7 @@ class FPOLightningModule(L.LightningModule):
         ):
             root.clip_grad_norm_(gradient_clip_val)
             return
-        plugin = self._trainer.precision_plugin if self._trainer is not None else None
+        plugin = getattr(self._trainer, "precision_plugin", None)
         fused = getattr(optimizer, "_step_supports_amp_scaling", False)
         if gradient_clip_val and fused and isinstance(plugin, MixedPrecision):
             if self._grad_scaler() is not None:  # configure_optimizers avoids this case
