@@ -12,6 +12,15 @@ from fpo.train import CONFIG_DIR
 
 PRESETS = ("dpo", "simpo", "tdpo1", "tdpo2", "fpo")
 
+#: Trainer arguments of a test's training run: no logger, checkpoints, bars or validation.
+QUIET_TRAINER = dict(
+    logger=False,
+    limit_val_batches=0,
+    enable_checkpointing=False,
+    enable_progress_bar=False,
+    enable_model_summary=False,
+)
+
 
 def compose_train(*overrides: str):
     """The config ``fpo-train OVERRIDES`` composes (no Hydra run)."""

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from fpo.experiment import build_experiment
-from helpers import compose_train
+from helpers import QUIET_TRAINER, compose_train
 
 CLIP = 1e-3  # far below the tiny model's gradient norm: clipping decides the update
 
@@ -33,14 +33,7 @@ def train(tmp_path, clip: float | None, *extra: str) -> tuple[torch.optim.Optimi
     module = experiment.build_module()
     module.sae_report_batches = 0
     trainer = experiment.build_trainer(
-        logger=False,
-        max_steps=3,
-        limit_val_batches=0,
-        precision="bf16-mixed",
-        gradient_clip_val=clip,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
+        max_steps=3, precision="bf16-mixed", gradient_clip_val=clip, **QUIET_TRAINER
     )
     trainer.fit(module, datamodule=experiment.datamodule)
     weights = {n: p.detach().clone() for n, p in module.policy.named_parameters()}

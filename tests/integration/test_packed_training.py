@@ -9,7 +9,7 @@ import torch
 
 from fpo.experiment import build_experiment
 from fpo.packing import Packing
-from helpers import compose_train
+from helpers import QUIET_TRAINER, compose_train
 
 
 class FirstLoss(L.Callback):
@@ -40,15 +40,7 @@ def first_step(objective: str, packed: bool, tmp_path, *extra: str) -> FirstLoss
     if module.reference is not None:
         assert module.reference.packing == want
     capture = FirstLoss()
-    trainer = experiment.build_trainer(
-        callbacks=[capture],
-        logger=False,
-        max_steps=1,
-        limit_val_batches=0,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    trainer = experiment.build_trainer(callbacks=[capture], max_steps=1, **QUIET_TRAINER)
     trainer.fit(module, datamodule=experiment.datamodule)
     return capture
 
