@@ -338,8 +338,13 @@ class FPOLightningModule(L.LightningModule):
         plugin = getattr(self._trainer, "precision_plugin", None)
         fused = getattr(optimizer, "_step_supports_amp_scaling", False)
         if gradient_clip_val and fused and isinstance(plugin, MixedPrecision):
-            if self._grad_scaler() is not None:  # configure_optimizers avoids this case
-                raise RuntimeError("a fused optimizer cannot be clipped under fp16 scaling")
+            if self._grad_scaler() is not None:  # only with a fused optimizer asked for
+                raise UserError(
+                    "optimizer.fused=true with trainer.precision=16-mixed and gradient "
+                    "clipping: a fused optimizer unscales fp16 gradients inside its step, so "
+                    "clipping would see them scaled. Drop optimizer.fused, use bf16-mixed, or "
+                    "set trainer.gradient_clip_val=null."
+                )
             params = [p for group in optimizer.param_groups for p in group["params"]]
             if gradient_clip_algorithm == "value":  # a str or Lightning's str enum
                 torch.nn.utils.clip_grad_value_(params, gradient_clip_val)

@@ -90,3 +90,19 @@ def test_fused_bf16_clipping_follows_the_configured_algorithm(tmp_path, algorith
     else:
         total = torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))
         assert total.item() == pytest.approx(0.5, rel=1e-4)
+
+
+def test_an_explicitly_fused_optimizer_under_fp16_clipping_is_refused_by_name(tmp_path):
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    from fpo.errors import UserError
+
+    cfg = compose_train("experiment=smoke", f"paths.output_dir={tmp_path}", "objective=simpo")
+    module = build_experiment(cfg).build_module()
+    plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))
+    module._trainer = SimpleNamespace(
+        gradient_clip_val=1.0, precision_plugin=plugin, strategy=SimpleNamespace(model=None)
+    )
+    optimizer = torch.optim.AdamW(module.policy.parameters(), fused=True)
+    with pytest.raises(UserError, match=r"optimizer\.fused=true with trainer\.precision=16-mixed"):
+        module.configure_gradient_clipping(optimizer, 1.0, "norm")
