@@ -142,6 +142,16 @@ def test_differing_overrides_split_configurations_but_seed_does_not(tmp_path):
     assert configs[1]["accuracy_stderr"] is None  # one seed: no stderr
 
 
+def test_seeds_run_later_under_another_sweep_name_join_their_configuration(tmp_path):
+    """The comparison's seeds 1 and 2 run as ``sweep.name=seeds_dpo`` beside seed 0 of the
+    frontier sweep (no sweep name): one configuration of three seeds, not two."""
+    for seed, extra in [(0, []), (1, ["sweep.name=seeds_dpo"]), (2, ["sweep.name=seeds_dpo"])]:
+        metrics = {"val/rewards/accuracies": 0.5 + seed / 10}
+        make_run(tmp_path, f"run{seed}", DPO, seed, metrics, overrides=["beta=0.1", *extra])
+    configs = config_rows(run_rows(load_runs([tmp_path])))
+    assert [(c["n"], c["seed"]) for c in configs] == [(3, "0,1,2")]
+
+
 def test_outputs_csv_markdown_and_figures(sweep, tmp_path):
     out = tmp_path / "out"
     result = compare([sweep], out)

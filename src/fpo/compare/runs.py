@@ -29,8 +29,9 @@ OVERRIDES = Path(".hydra") / "overrides.yaml"
 METRICS = "metrics.json"
 SUMMARY = Path("evaluation") / "summary.json"
 
-# Overrides that never make two runs different configurations.
-_NOT_CONFIGURATION = re.compile(r"^(seed|objective|objective\..*|hydra\..*|paths\..*)$")
+# Overrides that never make two runs different configurations (``sweep.*`` names and
+# steers the resumable sweep: seeds run later under another sweep name are the same point).
+_NOT_CONFIGURATION = re.compile(r"^(seed|objective|objective\..*|hydra\..*|paths\..*|sweep\..*)$")
 
 
 @dataclass
