@@ -38,7 +38,7 @@ from enum import StrEnum
 from typing import Any, ClassVar
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from torch import Tensor
 
@@ -229,6 +229,11 @@ def build_objective(config: Mapping | Objective) -> Objective:
     if isinstance(config, Objective):
         return config
     try:
+        if isinstance(config, DictConfig):
+            # Resolved where it sits: an interpolation to a root key (the embedded default's
+            # ``alpha: ${oc.select:fpo_alpha,0.5}``) would otherwise be resolved inside the
+            # merged copy below, which has no such key, and silently take its fallback.
+            config = OmegaConf.to_container(config, resolve=True)
         merged = OmegaConf.merge(OmegaConf.structured(Objective), config)
         return OmegaConf.to_object(merged)
     except OmegaConfBaseException as error:

@@ -15,6 +15,7 @@ from hydra.utils import get_class, instantiate
 from omegaconf import OmegaConf
 
 from fpo.errors import UserError
+from fpo.objective import build_objective
 from fpo.strategies import is_decoder_layer
 from fpo.train import CONFIG_DIR
 
@@ -237,3 +238,8 @@ def test_the_embedded_default_gives_only_fpo_the_feature_term(objective, alpha):
     cfg = compose_train("experiment=sentiment_gemma3", f"objective={objective}")
     assert cfg.objective.constraints.features.alpha == alpha
     assert compose_train("objective=fpo").objective.constraints.features.alpha == 0.5
+    # what training uses (fpo.experiment builds it from the objective node): the fpo_alpha
+    # interpolation resolved against the whole config, not the objective schema's copy
+    assert build_objective(cfg.objective).constraints.features.alpha == alpha
+    comparison = compose_train("experiment=comparison/frontier_fpo")
+    assert build_objective(comparison.objective).constraints.features.alpha == 1e-4
