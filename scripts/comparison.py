@@ -37,7 +37,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from fpo.compare import compare, load_runs, run_rows  # noqa: E402
+from fpo.compare import compare, load_runs, mean_stderr, run_rows  # noqa: E402
 from fpo.sweep import derive_sweep_name  # noqa: E402
 
 BIN = Path(sys.executable).parent
@@ -269,6 +269,45 @@ RUN_COLUMNS = [
 ]
 
 
+#: The chosen points' table (docs/results/chosen.md): (column, heading, format).
+CHOSEN_COLUMNS = [
+    ("judge_score", "test VADER", "{:.3f}"),
+    ("kl", "test KL", "{:.2f}"),
+    ("win_rate", "win rate", "{:.3f}"),
+    ("eval:judges/afinn/policy_judge_mean", "AFINN", "{:.2f}"),
+    ("preference_accuracy", "held-out pref. acc.", "{:.3f}"),
+    ("feature_drift", "feature drift", "{:,.0f}"),
+    ("wall_seconds", "wall s", "{:.0f}"),
+    ("peak_memory_gb", "peak GB", "{:.2f}"),
+]
+
+
+def is_chosen(run, chosen: dict) -> bool:
+    """Whether ``run`` is at ``chosen``'s point (its experiment and objective overrides)."""
+    wanted = dict(o.split("=", 1) for o in chosen["overrides"])
+    wanted["experiment"] = f"comparison/{chosen['experiment']}"
+    return all(run.overrides.get(key) == value for key, value in wanted.items())
+
+
+def chosen_table(runs: list, selection: dict[str, dict]) -> str:
+    """Markdown: each objective's chosen point, mean ± standard error over its seeds (test
+    prompts), with the seeds it has so far."""
+    head = ["objective", "point", "seeds", *(title for _, title, _ in CHOSEN_COLUMNS)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for objective, chosen in selection.items():
+        rows = [row for run in runs if is_chosen(run, chosen) for row in run_rows([run])]
+        rows = [row for row in rows if row.get("judge_score") is not None]
+        if not rows:
+            continue
+        cells = [objective, " ".join(chosen["overrides"]), ",".join(str(r["seed"]) for r in rows)]
+        for column, _, fmt in CHOSEN_COLUMNS:
+            mean, stderr = mean_stderr([r[column] for r in rows if r.get(column) is not None])
+            text = "" if mean is None else fmt.format(mean)
+            cells.append(text + (f" ± {fmt.format(stderr)}" if stderr is not None else ""))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def export() -> None:
     """Tables, plots, generations and runs.csv from whatever has finished."""
     sweeps = all_sweeps()
@@ -305,6 +344,15 @@ def export() -> None:
         writer.writeheader()
         writer.writerows(sorted(rows, key=lambda r: r["run"]))
     print(f"export: {len(rows)} runs' generations in {generations} and {RESULTS / 'runs.csv'}")
+    selection = load_selection()
+    if selection:
+        table = chosen_table(load_runs(main), selection)
+        (RESULTS / "chosen.md").write_text(
+            "# The chosen points over seeds (test prompts)\n\n"
+            "Mean ± standard error over the seeds listed (sample std / sqrt(n)); seed 0 is "
+            "the frontier run. Chosen on validation (selection.json).\n\n" + table
+        )
+        print(f"export: the chosen points over seeds in {RESULTS / 'chosen.md'}")
 
 
 def main() -> None:

@@ -84,3 +84,25 @@ def test_a_frontier_counts_as_complete_only_with_all_its_grid_points(comparison)
     assert comparison.expected_jobs("frontier_dpo") == 3
     assert comparison.expected_jobs("frontier_simpo_gamma") == 1
     assert sum(comparison.expected_jobs(e) for e in comparison.frontier_commands()) == 16
+
+
+def test_the_chosen_points_table_averages_that_points_seeds_only(comparison, monkeypatch):
+    from types import SimpleNamespace
+
+    def run(beta: str, seed: int, score: float, sweep: str | None = None):
+        overrides = {"experiment": "comparison/frontier_fpo", "objective.beta": beta}
+        if sweep:
+            overrides["sweep.name"] = sweep
+        return SimpleNamespace(overrides=overrides, row={"seed": seed, "judge_score": score})
+
+    runs = [
+        run("0.1", 0, 0.5),
+        run("0.3", 0, 0.9),  # another grid point: not averaged in
+        run("0.1", 1, 0.6, "seeds_fpo"),
+        run("0.1", 2, 0.7, "seeds_fpo"),
+    ]
+    monkeypatch.setattr(comparison, "run_rows", lambda rs: [r.row for r in rs])
+    selection = {"fpo": {"experiment": "frontier_fpo", "overrides": ["objective.beta=0.1"]}}
+    table = comparison.chosen_table(runs, selection)
+    (line,) = [row for row in table.splitlines() if row.startswith("| fpo")]
+    assert "| 0,1,2 | 0.600 ± 0.058 |" in line
