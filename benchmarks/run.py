@@ -126,9 +126,11 @@ def worker(kind: str, spec: dict) -> dict:
 def profiled(spec: dict):
     """With ``profile=DIR`` set, the run under ``torch.profiler`` (CPU, and CUDA on a GPU):
     ``DIR/<model>-<row set>-<configuration>.txt`` gets the operators and kernels by their
-    own device time (CPU time on a CPU), model building and warm-up included (their kernels
-    are few: random init, one step). Profiling slows the run: its step times are not kept
-    apart from others' in the JSON, so profile in a separate invocation."""
+    own device time (CPU time on a CPU) over the whole training call: model building,
+    warm-up and the trainer's teardown are in it too (Lightning's moves the model and the
+    optimizer state to the CPU: the device-to-host copies in our H100 tables). Profiling
+    slows the run, and its step times land in that invocation's JSON: profile in an
+    invocation of its own."""
     if not spec.get("profile"):
         yield
         return
