@@ -249,8 +249,10 @@ def test_shuffled_and_filtered_rows_join_to_their_own_values(built, tmp_path, ti
     for batch in dm.val_dataloader():
         expected = reference.stats(batch, response_positions(batch["labels"]), features=True,
                                 token_kl=False)  # fmt: skip
-        torch.testing.assert_close(batch["ref_sum_logps"], expected.logps.sum, atol=1e-5, rtol=0)
-        torch.testing.assert_close(batch["ref_avg_logps"], expected.logps.avg, atol=1e-6, rtol=0)
+        # the cache ran these rows in other batches: sums near 200 may differ in the last
+        # float32 bit (1.5e-5); another row's value would be off by whole nats
+        torch.testing.assert_close(batch["ref_sum_logps"], expected.logps.sum, atol=0, rtol=2e-7)
+        torch.testing.assert_close(batch["ref_avg_logps"], expected.logps.avg, atol=0, rtol=2e-7)
         assert torch.equal(batch["ref_n_tokens"], expected.logps.n_tokens)
         assert torch.equal(batch["ref_topk_indices"], expected.topk_indices)
 
