@@ -124,11 +124,22 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     else:
         log.info("no run given: evaluating the initial model against itself")
     loggers = eval_loggers(run_cfg, out_dir, run_dir)
-    scalars = evaluate_experiment(experiment, experiment.policy, loggers, out_dir=out_dir)
+    scalars = evaluate_experiment(
+        experiment, experiment.policy, loggers, out_dir=out_dir, device=eval_device(cfg)
+    )
     for logger in loggers:
         logger.finalize("success")
     finish_wandb()
     return scalars
+
+
+def eval_device(cfg: DictConfig) -> torch.device:
+    """``device=...`` of fpo-eval; null: the first GPU when there is one, else the CPU."""
+    name = cfg.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError as err:
+        raise UserError(f"device={name!r}: not a torch device ({err}); e.g. cpu, cuda:0.") from None
 
 
 def finish_wandb() -> None:

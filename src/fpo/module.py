@@ -372,6 +372,20 @@ class FPOLightningModule(L.LightningModule):
             "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
         }
 
+    def on_train_end(self) -> None:
+        """Free the optimizer state and the gradients once training is over.
+
+        Lightning runs the callbacks' ``on_train_end`` first, so the checkpoints (``last``
+        included) already hold the state. Kept, Lightning's teardown would copy it to the
+        CPU (two fp32 copies of the policy: about 21 GB and 20 s for Gemma-2-2B on an H100)
+        and the evaluation after fit would run beside it.
+        """
+        for optimizer in self.trainer.optimizers:
+            state = getattr(optimizer, "state", None)
+            if isinstance(state, dict):  # torch optimizers; DeepSpeed's keep their own
+                state.clear()
+        self.policy.zero_grad(set_to_none=True)
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Keep checkpoints to the policy (the reference and SAE are frozen inputs); add the
         RNG states and the count of skipped non-finite steps."""

@@ -27,12 +27,13 @@ log = logging.getLogger("fpo.train")
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")
 
 
-def evaluate(experiment: Experiment, loggers: list) -> dict[str, float]:
-    """Evaluate the trained policy against a fresh load of the initial weights (the code
-    ``fpo-eval`` runs too: `fpo.evaluation.after_fit.evaluate_experiment`)."""
+def evaluate(experiment: Experiment, loggers: list, device: torch.device) -> dict[str, float]:
+    """Evaluate the trained policy against a fresh load of the initial weights, on the
+    training ``device`` (the code ``fpo-eval`` runs too:
+    `fpo.evaluation.after_fit.evaluate_experiment`)."""
     from fpo.evaluation.after_fit import evaluate_experiment
 
-    return evaluate_experiment(experiment, experiment.policy, loggers)
+    return evaluate_experiment(experiment, experiment.policy, loggers, device=device)
 
 
 def reset_peak_memory() -> None:
@@ -83,7 +84,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
             experiment.policy, experiment.tokenizer, Path(cfg.paths.output_dir) / POLICY_DIR
         )
     if cfg.get("evaluation") and trainer.is_global_zero:
-        metrics.update(evaluate(experiment, loggers))
+        metrics.update(evaluate(experiment, loggers, trainer.strategy.root_device))
     metrics["run/wall_seconds"] = time.perf_counter() - started
     if trainer.is_global_zero:
         output_dir = Path(cfg.paths.output_dir)

@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
@@ -205,6 +206,7 @@ def evaluate_experiment(
     loggers: list,
     out_dir: str | Path | None = None,
     reference: nn.Module | None = None,
+    device: torch.device | str | None = None,
 ) -> dict[str, float]:
     """Evaluate ``policy`` against the run's initial weights (module docstring).
 
@@ -212,6 +214,9 @@ def evaluate_experiment(
         experiment: `fpo.experiment.Experiment` of the run (config, tokenizer, data, SAE).
         out_dir: where the files go (default ``<cfg.paths.output_dir>/evaluation``).
         reference: the reference model (default: a fresh load of ``cfg.model.loader``).
+        device: where the policy, the reference and the SAE run (default: the policy's
+            device). fpo-train passes the training device: Lightning's teardown leaves the
+            policy on the CPU after fit.
 
     Returns the ``eval/*`` scalars (also sent to ``loggers``).
     """
@@ -221,7 +226,10 @@ def evaluate_experiment(
     started = time.perf_counter()
     check_validation_prompts(settings)
     judges = build_judges(settings.get("judges"))
+    device = torch.device(device) if device is not None else next(policy.parameters()).device
+    policy.to(device)
     reference = reference if reference is not None else instantiate(cfg.model.loader)[0]
+    reference.to(device)
     chunk = settings.get("logits_chunk_size", 256)
     result = sample_and_judge(
         policy,
@@ -237,6 +245,8 @@ def evaluate_experiment(
     pairs_file = settings.get("pairs_file", settings["prompts_file"])
     if pairs_file:
         sae, hook_name = run_sae(experiment)
+        if sae is not None:
+            sae.to(device)
         k = experiment.objective.constraints.features.k or DEFAULT_DRIFT_K
         loader = heldout_loader(
             experiment.datamodule,
