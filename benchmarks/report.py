@@ -196,7 +196,8 @@ def model_section(model: str, entry: dict, record: dict) -> list[str]:
             + f", |diff| {max(c['diff']):.1e}"
             for kind, c in ((k, check[k]) for k in ("dpo", "simpo"))
         )
-        + f"; tolerance {check['tolerance'][0]:g} / {check['tolerance'][1]:g}: "
+        + f"; tolerance {check['tolerance'][0]:g} at step 0 / "
+        + f"{check['tolerance'][1]:g} of the update's size after it: "
         + ("passed." if check["ok"] else "FAILED."),
         "",
     ]

@@ -33,9 +33,25 @@ def test_losses_equal_trl_fp32(tmp_path, row_set):
     out = equal_math.check(_spec(tmp_path), _rows(row_set), lambda: load_model("tiny"))
     assert out["ok"], out
     assert out["dpo"]["ours"][0] == pytest.approx(math.log(2), abs=1e-6)
-    # the update moved the loss by far more than the tolerance: the check has teeth
+    # the update moved the loss by far more than the bound after it
     for kind in ("dpo", "simpo"):
-        assert abs(out[kind]["ours"][1] - out[kind]["ours"][0]) > 100 * out["tolerance"][1]
+        assert abs(out[kind]["ours"][1] - out[kind]["ours"][0]) > 20 * out[kind]["allowed"][1]
+
+
+def test_a_one_percent_error_in_beta_fails_after_the_update(tmp_path, monkeypatch):
+    """DPO's step-0 loss is ln 2 whatever beta is: only the loss after the update sees a
+    wrong beta, and the bound after it (relative to the update's size) must."""
+    preset = equal_math.objective_preset
+
+    def off_by_one_percent(name: str) -> dict:
+        out = preset(name)
+        out["beta"] *= 1.01
+        return out
+
+    monkeypatch.setattr(equal_math, "objective_preset", off_by_one_percent)
+    out = equal_math.check(_spec(tmp_path), _rows("fixed"), lambda: load_model("tiny"))
+    assert out["dpo_ln2"] < 1e-6 and out["dpo"]["diff"][0] < 1e-6
+    assert not out["dpo"]["ok"] and out["dpo"]["diff"][1] > out["dpo"]["allowed"][1]
 
 
 def test_simpo_bf16_difference_is_trl_bf16_log_probs(tmp_path):
