@@ -182,9 +182,11 @@ def fit_losses(module, dm):
     return torch.stack(capture.losses), trainer.callback_metrics["val/loss"]
 
 
-def test_dpo_from_cache_equals_dpo_online(tmp_path, tiny_tokenizer):
+@pytest.mark.parametrize("stored_k", [0, K])
+def test_dpo_from_cache_equals_dpo_online(tmp_path, tiny_tokenizer, stored_k):
+    """From a log-probs-only cache, and from an FPO cache (features stored, not read)."""
     reference = build_tiny_model(seed=0)
-    build(tmp_path, reference, tiny_tokenizer, None, k=0)
+    build(tmp_path, reference, tiny_tokenizer, make_sae() if stored_k else None, k=stored_k)
 
     dm_cached = make_dm(tiny_tokenizer, shuffle=True)
     attach_reference_cache(make_settings(tmp_path, 0), dm_cached, reference, None)

@@ -204,6 +204,27 @@ def test_each_changed_component_is_refused_by_name(tmp_path, name):
     ReferenceCache.open(tmp_path, expected_components=COMPONENTS)  # the matching one loads
 
 
+def test_a_run_without_features_reads_the_log_probs_of_a_cache_with_features(tmp_path):
+    """FPO at alpha 0 (or DPO) expects no SAE and k 0; a cache built with features holds
+    the same log-probs. Everything the log-probs depend on is still checked, and a run
+    that needs features still refuses a cache without them."""
+    rows = make_rows()
+    build(tmp_path, rows)
+    no_features = {
+        **COMPONENTS, "sae_weights": "none", "sae_config": "none", "sae_hook": "none", "k": "0"
+    }
+    cache = ReferenceCache.open(tmp_path, expected_components=no_features)
+    assert cache.get("ex003")["ref_chosen_sum_logps"] == rows[1]["sum_logps"][3]
+    with pytest.raises(UserError, match="  reference_weights: expected changed"):
+        ReferenceCache.open(
+            tmp_path, expected_components={**no_features, "reference_weights": "changed"}
+        )
+    logps_only = tmp_path / "logps_only"
+    build(logps_only, make_rows(k=0), k=0, components=no_features)
+    with pytest.raises(UserError, match="  k: expected 4, found 0"):
+        ReferenceCache.open(logps_only, expected_components=COMPONENTS)
+
+
 @pytest.mark.parametrize("name", ["data", "sae_weights"])
 def test_writer_refuses_partial_state_with_other_components(tmp_path, name):
     ids, chosen, rejected = make_rows()

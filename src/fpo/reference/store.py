@@ -13,7 +13,8 @@ Arrow: string keys beside ``[k]`` lists, zero-copy numpy views through ``pa.memo
 
 Training (:func:`attach_reference_cache`) refuses an incomplete or damaged cache and any
 differing fingerprint component, but accepts a cache of a superset of its rows (pairs are
-keyed by a content hash); a changed or added row is refused, naming ``data``.
+keyed by a content hash; a changed or added row is refused, naming ``data``) and, for a run
+without the feature term, a cache that also stores features (``FEATURE_COMPONENTS``).
 """
 
 from __future__ import annotations
@@ -39,6 +40,9 @@ MANIFEST = "manifest.json"
 MANIFEST_KEYS = {"num_pairs", "num_rows", "k", "values_dtype", "total_bytes", "bytes_per_pair"}
 MANIFEST_KEYS |= {"world_size", "components", "shards"}
 SIDES = ("chosen", "rejected")
+#: What only the stored features depend on: a run without the feature term (``k == 0``, e.g.
+#: FPO at alpha 0, or DPO) may read the log-probs of a cache built with features.
+FEATURE_COMPONENTS = ("sae_weights", "sae_config", "sae_hook", "k", "dtype")
 _META = b"fpo.fingerprint"
 _REBUILD = "the fpo-cache command that built it, plus cache.overwrite=true"
 
@@ -157,6 +161,8 @@ class ReferenceCache:
         manifest = read_manifest(path, rebuild_command)
         expected = {name: str(value) for name, value in (expected_components or {}).items()}
         ignore = ("data",) if example_ids is not None else ()
+        if expected.get("k") == "0" and int(manifest["k"]) > 0:
+            ignore += FEATURE_COMPONENTS  # a run without the feature term reads the log-probs
         if expected and (lines := differences(expected, manifest["components"], ignore)):
             raise other_inputs(path, lines, rebuild_command)
         schema, columns, index = cache_schema(manifest["k"], manifest["values_dtype"]), [], {}
