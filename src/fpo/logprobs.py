@@ -103,6 +103,48 @@ def _chunk_bounds(num_positions: int, size: int | None) -> list[tuple[int, int]]
     return [(s, min(s + size, num_positions)) for s in range(0, num_positions, size)]
 
 
+#: Rows per ``logsumexp`` call in :class:`_TargetLogProbs` (its temporaries are ``[rows, V]``).
+LSE_ROWS = 32
+
+
+class _TargetLogProbs(torch.autograd.Function):
+    """``(logps [C], log_z [C])`` of ``logits [C, V]``: ``log_z = logsumexp_v logits``,
+    ``logps[i] = logits[i, targets[i]] - log_z[i]``.
+
+    Autograd's own graph for this (``logsumexp`` and ``gather``) builds the gradient out of
+    several fresh ``[C, V]`` tensors alive together at the peak of backward, beside the
+    saved logits. Here backward makes one, ``d/d logits = softmax * (g_log_z - g_logps) +
+    onehot(targets) * g_logps``, and works in place on it.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+        # logsumexp makes [rows, V] temporaries: a few rows at a time keeps them small
+        log_z = (
+            torch.cat([torch.logsumexp(block, dim=1) for block in logits.split(LSE_ROWS)])
+            if logits.shape[0]
+            else logits.new_zeros(0)
+        )
+        logps = logits.gather(1, targets.unsqueeze(1)).squeeze(1) - log_z
+        ctx.save_for_backward(logits, log_z, targets)
+        return logps, log_z
+
+    @staticmethod
+    def backward(ctx, grad_logps: Tensor | None, grad_log_z: Tensor | None):
+        logits, log_z, targets = ctx.saved_tensors
+        grad_logps = torch.zeros_like(log_z) if grad_logps is None else grad_logps
+        softmax_scale = -grad_logps if grad_log_z is None else grad_log_z - grad_logps
+        grad = torch.sub(logits, log_z.unsqueeze(1)).exp_().mul_(softmax_scale.unsqueeze(1))
+        grad.scatter_add_(1, targets.unsqueeze(1), grad_logps.unsqueeze(1).to(grad.dtype))
+        return grad, None
+
+
+def target_logprobs(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+    """``(log softmax(logits)[i, targets[i]], logsumexp(logits[i]))``, both ``[C]``, for
+    ``logits [C, V]`` (see :class:`_TargetLogProbs`)."""
+    return _TargetLogProbs.apply(logits, targets)
+
+
 def _chunk_token_stats(
     policy_head: Head,
     ref_head: Head | None,
@@ -115,8 +157,7 @@ def _chunk_token_stats(
     ``KL(pi_ref || pi_theta) = sum_v p_ref(v) * (log p_ref(v) - log p_theta(v))`` per position.
     """
     logits = policy_head(policy_hidden).float()
-    policy_log_z = torch.logsumexp(logits, dim=1)
-    policy_logps = logits.gather(1, targets.unsqueeze(1)).squeeze(1) - policy_log_z
+    policy_logps, policy_log_z = target_logprobs(logits, targets)
     if ref_hidden is None:
         return policy_logps, None, None
     with torch.no_grad():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from fpo.logprobs import (
     ResponsePositions,
@@ -14,6 +15,7 @@ from fpo.logprobs import (
     segment_mean,
     segment_sum,
     sequence_logps,
+    target_logprobs,
 )
 
 IGNORE = -100
@@ -285,3 +287,56 @@ def test_segment_sum_trailing_dims():
     torch.testing.assert_close(out[0], values[0] + values[1])
     torch.testing.assert_close(out[1], values[2] + values[3] + values[4])
     torch.testing.assert_close(out[2:], torch.zeros(2, 2, 3))
+
+
+# ------------------------------------------------------------ the target log-prob function
+def test_target_logprobs_values_and_gradcheck():
+    """Both outputs (log-prob of the target, log-partition) and their gradients, alone and
+    together (TDPO's KL also reads log_z), against torch's own in float64."""
+    logits = torch.randn(6, 11, generator=_gen(8), dtype=torch.float64, requires_grad=True)
+    targets = torch.tensor([0, 3, 10, 1, 1, 5])
+    logps, log_z = target_logprobs(logits, targets)
+    torch.testing.assert_close(log_z, logits.logsumexp(1))
+    torch.testing.assert_close(logps, logits.log_softmax(1)[torch.arange(6), targets])
+    torch.autograd.gradcheck(lambda x: target_logprobs(x, targets), (logits,))
+    torch.autograd.gradcheck(lambda x: target_logprobs(x, targets)[0], (logits,))
+    torch.autograd.gradcheck(lambda x: target_logprobs(x, targets)[1], (logits,))
+    rows = target_logprobs(torch.randn(70, 5, dtype=torch.float64), torch.zeros(70).long())
+    assert rows[1].shape == (70,)  # more rows than one logsumexp block
+
+
+class _NewTensors(TorchDispatchMode):
+    """Counts the ops that return a new tensor of at least ``numel`` elements."""
+
+    def __init__(self, numel: int) -> None:
+        super().__init__()
+        self.numel, self.ops = numel, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inplace = func._schema.name.endswith("_") or any(
+            a.alias_info is not None for a in func._schema.returns
+        )
+        if not inplace and isinstance(out, torch.Tensor) and out.numel() >= self.numel:
+            self.ops.append(func._schema.name)
+        return out
+
+
+def test_backward_makes_one_vocab_sized_tensor():
+    """Autograd's logsumexp + gather backward makes several [M, V] tensors alive together at
+    the peak of training; ours makes one and works in place on it."""
+    m, h, v = 64, 8, 500  # M x V well above the head's V x H gradient
+    torch.manual_seed(0)
+    head = torch.nn.Linear(h, v, bias=False)
+    hidden = torch.randn(m, h, requires_grad=True)
+    targets = torch.randint(0, v, (m,))
+    stats = response_token_stats(hidden, head, targets)
+    with _NewTensors(m * v) as counter:
+        stats.policy_logps.sum().backward()
+    assert len(counter.ops) == 1, counter.ops
+
+    logits = head(hidden)  # the same with torch's own ops: the count the test would see
+    naive = logits.gather(1, targets[:, None]).squeeze(1) - logits.logsumexp(1)
+    with _NewTensors(m * v) as counter:
+        naive.sum().backward()
+    assert len(counter.ops) >= 3, counter.ops
