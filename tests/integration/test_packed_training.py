@@ -13,9 +13,11 @@ from helpers import QUIET_TRAINER, compose_train
 
 
 class FirstLoss(L.Callback):
-    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
-        self.loss = float(outputs["loss"])
+    def on_before_optimizer_step(self, trainer, module, optimizer) -> None:
         self.grads = {n: p.grad.clone() for n, p in module.policy.named_parameters()}
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        self.loss = float(outputs["loss"])  # the module frees the gradients after the step
 
 
 def first_step(objective: str, packed: bool, tmp_path, *extra: str) -> FirstLoss:
