@@ -211,7 +211,11 @@ def test_a_run_without_features_reads_the_log_probs_of_a_cache_with_features(tmp
     rows = make_rows()
     build(tmp_path, rows)
     no_features = {
-        **COMPONENTS, "sae_weights": "none", "sae_config": "none", "sae_hook": "none", "k": "0"
+        **COMPONENTS,
+        "sae_weights": "none",
+        "sae_config": "none",
+        "sae_hook": "none",
+        "k": "0",
     }
     cache = ReferenceCache.open(tmp_path, expected_components=no_features)
     assert cache.get("ex003")["ref_chosen_sum_logps"] == rows[1]["sum_logps"][3]
