@@ -171,6 +171,9 @@ def ablation_commands(selection: dict[str, dict]) -> dict[str, list[str]]:
     per-token means, so the DPO+features run scales alpha by 24 to weigh the term alike.
     ``normalize=true`` divides D by the reference's pooled feature energy over the top-k
     union (~3e5 for this SAE), so alpha 30 there is about alpha 1e-4 raw.
+
+    In order of the issue's list (the scale-free term's runs last): a sitting that ends
+    mid-way has run what the ablation table needs most.
     """
     if not {"fpo", "dpo", "simpo"} <= set(selection):
         return {}
@@ -181,15 +184,6 @@ def ablation_commands(selection: dict[str, dict]) -> dict[str, list[str]]:
         "ablation_alpha0": [*fpo, f"{features}.alpha=0"],
         "ablation_stopgrad_off": [*fpo, f"{features}.stop_gradient=false"],
         "ablation_k": [*fpo, "reference=online", f"{features}.k=16,128"],
-        "ablation_normalized": [*fpo, f"{features}.normalize=true", f"{features}.alpha=10,30"],
-        "ablation_layer11": [*fpo, "reference=online", "sae=gemma3_270m_l11"],
-        "ablation_layer11_normalized": [
-            *fpo,
-            "reference=online",
-            "sae=gemma3_270m_l11",
-            f"{features}.normalize=true",
-            f"{features}.alpha=30",
-        ],
         "ablation_dpo_features": [
             f"experiment=comparison/{selection['dpo']['experiment']}",
             *selection["dpo"]["overrides"],
@@ -203,6 +197,15 @@ def ablation_commands(selection: dict[str, dict]) -> dict[str, list[str]]:
             cached,
             f"{features}.alpha=1e-4",
             f"{features}.k=50",
+        ],
+        "ablation_layer11": [*fpo, "reference=online", "sae=gemma3_270m_l11"],
+        "ablation_normalized": [*fpo, f"{features}.normalize=true", f"{features}.alpha=10,30"],
+        "ablation_layer11_normalized": [
+            *fpo,
+            "reference=online",
+            "sae=gemma3_270m_l11",
+            f"{features}.normalize=true",
+            f"{features}.alpha=30",
         ],
     }
     return {name: [*overrides, f"sweep.name={name}"] for name, overrides in commands.items()}
