@@ -1,0 +1,87 @@
+"""Where in a training step the peak RSS is reached (CPU): one benchmark configuration in
+this process, with the resident set size and its high-water mark (``ru_maxrss``) printed
+at each phase boundary (our policy trunk, reference, LM head; backward and optimizer step
+for both frameworks). The phase whose end raises the high-water mark holds the peak.
+
+    python benchmarks/memory_phases.py --config "DPO online" --rows fixed
+    python benchmarks/memory_phases.py --config "TRL DPO online" --rows fixed
+
+It prepares its rows like ``benchmarks/run.py`` (gemma-3-270m's CPU settings of
+``benchmarks/config.yaml``, one warm-up and two measured steps).
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "src"), str(ROOT)]
+
+from benchmarks.run import CONFIG, load_config, model_specs, worker  # noqa: E402
+
+GIB = 2**30
+MARKS: list[tuple[str, float, float]] = []
+
+
+def mark(name: str) -> None:
+    with open("/proc/self/status") as status:
+        rss = int(next(line for line in status if line.startswith("VmRSS:")).split()[1]) * 1024
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    MARKS.append((name, rss / GIB, peak / GIB))
+
+
+def wrap(owner, name: str, label: str) -> None:
+    """Mark before and after ``owner.name(...)``."""
+    original = getattr(owner, name)
+
+    def marked(*args, **kwargs):
+        mark(f"before {label}")
+        out = original(*args, **kwargs)
+        mark(f"after {label}")
+        return out
+
+    setattr(owner, name, marked)
+
+
+def instrument(framework: str) -> None:
+    wrap(torch.Tensor, "backward", "backward")
+    for optimizer in (torch.optim.AdamW, torch.optim.Adam):
+        wrap(optimizer, "step", "optimizer step (includes its closure)")
+    if framework == "ours":
+        import fpo.module
+        from fpo.reference.base import OnlineReference
+
+        wrap(fpo.module, "forward_response_positions", "policy trunk")
+        wrap(fpo.module, "response_token_stats", "LM head")
+        wrap(OnlineReference, "stats", "reference")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default="DPO online", help="an ours/trl entry of config.yaml")
+    parser.add_argument("--rows", default="fixed", choices=["fixed", "spread"])
+    parser.add_argument("--model", default="gemma3_270m")
+    args = parser.parse_args()
+    framework = "trl" if args.config.startswith("TRL") else "ours"
+    with tempfile.TemporaryDirectory(prefix="fpo-memory-") as workdir:
+        spec = {**model_specs(load_config(CONFIG, []), "cpu", args.model, workdir)}
+        spec |= {"row_set": args.rows, "cache": framework == "ours" and "cached" in args.config}
+        worker("prepare", spec)
+        spec |= {"framework": framework, "config": args.config, "gradient_checkpointing": False}
+        instrument(framework)
+        mark("start")
+        out = worker("train", spec)
+    print(f"{'phase':45s} {'RSS GiB':>8s} {'peak GiB':>9s}")
+    for name, rss, peak in MARKS:
+        print(f"{name:45s} {rss:8.3f} {peak:9.3f}")
+    print(f"peak RSS {out['peak_memory'] / GIB:.3f} GiB (imports {out['base_rss'] / GIB:.3f})")
+
+
+if __name__ == "__main__":
+    main()
