@@ -329,12 +329,14 @@ def export() -> None:
     rows = []
     generations = RESULTS / "generations"
     generations.mkdir(exist_ok=True)
-    labels = {path.resolve(): label for label, path in sweeps.items()}
     for run in load_runs(list(sweeps.values())):
         source = run.path / "evaluation" / "generations.jsonl"
         if not source.is_file():
             continue
-        name = _slug(f"{labels[run.path.parent.resolve()]}__{run.path.name}")
+        # a path-valued override (reference.path=...) nests the run's folder in its sweep's
+        where = run.path.resolve()
+        label, path = next((k, p) for k, p in sweeps.items() if p.resolve() in where.parents)
+        name = _slug(f"{label}__{where.relative_to(path.resolve())}")
         with source.open() as handle, (generations / f"{name}.jsonl").open("w") as out:
             for line in handle:
                 row = json.loads(line)
