@@ -70,7 +70,7 @@ def main() -> None:
     args = parser.parse_args()
     framework = "trl" if args.config.startswith("TRL") else "ours"
     with tempfile.TemporaryDirectory(prefix="fpo-memory-") as workdir:
-        spec = {**model_specs(load_config(CONFIG, []), "cpu", args.model, workdir)}
+        spec = model_specs(load_config(CONFIG, []), "cpu", args.model, workdir)
         spec |= {"row_set": args.rows, "cache": framework == "ours" and "cached" in args.config}
         worker("prepare", spec)
         spec |= {"framework": framework, "config": args.config, "gradient_checkpointing": False}
