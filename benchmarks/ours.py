@@ -1,4 +1,4 @@
-"""Our side: a configuration trained by ``fpo-train``'s own code path (``build_experiment``,
+"""Our side: a configuration trained by ``fpo-train``'s own code path (``build_run_parts``,
 ``FPOLightningModule``, a Lightning ``Trainer``) on the benchmark's rows."""
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def compose(spec: dict, objective: str, source: str | None, packed: bool = False
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    from fpo.train import CONFIG_DIR
+    from fpo.commands.common import CONFIG_DIR
 
     overrides = [
         "model=gemma3_270m" if spec["model"] == "gemma3_270m" else "model=tiny",
@@ -68,7 +68,7 @@ def compose(spec: dict, objective: str, source: str | None, packed: bool = False
     }
     cfg.model.gradient_checkpointing = bool(spec.get("gradient_checkpointing", False))
     # As the paper experiment configs: a bf16 online reference for DPO/TDPO, the policy's
-    # dtype for FPO (a reference in another precision gives a spurious D, fpo.experiment).
+    # dtype for FPO (a reference in another precision gives a spurious D, fpo.builder).
     cfg.reference.dtype = None if objective == "fpo" else spec.get("reference_dtype")
     OmegaConf.resolve(cfg)
     return cfg
@@ -102,11 +102,11 @@ def attach_cached(items: list[dict], cache: dict) -> list[dict]:
 
 def build(spec: dict, config: str):
     """``(experiment, module)`` for configuration ``config``."""
-    from fpo.experiment import build_experiment
+    from fpo.builder import build_run_parts
     from fpo.reference.base import BatchReference
 
     objective, source = OURS[config]
-    experiment = build_experiment(compose(spec, objective, source, is_packed(config)))
+    experiment = build_run_parts(compose(spec, objective, source, is_packed(config)))
     reference = BatchReference() if source == "cached" else None
     module = experiment.build_module(reference=reference)
     module.sae_report_batches = 0
@@ -159,9 +159,9 @@ def build_cache(spec: dict, rows: list[dict]) -> dict:
     cache = {}
     for objective in ("dpo", "fpo"):
         experiment, _ = None, None
-        from fpo.experiment import build_experiment
+        from fpo.builder import build_run_parts
 
-        experiment = build_experiment(compose(spec, objective, "online"))
+        experiment = build_run_parts(compose(spec, objective, "online"))
         reference = experiment.build_reference().to(spec["device"])
         collate = PreferenceCollator(experiment.tokenizer.pad_token_id)
         fields = {}

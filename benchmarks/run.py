@@ -39,8 +39,8 @@ CONFIG = Path(__file__).with_name("config.yaml")
 # ----------------------------------------------------------------------------- workers
 def worker(kind: str, spec: dict) -> dict:
     """One unit of work in this (fresh) process; returns what the parent records."""
-    if spec.get("framework") == "ours":  # what fpo-train's entry points do (fpo.cli)
-        from fpo.cli import default_cuda_allocator
+    if spec.get("framework") == "ours":  # what fpo-train's entry points do (fpo.commands.common)
+        from fpo.commands.common import default_cuda_allocator
 
         default_cuda_allocator()
     import torch
@@ -86,7 +86,7 @@ def worker(kind: str, spec: dict) -> dict:
             spec, first, lambda: load_model(spec["model"], spec["device"], spec["seed"])
         )
     if spec["framework"] == "ours":  # imports first: the RSS increase is the training's
-        import fpo.experiment  # noqa: F401
+        import fpo.builder  # noqa: F401
     else:
         import trl.experimental.cpo  # noqa: F401
     base = current_rss()

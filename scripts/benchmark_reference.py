@@ -65,7 +65,7 @@ NEGATIVE = (
 def write_pairs(path: Path, n: int, seed: int = 0) -> None:
     """``n`` review-style pairs (plain format): chosen positive, rejected negative; each
     response is longer than the truncation so all responses have the same token count."""
-    from fpo.sentiment.prompts import make_prompts
+    from fpo.review_data.prompts import make_prompts
 
     rng = random.Random(seed)
     with open(path, "w") as f:
@@ -88,11 +88,11 @@ def peak_rss() -> int:
 
 # ----------------------------------------------------------------------------- workers
 def compose_config(args, objective: str, source: str | None):
-    """The fpo-train config of one configuration, built like any run (fpo.experiment)."""
+    """The fpo-train config of one configuration, built like any run (fpo.builder)."""
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from fpo.train import CONFIG_DIR
+    from fpo.commands.common import CONFIG_DIR
 
     pairs = Path(args.workdir) / "pairs.jsonl"
     overrides = [
@@ -127,7 +127,7 @@ def compose_config(args, objective: str, source: str | None):
 
 def worker_build(args) -> dict:
     """Build the FPO and DPO caches of all pairs; throughput and bytes per pair."""
-    from fpo.cache import build
+    from fpo.commands.cache import build
 
     base = current_rss()
     out = {}
@@ -150,10 +150,10 @@ def worker_train(args) -> dict:
     """A few optimizer steps of one configuration on the first batch."""
     import torch
 
-    from fpo.experiment import build_experiment
+    from fpo.builder import build_run_parts
 
     base = current_rss()
-    experiment = build_experiment(compose_config(args, *CONFIGS[args.config]))
+    experiment = build_run_parts(compose_config(args, *CONFIGS[args.config]))
     policy = experiment.policy
     module = experiment.build_module()
     module.sae_report_batches = 0

@@ -44,7 +44,7 @@ from fpo.data.collate import PreferenceCollator
 from fpo.forward import forward_response_positions
 from fpo.logprobs import IGNORE_INDEX, response_positions, segment_mean
 from fpo.models.hf import split_causal_lm
-from fpo.objectives import feature_mse
+from fpo.losses import feature_mse
 from fpo.sae import load_sae, resolve_hook_module, sae_hook_name
 
 DEFAULT_SAES = ("assets/sae/gemma3-270m-layer17", "assets/sae/gemma3-270m-layer17-jumprelu")

@@ -162,7 +162,7 @@ def compose(args: argparse.Namespace, data_file: Path):
     from hydra import initialize_config_dir
     from omegaconf import open_dict
 
-    from fpo.train import CONFIG_DIR
+    from fpo.commands.common import CONFIG_DIR
 
     overrides = [
         f"experiment={args.objective}_gemma2_2b_ultrafeedback",
@@ -314,7 +314,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     """Build the experiment, fit ``--steps`` optimizer steps, return the measurements."""
     from omegaconf import OmegaConf
 
-    from fpo.experiment import build_experiment
+    from fpo.builder import build_run_parts
 
     cuda = not args.cpu
     data_file = synthetic_rows(
@@ -324,7 +324,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     cfg = compose(args, data_file)
     OmegaConf.resolve(cfg)
     started = time.perf_counter()
-    experiment = build_experiment(cfg)
+    experiment = build_run_parts(cfg)
     module = experiment.build_module()
     last = len(experiment.policy.model.layers) - 1
     names = [name.format(last=last) for name in TRACKED]

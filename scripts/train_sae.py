@@ -34,7 +34,7 @@ import sae_lens
 import torch
 
 from fpo.atomic import atomic_save_bytes
-from fpo.cli import user_errors
+from fpo.commands.common import user_errors
 from fpo.errors import UserError
 from fpo.sae import SAE_SITES
 from fpo.sae_training.activations import collect_activations, hook_name_for_layer

@@ -71,7 +71,7 @@ def sigkill_at_atomic_replace(n: int) -> None:
 
 
 if __name__ == "__main__":
-    # python -m faults N fpo.cache|fpo.train HYDRA_ARGS...: killed at the N-th atomic rename
+    # python -m faults N fpo.commands.cache|fpo.commands.train HYDRA_ARGS...: killed at the N-th atomic rename
     import runpy
 
     sigkill_at_atomic_replace(int(sys.argv[1]))

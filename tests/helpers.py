@@ -8,7 +8,7 @@ from hydra import compose, initialize_config_dir
 
 from fpo.data import PreferenceDataModule
 from fpo.objective import Objective, build_objective
-from fpo.train import CONFIG_DIR
+from fpo.commands.common import CONFIG_DIR
 
 PRESETS = ("dpo", "simpo", "tdpo1", "tdpo2", "fpo")
 

@@ -1,6 +1,6 @@
 """Checkpoints a run can trust: atomic writes, safe loads, ``ckpt_path=last``, strict weights.
 
-* :class:`AtomicCheckpointIO` (every trainer built by ``fpo.experiment`` uses it) writes a
+* :class:`AtomicCheckpointIO` (every trainer built by ``fpo.builder`` uses it) writes a
   checkpoint to a temporary name in the same folder, fsyncs it and renames it over the
   target, so a kill or a full disk never leaves a truncated ``last.ckpt``: the previous one
   stays. It loads with ``torch.load(weights_only=True)`` (no pickled code).

@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
-from fpo import objectives
+from fpo import losses
 from fpo.checkpoints import FROZEN_PREFIXES, check_policy_state, restore_rng_states, rng_states
 from fpo.errors import UserError
 from fpo.forward import forward_response_positions
@@ -69,7 +69,7 @@ def fused_kwargs(factory: Callable, params: list[Tensor]) -> dict:
 class FPOLightningModule(L.LightningModule):
     """Preference optimisation of ``policy`` with a composed objective (``fpo.objective``).
 
-    Build it from a config with :func:`fpo.experiment.build_experiment`; direct use:
+    Build it from a config with :func:`fpo.builder.build_run_parts`; direct use:
 
     Args:
         policy: a Hugging Face causal LM (trained).
@@ -170,7 +170,7 @@ class FPOLightningModule(L.LightningModule):
         return name.replace("/", "__")
 
     # ---------------------------------------------------------------- the step
-    def preference_step(self, batch: dict) -> tuple[objectives.PreferenceLoss, dict[str, Tensor]]:
+    def preference_step(self, batch: dict) -> tuple[losses.PreferenceLoss, dict[str, Tensor]]:
         """Per-pair losses and per-row ``[2B]`` statistics for a batch of ``B`` pairs.
 
         ``stats`` holds ``logps`` (the field the margin uses) and each active constraint's
@@ -204,7 +204,7 @@ class FPOLightningModule(L.LightningModule):
             stats["kl"] = segment_sum(tokens.kl, positions.rows, rows)
         if needs.features:
             pooled = encode_pooled(self.sae, policy_out.hooked, positions.rows, rows)
-            stats["fmse"] = objectives.feature_mse(
+            stats["fmse"] = losses.feature_mse(
                 pooled,
                 ref.topk_indices,
                 ref.topk_values,

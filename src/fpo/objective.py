@@ -1,7 +1,7 @@
 """Objectives as a margin plus optional constraint terms, from config (DESIGN.md section 3).
 
 An objective is ``-logsig(beta * [margin - constraints] - gamma)`` (the pure formula is
-:func:`fpo.objectives.preference_loss`). Its parts, each declaring what it needs:
+:func:`fpo.losses.preference_loss`). Its parts, each declaring what it needs:
 
 ============  ==========================================================  ==================
 part          per-pair value (w = chosen, l = rejected)                   needs
@@ -42,7 +42,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from torch import Tensor
 
-from fpo import objectives
+from fpo import losses
 from fpo.errors import UserError
 from fpo.logprobs import SequenceLogps
 
@@ -192,7 +192,7 @@ class Objective:
         policy: SequenceLogps,
         reference: SequenceLogps | None,
         stats: Mapping[str, Tensor],
-    ) -> objectives.PreferenceLoss:
+    ) -> losses.PreferenceLoss:
         """Per-pair losses from per-row statistics, rows chosen-then-rejected.
 
         Args:
@@ -210,12 +210,12 @@ class Objective:
             rw, rl = getattr(reference, field_name).chunk(2)
             pw, pl = pw - rw, pl - rl
         penalties = [
-            objectives.Penalty(
+            losses.Penalty(
                 *stats[term.stat].chunk(2), term.alpha, term.stop_gradient, term.in_rewards
             )
             for term in self.constraints.active()
         ]
-        return objectives.preference_loss(pw, pl, self.beta, gamma=gamma, penalties=penalties)
+        return losses.preference_loss(pw, pl, self.beta, gamma=gamma, penalties=penalties)
 
 
 ConfigStore.instance().store(group="objective", name="schema", node=Objective)

@@ -8,9 +8,9 @@ import torch
 
 import fpo.evaluation.after_fit as after_fit
 from fpo.errors import UserError
-from fpo.eval import eval_device
-from fpo.experiment import build_experiment
-from fpo.train import train
+from fpo.commands.eval import eval_device
+from fpo.builder import build_run_parts
+from fpo.commands.train import train
 from helpers import compose_train
 
 SMOKE = ("experiment=smoke", "objective=fpo", "data.batch_size=2")
@@ -18,7 +18,7 @@ SMOKE = ("experiment=smoke", "objective=fpo", "data.batch_size=2")
 
 def test_fit_frees_the_optimizer_state_after_the_last_checkpoint_saved_it(tmp_path):
     cfg = compose_train(*SMOKE, f"paths.output_dir={tmp_path}", "logger=csv")
-    experiment = build_experiment(cfg)
+    experiment = build_run_parts(cfg)
     module = experiment.build_module()
     trainer = experiment.build_trainer(
         max_steps=2, limit_val_batches=0, enable_progress_bar=False, enable_model_summary=False
@@ -67,7 +67,7 @@ def test_evaluation_moves_policy_reference_and_sae_to_the_device(tmp_path, monke
     monkeypatch.setattr(after_fit, "sample_and_judge", sample_and_judge)
     monkeypatch.setattr(after_fit, "heldout_pair_metrics", heldout_pair_metrics)
     cfg = compose_train(*SMOKE, f"paths.output_dir={tmp_path}", "evaluation=smoke")
-    experiment = build_experiment(cfg)
+    experiment = build_run_parts(cfg)
     with pytest.raises(Stop):
         after_fit.evaluate_experiment(experiment, experiment.policy, [], device="meta")
     assert seen == {name: torch.device("meta") for name in ("policy", "reference", "sae")}

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from fpo.train import CONFIG_DIR
+from fpo.commands.common import CONFIG_DIR
 
 ROOT = Path(__file__).resolve().parents[2]
 OBJECTIVES = ["dpo", "simpo", "tdpo1", "tdpo2", "fpo"]
@@ -25,7 +25,7 @@ def run_train(
         [
             sys.executable,
             "-m",
-            "fpo.train",
+            "fpo.commands.train",
             *(["--multirun"] if multirun else []),
             f"paths.log_dir={tmp_path}",
             *overrides,

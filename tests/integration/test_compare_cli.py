@@ -19,7 +19,7 @@ def run(*args: str) -> subprocess.CompletedProcess:
 
 def test_compare_a_smoke_multirun(tmp_path):
     trained = run(
-        "fpo.train",
+        "fpo.commands.train",
         "--multirun",
         f"paths.log_dir={tmp_path}",
         "experiment=smoke",

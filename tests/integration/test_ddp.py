@@ -87,10 +87,10 @@ def metrics(run_dir: Path) -> dict[str, float]:
 def test_two_ddp_processes_equal_one_process(tmp_path, objective, reference):
     overrides = (f"objective={objective}", f"reference={reference}")
     if reference == "cached":
-        run("fpo.cache", tmp_path, tmp_path / "cache_run", *overrides)
+        run("fpo.commands.cache", tmp_path, tmp_path / "cache_run", *overrides)
     single, double = tmp_path / "single", tmp_path / "ddp"
-    run("fpo.train", tmp_path, single, *TRAIN, *overrides)
-    run("fpo.train", tmp_path, double, *TRAIN, *overrides, *DDP)
+    run("fpo.commands.train", tmp_path, single, *TRAIN, *overrides)
+    run("fpo.commands.train", tmp_path, double, *TRAIN, *overrides, *DDP)
 
     losses_single, losses_double = step_losses(single), step_losses(double)
     assert sorted(losses_single) == sorted(losses_double) == [0, 1, 2, 3], losses_double
@@ -115,7 +115,7 @@ def test_ddp_jobs_in_a_sweep_each_start_their_own_ranks(tmp_path):
     env = {**os.environ, "FPO_ROOT": str(ROOT), "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
         [
-            *(sys.executable, "-m", "fpo.train", "-m", f"paths.log_dir={tmp_path}"),
+            *(sys.executable, "-m", "fpo.commands.train", "-m", f"paths.log_dir={tmp_path}"),
             *("experiment=smoke", "objective=dpo,simpo", "trainer.precision=32-true", *DDP),
         ],
         cwd=ROOT,

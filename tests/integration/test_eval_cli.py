@@ -35,7 +35,7 @@ def sweep(tmp_path_factory) -> Path:
     """``fpo-train -m experiment=smoke objective=dpo,fpo seed=0,1 evaluation=smoke``."""
     logs = tmp_path_factory.mktemp("logs")
     result = run_module(
-        "fpo.train", "-m", f"paths.log_dir={logs}", "experiment=smoke", "objective=dpo,fpo",
+        "fpo.commands.train", "-m", f"paths.log_dir={logs}", "experiment=smoke", "objective=dpo,fpo",
         "seed=0,1", "evaluation=smoke",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
@@ -73,7 +73,7 @@ def test_fpo_eval_reproduces_the_after_fit_summary(sweep):
     after_fit = json.loads((run / "evaluation" / "summary.json").read_text())
     generations = (run / "evaluation" / "generations.jsonl").read_text()
     curves = sorted(run.glob("*/version_*/metrics.csv"))
-    result = run_module("fpo.eval", f"run_dir={run}", f"paths.log_dir={sweep.parent}")
+    result = run_module("fpo.commands.eval", f"run_dir={run}", f"paths.log_dir={sweep.parent}")
     assert result.returncode == 0, result.stderr[-3000:]
     again = json.loads((run / "evaluation" / "summary.json").read_text())
     assert _stable(again) == _stable(after_fit)
@@ -87,7 +87,7 @@ def test_fpo_eval_reproduces_the_after_fit_summary(sweep):
 def test_fpo_eval_command_line_keys_replace_the_runs(sweep, tmp_path):
     run = _runs(sweep)[0]
     result = run_module(
-        "fpo.eval", f"run_dir={run}", f"out_dir={tmp_path}", "evaluation.num_prompts=2",
+        "fpo.commands.eval", f"run_dir={run}", f"out_dir={tmp_path}", "evaluation.num_prompts=2",
         "~evaluation.judges.afinn", f"paths.log_dir={tmp_path}",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
@@ -97,7 +97,7 @@ def test_fpo_eval_command_line_keys_replace_the_runs(sweep, tmp_path):
 
 def test_fpo_eval_without_a_run_evaluates_the_initial_model_against_itself(tmp_path):
     result = run_module(
-        "fpo.eval", "experiment=smoke", "evaluation=smoke", f"paths.log_dir={tmp_path}"
+        "fpo.commands.eval", "experiment=smoke", "evaluation=smoke", f"paths.log_dir={tmp_path}"
     )
     assert result.returncode == 0, result.stderr[-3000:]
     (summary_path,) = tmp_path.glob("eval/runs/*/evaluation/summary.json")
@@ -112,7 +112,7 @@ def test_fpo_eval_without_a_saved_policy_is_a_user_error(sweep, tmp_path):
     fake = tmp_path / "run"
     (fake / ".hydra").mkdir(parents=True)
     (fake / ".hydra" / "config.yaml").write_text((run / ".hydra" / "config.yaml").read_text())
-    result = run_module("fpo.eval", f"run_dir={fake}", f"paths.log_dir={tmp_path}")
+    result = run_module("fpo.commands.eval", f"run_dir={fake}", f"paths.log_dir={tmp_path}")
     assert result.returncode == 2 and "saved no final policy" in result.stderr
 
 
@@ -166,7 +166,7 @@ def wandb_records(path: Path):
 
 def test_wandb_offline_sweep_groups_tags_tables_and_images(tmp_path):
     result = run_module(
-        "fpo.train", "-m", f"paths.log_dir={tmp_path}", "experiment=smoke", "objective=dpo",
+        "fpo.commands.train", "-m", f"paths.log_dir={tmp_path}", "experiment=smoke", "objective=dpo",
         "seed=0,1", "evaluation=smoke", "logger=wandb",
         env={"WANDB_MODE": "offline", "WANDB_SILENT": "true"},
     )  # fmt: skip
@@ -196,7 +196,7 @@ def test_wandb_offline_sweep_groups_tags_tables_and_images(tmp_path):
     # fpo-eval on a job of the sweep logs into the same group, as an eval job
     (job,) = sweep_dir.glob("*seed=0")
     result = run_module(
-        "fpo.eval", f"run_dir={job}", f"paths.log_dir={tmp_path}",
+        "fpo.commands.eval", f"run_dir={job}", f"paths.log_dir={tmp_path}",
         env={"WANDB_MODE": "offline", "WANDB_SILENT": "true"},
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
@@ -214,7 +214,7 @@ def test_validation_prompts_give_selection_metrics_apart_from_test(tmp_path):
     validation = ROOT / "tests" / "fixtures" / "plain_pairs.jsonl"
     common = [f"paths.log_dir={tmp_path}", "experiment=smoke", "objective=dpo", "evaluation=smoke"]
     result = run_module(
-        "fpo.train", *common, f"evaluation.validation.prompts_file={validation}",
+        "fpo.commands.train", *common, f"evaluation.validation.prompts_file={validation}",
         "evaluation.validation.num_prompts=3", "optimized_metric=val/sampled/policy_judge_mean",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
@@ -234,7 +234,7 @@ def test_validation_prompts_give_selection_metrics_apart_from_test(tmp_path):
 
     test_file = ROOT / "tests" / "fixtures" / "ultrafeedback_binarized.jsonl"
     refused = run_module(
-        "fpo.train", *common, f"paths.log_dir={tmp_path / 'same'}",
+        "fpo.commands.train", *common, f"paths.log_dir={tmp_path / 'same'}",
         f"evaluation.validation.prompts_file={test_file}",
     )  # fmt: skip
     assert refused.returncode != 0

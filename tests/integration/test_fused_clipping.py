@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from fpo.experiment import build_experiment
+from fpo.builder import build_run_parts
 from helpers import QUIET_TRAINER, compose_train
 
 CLIP = 1e-3  # far below the tiny model's gradient norm: clipping decides the update
@@ -29,7 +29,7 @@ def train(tmp_path, clip: float | None, *extra: str) -> tuple[torch.optim.Optimi
         "data.shuffle=false",
         *extra,
     )
-    experiment = build_experiment(cfg)
+    experiment = build_run_parts(cfg)
     module = experiment.build_module()
     module.sae_report_batches = 0
     trainer = experiment.build_trainer(
@@ -60,7 +60,7 @@ def test_bf16_clipping_keeps_the_fused_adamw_and_clips_like_lightning(tmp_path):
 def test_fp16_loss_scaling_with_clipping_keeps_the_foreach_adamw(tmp_path):
     """A fused AdamW unscales fp16 gradients inside its step, after clipping saw them."""
     cfg = compose_train("experiment=smoke", f"paths.output_dir={tmp_path}", "objective=simpo")
-    module = build_experiment(cfg).build_module()
+    module = build_run_parts(cfg).build_module()
     scaler = SimpleNamespace(scale=lambda x: x)
     module._trainer = SimpleNamespace(
         gradient_clip_val=1.0, precision_plugin=SimpleNamespace(scaler=scaler)
@@ -75,7 +75,7 @@ def test_fused_bf16_clipping_follows_the_configured_algorithm(tmp_path, algorith
     from lightning.pytorch.plugins.precision import MixedPrecision
 
     cfg = compose_train("experiment=smoke", f"paths.output_dir={tmp_path}", "objective=simpo")
-    module = build_experiment(cfg).build_module()
+    module = build_run_parts(cfg).build_module()
     plugin = MixedPrecision("bf16-mixed", "cpu")
     module._trainer = SimpleNamespace(
         gradient_clip_val=0.5, precision_plugin=plugin, strategy=SimpleNamespace(model=None)
@@ -98,7 +98,7 @@ def test_an_explicitly_fused_optimizer_under_fp16_clipping_is_refused_by_name(tm
     from fpo.errors import UserError
 
     cfg = compose_train("experiment=smoke", f"paths.output_dir={tmp_path}", "objective=simpo")
-    module = build_experiment(cfg).build_module()
+    module = build_run_parts(cfg).build_module()
     plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))
     module._trainer = SimpleNamespace(
         gradient_clip_val=1.0, precision_plugin=plugin, strategy=SimpleNamespace(model=None)

@@ -1,4 +1,4 @@
-"""``model.packed=true`` through ``build_experiment``: a Lightning training step gives the loss
+"""``model.packed=true`` through ``build_run_parts``: a Lightning training step gives the loss
 of the padded run (policy and online reference packed, SAE features included)."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import lightning as L
 import pytest
 import torch
 
-from fpo.experiment import build_experiment
+from fpo.builder import build_run_parts
 from fpo.packing import Packing
 from helpers import QUIET_TRAINER, compose_train
 
@@ -34,7 +34,7 @@ def first_step(objective: str, packed: bool, tmp_path, *extra: str) -> FirstLoss
         "data.shuffle=false",
         *extra,
     )
-    experiment = build_experiment(cfg)
+    experiment = build_run_parts(cfg)
     module = experiment.build_module()
     module.sae_report_batches = 0
     want = Packing() if packed else None

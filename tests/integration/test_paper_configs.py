@@ -11,7 +11,8 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf, open_dict
 
-from fpo.train import CONFIG_DIR, train
+from fpo.commands.common import CONFIG_DIR
+from fpo.commands.train import train
 
 PAPER = {
     "dpo": {"beta": 0.1},

@@ -24,12 +24,12 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-import fpo.cache
-import fpo.experiment
+import fpo.commands.cache
+import fpo.builder
 import fpo.reference.settings
 from fpo.data import PreferenceDataModule
 from fpo.errors import UserError
-from fpo.experiment import Experiment
+from fpo.builder import RunParts
 from fpo.forward import forward_response_positions
 from fpo.logprobs import response_positions
 from fpo.models.hf import split_causal_lm
@@ -406,7 +406,7 @@ def test_train_with_cached_reference_never_builds_a_reference_model(
     def forbidden(*args, **kwargs):
         raise AssertionError("reference=cached built a reference model")
 
-    monkeypatch.setattr(fpo.experiment, "OnlineReference", forbidden)
+    monkeypatch.setattr(fpo.builder, "OnlineReference", forbidden)
     cfg = OmegaConf.create(
         {
             "reference": {"source": "cached", "path": str(root), "values_dtype": "float32"},
@@ -417,7 +417,7 @@ def test_train_with_cached_reference_never_builds_a_reference_model(
     dm = make_dm(tiny_tokenizer)
     model, sae = build_tiny_model(seed=0), make_sae()
     objective = preset("fpo", f"objective.constraints.features.k={K}")
-    experiment = Experiment(cfg, objective, model, tiny_tokenizer, sae, HOOK, dm)
+    experiment = RunParts(cfg, objective, model, tiny_tokenizer, sae, HOOK, dm)
     reference = experiment.build_reference()
     assert isinstance(reference, BatchReference)
     batch = next(iter(dm.train_dataloader()))
@@ -478,7 +478,7 @@ def test_cli_cache_then_train_then_refuse_a_changed_input(cli_cache, capsys, mon
     assert "".join(command.split()) in unwrapped, message
 
     monkeypatch.setattr(sys, "argv", ["fpo-cache", "--info", str(cache_root(tmp))])
-    fpo.cache.main()
+    fpo.commands.cache.main()
     info = capsys.readouterr().out
     assert info.count(": complete") == 2 and "/train: complete" in info and "/val: complete" in info
     assert "pairs 8, rows 8, k 50, values float32" in info and "reference_weights" in info

@@ -15,11 +15,11 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import fpo.forward
 from fpo.errors import UserError
-from fpo.experiment import build_experiment
+from fpo.builder import build_run_parts
 from fpo.models.tiny import build_tiny_model
 from fpo.sae import ActivationCapture, build_random_sae, load_sae, resolve_hook_module
 from fpo.sae_training import collect_activations, hook_name_for_layer
-from fpo.train import CONFIG_DIR
+from fpo.commands.common import CONFIG_DIR
 from helpers import compose_train
 
 MLP_OUT = "blocks.1.hook_mlp_out"
@@ -123,7 +123,7 @@ def test_saved_mlp_out_sae_resolves_through_its_cfg_json(tiny_model, tmp_path):
     cfg = compose_train(
         "experiment=smoke", "objective=fpo", "sae=gemma3_270m_l17_mlp", f"sae.path={tmp_path}"
     )
-    experiment = build_experiment(cfg)
+    experiment = build_run_parts(cfg)
     assert experiment.hook_name == MLP_OUT
     layer = experiment.policy.model.layers[1]
     assert experiment.build_module().hook_module is layer.post_feedforward_layernorm
@@ -149,7 +149,7 @@ def test_fpo_training_steps_with_an_mlp_out_sae(tmp_path, monkeypatch):
         cfg.paths.output_dir = str(tmp_path)
         cfg.objective.constraints.features.k = 16
     OmegaConf.resolve(cfg)
-    experiment = build_experiment(cfg)
+    experiment = build_run_parts(cfg)
     module = experiment.build_module()
     before = {k: v.clone() for k, v in experiment.policy.state_dict().items()}
     trainer = experiment.build_trainer(enable_checkpointing=False, enable_progress_bar=False)

@@ -145,10 +145,10 @@ def test_gathered_parameters_is_a_no_op_without_zero3():
 
 def test_module_syncs_the_sae_dtype_when_fit_starts():
     """The module's ``on_fit_start`` runs after the strategy's setup (where DeepSpeed casts)."""
-    from fpo.experiment import build_experiment
+    from fpo.builder import build_run_parts
     from helpers import compose_train
 
-    module = build_experiment(compose_train("experiment=smoke", "objective=fpo")).build_module()
+    module = build_run_parts(compose_train("experiment=smoke", "objective=fpo")).build_module()
     module.sae_report_batches = 0  # the report needs a trainer; the dtype sync does not
     module.sae.bfloat16()  # what DeepSpeed's bf16 mode does to the whole module
     module.on_fit_start()

@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 from fpo.errors import UserError
 from fpo.objective import build_objective
 from fpo.strategies import is_decoder_layer
-from fpo.train import CONFIG_DIR
+from fpo.commands.common import CONFIG_DIR
 
 CONFIGS = Path(CONFIG_DIR)
 EXPERIMENTS = sorted(
@@ -213,12 +213,12 @@ def test_fsdp_clips_by_the_sharded_roots_norm(monkeypatch):
 def test_reference_dtype_is_refused_where_it_is_wrong(overrides, refused):
     """A bf16 reference copy of an fp32 policy: refused for FPO's feature term (spurious D
     at step 0) and under FSDP (one dtype per flat parameter); allowed for DPO (memory)."""
-    from fpo.experiment import build_experiment
+    from fpo.builder import build_run_parts
 
     cfg = compose_train(
         "experiment=smoke", "reference=online", "reference.dtype=bfloat16", *overrides
     )
-    experiment = build_experiment(cfg)
+    experiment = build_run_parts(cfg)
     if refused:
         with pytest.raises(UserError, match=rf"reference.dtype=\w+ .*{refused}"):
             experiment.build_reference()
@@ -238,7 +238,7 @@ def test_the_embedded_default_gives_only_fpo_the_feature_term(objective, alpha):
     cfg = compose_train("experiment=sentiment_gemma3", f"objective={objective}")
     assert cfg.objective.constraints.features.alpha == alpha
     assert compose_train("objective=fpo").objective.constraints.features.alpha == 0.5
-    # what training uses (fpo.experiment builds it from the objective node): the fpo_alpha
+    # what training uses (fpo.builder builds it from the objective node): the fpo_alpha
     # interpolation resolved against the whole config, not the objective schema's copy
     assert build_objective(cfg.objective).constraints.features.alpha == alpha
     comparison = compose_train("experiment=comparison/frontier_fpo")

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import lightning as L
 
-from fpo.experiment import build_experiment
+from fpo.builder import build_run_parts
 from helpers import QUIET_TRAINER, compose_train
 
 
@@ -26,7 +26,7 @@ def fit(tmp_path, accumulation: int, callbacks=(), objective: str = "simpo"):
         "experiment=smoke", f"paths.output_dir={tmp_path}", f"objective={objective}",
         "callbacks=none", "data.batch_size=2",
     )  # fmt: skip
-    experiment = build_experiment(cfg)
+    experiment = build_run_parts(cfg)
     module = experiment.build_module()
     module.sae_report_batches = 0
     trainer = experiment.build_trainer(
@@ -50,7 +50,7 @@ def test_gradients_are_freed_after_each_optimizer_step(tmp_path):
 def test_the_online_reference_runs_before_the_policy(tmp_path, monkeypatch):
     order = []
     cfg = compose_train("experiment=smoke", f"paths.output_dir={tmp_path}", "objective=dpo")
-    experiment = build_experiment(cfg)
+    experiment = build_run_parts(cfg)
     module = experiment.build_module()
     stats = module.reference.stats
     monkeypatch.setattr(

@@ -19,7 +19,14 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def train_command(tmp_path: Path, *overrides: str) -> list[str]:
-    return [sys.executable, "-m", "fpo.train", "-m", f"paths.log_dir={tmp_path}", *overrides]
+    return [
+        sys.executable,
+        "-m",
+        "fpo.commands.train",
+        "-m",
+        f"paths.log_dir={tmp_path}",
+        *overrides,
+    ]
 
 
 def train_env() -> dict[str, str]:

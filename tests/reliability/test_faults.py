@@ -14,7 +14,7 @@ import fpo.atomic
 import fpo.checkpoints
 from fpo.checkpoints import AtomicCheckpointIO, LastCheckpoint
 from fpo.errors import UserError
-from fpo.experiment import build_experiment
+from fpo.builder import build_run_parts
 from fpo.nonfinite import NonFiniteError
 from fpo.reference.build import atomic_write
 from fpo.reference.store import ReferenceCache
@@ -27,7 +27,7 @@ def fit(tmp_path: Path, *overrides: str, max_steps: int = 4, ckpt_path=None, poi
     """Train the smoke setup in process; last.ckpt after every step. Returns the module."""
     cfg = compose_train("experiment=smoke", f"paths.output_dir={tmp_path}", *overrides)
     L.seed_everything(0)
-    experiment = build_experiment(cfg)
+    experiment = build_run_parts(cfg)
     module = experiment.build_module()
     if poison:
         poison(module)
@@ -203,7 +203,7 @@ def test_nonfinite_skip_drops_the_step_counts_and_logs_it(tmp_path, poison):
     snapshots = Snapshots()
     cfg = compose_train("experiment=smoke", f"paths.output_dir={tmp_path}", "nonfinite=skip")
     L.seed_everything(0)
-    experiment = build_experiment(cfg)
+    experiment = build_run_parts(cfg)
     module = experiment.build_module()
     poison(BAD_STEP)(module)
     trainer = experiment.build_trainer(

@@ -24,7 +24,7 @@ VOLATILE = ("run/", "per_sec", "time")  # wall-clock metrics
 
 
 def train(log_dir: Path, *overrides: str):
-    return run_cli("fpo.train", f"paths.log_dir={log_dir}", *SMOKE, *overrides)
+    return run_cli("fpo.commands.train", f"paths.log_dir={log_dir}", *SMOKE, *overrides)
 
 
 def only_run(log_dir: Path) -> Path:

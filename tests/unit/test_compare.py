@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fpo.compare import compare, config_rows, load_runs, main, mean_curves, run_rows
+from fpo.commands.compare import main
+from fpo.compare import compare, config_rows, load_runs, mean_curves, run_rows
 from fpo.compare.runs import find_runs
 
 DPO = {"name": "dpo", "beta": 0.1}

@@ -1,12 +1,12 @@
 """Every entry point starts the CUDA allocator with expandable segments unless the user chose
-(fpo.cli: a variable-length DPO run on the Gemma-2-2B shape ran out of an H100's memory to
+(fpo.commands.common: a variable-length DPO run on the Gemma-2-2B shape ran out of an H100's memory to
 fragmentation without them)."""
 
 from __future__ import annotations
 
 import pytest
 
-from fpo.cli import CUDA_ALLOCATOR, run_hydra
+from fpo.commands.common import CUDA_ALLOCATOR, run_hydra
 
 
 @pytest.fixture

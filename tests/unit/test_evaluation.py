@@ -223,9 +223,9 @@ def test_evaluate_sentiment_win_rate_with_stub_judge(tiny_model, tiny_tokenizer)
 
 
 def test_evaluate_sentiment_is_deterministic(tiny_model, tiny_tokenizer):
-    from fpo.sentiment import SentimentJudge
+    from fpo.evaluation.judges import VaderJudge
 
-    policy, judge = _perturbed(tiny_model), SentimentJudge()
+    policy, judge = _perturbed(tiny_model), VaderJudge()
     run = lambda seed: evaluate_sentiment(  # noqa: E731
         policy, tiny_model, tiny_tokenizer, PROMPTS, judge, max_new_tokens=6, seed=seed
     )

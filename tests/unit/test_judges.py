@@ -22,7 +22,7 @@ from fpo.evaluation.judges import (
     AfinnJudge,
     LLMPairwiseJudge,
     RewardModelJudge,
-    SentimentJudge,
+    VaderJudge,
     is_pairwise,
     pairwise_outcomes,
     summarize_outcomes,
@@ -89,11 +89,9 @@ def test_one_item_has_no_stderr_and_all_failed_is_a_user_error():
 
 
 def test_sentiment_judge_scores_the_completion_with_vader():
-    from fpo.sentiment.judge import SentimentJudge as Vader
-
-    judge = SentimentJudge()
+    judge = VaderJudge()
     completions = ["a wonderful, moving film", "dull and awful"]
-    assert judge.score(["terrible prompt", "great prompt"], completions) == Vader().score(
+    assert judge.score(["terrible prompt", "great prompt"], completions) == judge.score_texts(
         completions
     )
     assert judge.name == "vader-compound"
@@ -104,7 +102,7 @@ def test_afinn_judge_is_a_different_lexicon_than_vader():
     good, bad = judge.score(["p", "p"], ["a wonderful film", "an awful film"])
     assert good > 0 > bad
     # VADER's negation rule flips "not bad" positive; AFINN has no such rule.
-    assert SentimentJudge().score(["p"], ["not bad"])[0] > 0
+    assert VaderJudge().score(["p"], ["not bad"])[0] > 0
     assert judge.score(["p"], ["not bad"])[0] < 0
     per_word = AfinnJudge(per_word=True).score(["p"], ["good good good good"])[0]
     assert per_word == pytest.approx(judge.score(["p"], ["good good good good"])[0] / 4)
@@ -113,7 +111,7 @@ def test_afinn_judge_is_a_different_lexicon_than_vader():
 def test_judges_follow_the_protocols():
     from fpo.evaluation.judges import Judge, PairwiseJudge
 
-    assert isinstance(AfinnJudge(), Judge) and isinstance(SentimentJudge(), Judge)
+    assert isinstance(AfinnJudge(), Judge) and isinstance(VaderJudge(), Judge)
     llm_judge = LLMPairwiseJudge("http://127.0.0.1:1/v1", "m")
     assert isinstance(llm_judge, PairwiseJudge) and is_pairwise(llm_judge)
     # A pointwise judge's win rate: "great" beats "awful", a tie counts half.
@@ -123,7 +121,7 @@ def test_judges_follow_the_protocols():
 def test_judges_instantiate_from_hydra_target():
     judge = instantiate({"_target_": "fpo.evaluation.judges.AfinnJudge", "per_word": True})
     assert isinstance(judge, AfinnJudge) and judge.per_word
-    vader = instantiate({"_target_": "fpo.evaluation.judges.SentimentJudge"})
+    vader = instantiate({"_target_": "fpo.evaluation.judges.VaderJudge"})
     assert vader.score(["p"], ["great"])[0] > 0
 
 

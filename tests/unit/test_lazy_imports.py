@@ -11,12 +11,12 @@ TESTS = Path(__file__).resolve().parents[1]
 
 SCRIPT = """
 import sys
-import fpo.train, fpo.experiment, fpo.module, fpo.forward, fpo.reference.base
+import fpo.commands.train, fpo.builder, fpo.module, fpo.forward, fpo.reference.base
 from helpers import compose_train
-from fpo.experiment import build_experiment
+from fpo.builder import build_run_parts
 
 cfg = compose_train("experiment=smoke", "objective=dpo", "paths.output_dir=" + sys.argv[1])
-build_experiment(cfg).build_module()
+build_run_parts(cfg).build_module()
 loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("sae_lens", "transformer_lens"))
 print("LOADED", loaded[:3])
 import fpo.sae

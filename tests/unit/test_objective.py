@@ -7,7 +7,7 @@ import pytest
 import torch
 from hydra.errors import ConfigCompositionException
 
-from fpo import objectives
+from fpo import losses
 from fpo.errors import UserError
 from fpo.logprobs import SequenceLogps
 from fpo.objective import Needs, build_objective
@@ -49,16 +49,16 @@ def test_presets_are_the_published_losses(name, values):
     stats = {"kl": values["kl"], "fmse": values["fmse"]}
     got = objective.loss(policy, reference, stats)
     if name == "dpo":
-        want = objectives.dpo_loss(*halves(policy.sum), *halves(reference.sum), beta=0.1)
+        want = losses.dpo_loss(*halves(policy.sum), *halves(reference.sum), beta=0.1)
     elif name == "simpo":  # beta 2, gamma_beta_ratio 0.5 -> a reward margin of 1.0
-        want = objectives.simpo_loss(*halves(policy.avg), beta=2.0, gamma=1.0)
+        want = losses.simpo_loss(*halves(policy.avg), beta=2.0, gamma=1.0)
     elif name.startswith("tdpo"):
         pw, pl = halves(policy.sum - reference.sum)
-        want = objectives.tdpo_loss(
+        want = losses.tdpo_loss(
             pw, pl, *halves(values["kl"]), beta=0.1, alpha=0.5, version=int(name[-1])
         )
     else:
-        want = objectives.fpo_loss(
+        want = losses.fpo_loss(
             *halves(policy.avg),
             *halves(reference.avg),
             *halves(values["fmse"]),
@@ -108,9 +108,7 @@ def test_alpha_zero_switches_a_term_off(values):
     off = build_objective({"margin": "ln_dpo", "constraints": {"features": {"alpha": 0.0}}})
     assert off.needs == Needs(reference_logps=True) and off.feature_k == 0
     got = off.loss(values["policy"], values["reference"], {})
-    want = objectives.preference_loss(
-        *halves(values["policy"].avg - values["reference"].avg), beta=0.1
-    )
+    want = losses.preference_loss(*halves(values["policy"].avg - values["reference"].avg), beta=0.1)
     torch.testing.assert_close(got.losses, want.losses)
 
 

@@ -11,7 +11,7 @@ import pytest
 # without its resident size, hence its peak, moving.
 SCRIPT = """
 import numpy as np
-from fpo.train import peak_memory_gb, reset_peak_memory
+from fpo.commands.train import peak_memory_gb, reset_peak_memory
 reset_peak_memory()
 big = np.ones(512 * 2**20 // 8)  # 0.5 GiB touched
 first = peak_memory_gb()

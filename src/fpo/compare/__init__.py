@@ -4,12 +4,13 @@
 - `table`: one row per run and per configuration (mean ± stderr over seeds), CSV.
 - `markdown`: the same tables as markdown.
 - `plots`: the judge-vs-KL frontier and the training curves.
-- `cli`: `compare` (everything above into one folder) and the command line.
+- `report`: `compare`, everything above written into one folder (``fpo-compare`` is
+  `fpo.commands.compare`).
 """
 
-from fpo.compare.cli import compare, main
 from fpo.compare.markdown import write_markdown
 from fpo.compare.plots import mean_curves, plot_curves, plot_frontier, read_curves
+from fpo.compare.report import compare
 from fpo.compare.runs import Run, find_runs, load_run, load_runs
 from fpo.compare.table import config_rows, mean_stderr, run_rows, write_csv
 
@@ -20,7 +21,6 @@ __all__ = [
     "find_runs",
     "load_run",
     "load_runs",
-    "main",
     "mean_curves",
     "mean_stderr",
     "plot_curves",

@@ -1,5 +1,5 @@
 """``python -m fpo.compare DIR [DIR ...] --out OUT`` (the same as ``fpo-compare``)."""
 
-from fpo.compare.cli import main
+from fpo.commands.compare import main
 
 main()

@@ -66,7 +66,7 @@ def read_prompts(path: str | Path, limit: int | None) -> list[str]:
     return prompts
 
 
-DEFAULT_JUDGES = {"vader": {"_target_": "fpo.evaluation.judges.SentimentJudge"}}
+DEFAULT_JUDGES = {"vader": {"_target_": "fpo.evaluation.judges.VaderJudge"}}
 
 
 def build_judges(specs: dict | None) -> dict[str, Any]:
@@ -101,7 +101,7 @@ def run_sae(experiment: Any) -> tuple[nn.Module | None, str | None]:
         return experiment.sae, experiment.hook_name
     if not experiment.cfg.get("sae"):
         return None, None
-    from fpo.experiment import build_sae
+    from fpo.builder import build_sae
     from fpo.sae import check_sae_fits_model, sae_hook_name
 
     sae = build_sae(experiment.cfg.sae, experiment.policy)
@@ -211,7 +211,7 @@ def evaluate_experiment(
     """Evaluate ``policy`` against the run's initial weights (module docstring).
 
     Args:
-        experiment: `fpo.experiment.Experiment` of the run (config, tokenizer, data, SAE).
+        experiment: `fpo.builder.RunParts` of the run (config, tokenizer, data, SAE).
         out_dir: where the files go (default ``<cfg.paths.output_dir>/evaluation``).
         reference: the reference model (default: a fresh load of ``cfg.model.loader``).
         device: where the policy, the reference and the SAE run (default: the policy's

@@ -16,7 +16,7 @@ With ``w`` chosen, ``l`` rejected, ``avg_lp`` the per-token mean response log-pr
   its constraint terms included) gives ``chosen_rewards > rejected_rewards``. For both
   accuracies a tie counts half (a policy equal to its reference scores 0.5, chance);
   stderr over pairs.
-- ``feature_drift``: FPO's discrepancy ``D`` (`fpo.objectives.feature_mse`, top-``k`` union,
+- ``feature_drift``: FPO's discrepancy ``D`` (`fpo.losses.feature_mse`, top-``k`` union,
   ``/ k``) between the policy's and the reference's pooled SAE features of each response,
   averaged over the pair's two responses, then over pairs (stderr over pairs). It is
   computed for every objective, with the run's SAE.
@@ -47,7 +47,7 @@ from fpo.logprobs import (
 )
 from fpo.models.hf import split_causal_lm
 from fpo.objective import Objective
-from fpo.objectives import feature_mse
+from fpo.losses import feature_mse
 from fpo.packing import Packing
 from fpo.sae import resolve_hook_module
 

@@ -5,7 +5,7 @@ better). A *pairwise* judge has ``name`` and ``compare(prompts, first, second) -
 [P(first better) or None]`` with values in {0, 0.5, 1} (ties half) and ``None`` for an item
 the judge failed on. `win_rate` works with either kind.
 
-- `SentimentJudge`: VADER's compound score (the judge that *labelled* the sentiment pairs).
+- `VaderJudge`: VADER's compound score (the judge that *labelled* the sentiment pairs).
 - `AfinnJudge`: the AFINN-165 lexicon, a judge that did *not* label them (DESIGN.md 10).
 - `RewardModelJudge`: any local Hugging Face sequence-classification model.
 - `LLMPairwiseJudge` (`fpo.evaluation.llm_judge`): an OpenAI-compatible chat endpoint.
@@ -31,7 +31,7 @@ __all__ = [
     "LLMPairwiseJudge",
     "PairwiseJudge",
     "RewardModelJudge",
-    "SentimentJudge",
+    "VaderJudge",
     "is_pairwise",
     "pairwise_outcomes",
     "summarize_outcomes",
@@ -124,22 +124,34 @@ def win_rate(
     return summary["mean"], summary["stderr"]
 
 
-class SentimentJudge:
-    """VADER compound score of the completion, in [-1, 1] (`fpo.sentiment.judge`).
+class VaderJudge:
+    """VADER's compound score of the completion, in ``[-1, 1]``; higher is more positive.
 
-    This judge labelled the sentiment preference pairs: report it beside one that did not.
-    The prompt is ignored (the task's prompts are neutral; see `fpo.sentiment.judge`).
+    VADER (Hutto & Gilbert, 2014) is a rule-based analyser: lexicon valences, adjusted for
+    negation, intensifiers, punctuation and capitals, summed to ``s`` and squashed to
+    ``compound = s / sqrt(s^2 + 15)``. It needs no weights and no network, and it stands in
+    for the DPO paper's IMDb-trained sentiment classifier.
+
+    This judge *labelled* the embedded task's preference pairs (`fpo.review_data.build`):
+    report it beside one that did not. What is judged is the completion only: the task's
+    prompts are neutral by construction (every prompt scores 0), and VADER's compound is not
+    additive, so prompt words would only blur the comparison of two completions.
     """
 
-    def __init__(self) -> None:
-        from fpo.sentiment.judge import SentimentJudge as _Vader
+    name = "vader-compound"
 
-        self._vader = _Vader()
-        self.name = self._vader.name
+    def __init__(self) -> None:
+        from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+        self._analyzer = SentimentIntensityAnalyzer()
+
+    def score_texts(self, texts: Sequence[str]) -> list[float]:
+        """VADER compound score of each text (0.0 for empty or neutral text)."""
+        return [float(self._analyzer.polarity_scores(text)["compound"]) for text in texts]
 
     def score(self, prompts: Sequence[str], completions: Sequence[str]) -> list[float]:
         _check_lengths(prompts, completions)
-        return self._vader.score(completions)
+        return self.score_texts(completions)
 
 
 class AfinnJudge:

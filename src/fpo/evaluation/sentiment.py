@@ -38,7 +38,7 @@ def _judge(judge: Judge, prompts: list[str], texts: list[str]) -> list[float]:
     """Score ``texts`` (completions of ``prompts``), one float per text.
 
     A judge is pointwise in either form: ``judge.score(prompts, completions)``
-    (`fpo.evaluation.judges`) or a callable ``judge(texts)`` (`fpo.sentiment.SentimentJudge`).
+    (`fpo.evaluation.judges`) or a callable ``judge(texts)`` (`fpo.review_data.VaderJudge`).
     """
     score = getattr(judge, "score", None)
     if callable(score) and len(inspect.signature(score).parameters) >= 2:

@@ -1,19 +1,12 @@
-"""``fpo-compare DIR [DIR ...] --out OUT``: compare the runs of one or more sweeps.
-
-Writes ``comparison.csv``, ``comparison.md``, ``frontier.png`` and ``curves.png`` into
-``OUT`` and prints the configuration table's size and any notes (missing files,
-placeholder figures). A folder with no runs is a user error (exit status 2).
-"""
+"""`compare`: every table and figure of a comparison of runs, written into one folder."""
 
 from __future__ import annotations
 
-import argparse
 import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from fpo.cli import user_errors
 from fpo.compare.markdown import write_markdown
 from fpo.compare.plots import plot_curves, plot_frontier
 from fpo.compare.runs import load_runs
@@ -54,37 +47,3 @@ def compare(directories: Sequence[str | os.PathLike], out: str | os.PathLike) ->
         "curves": has_curves,
         "notes": notes,
     }
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="fpo-compare",
-        description=(
-            "Compare fpo-train runs: a table per run and per configuration (mean ± stderr "
-            "over seeds), the judge-vs-KL frontier and the training curves."
-        ),
-    )
-    parser.add_argument(
-        "dirs",
-        nargs="+",
-        metavar="DIR",
-        help="run or multirun folders (logs/<task>/runs/<time>, logs/<task>/multiruns/<time>)",
-    )
-    parser.add_argument("--out", required=True, help="folder to write the comparison into")
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    with user_errors():
-        result = compare(args.dirs, args.out)
-    for note in result["notes"]:
-        print(f"note: {note}")
-    print(
-        f"compared {result['runs']} runs in {result['configurations']} configurations; "
-        f"wrote {', '.join(str(p) for p in result['files'].values())}"
-    )
-
-
-if __name__ == "__main__":
-    main()

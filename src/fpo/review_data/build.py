@@ -2,7 +2,7 @@
 
 The DPO paper's IMDb recipe, offline: for each prompt x, sample S completions
 ``y_1..y_S ~ pi_ref(. | x)``, score each with the judge ``r(y)`` (VADER compound of the
-completion, see `fpo.sentiment.judge`), and keep the pair
+completion, see `fpo.evaluation.judges`), and keep the pair
 
     chosen = argmax_s r(y_s),  rejected = argmin_s r(y_s)   if r(chosen) - r(rejected) >= min_gap
 
@@ -13,12 +13,12 @@ kept). Rows are in the plain preference format the data module reads: ``prompt``
 CLI (writes ``train.jsonl``, ``test.jsonl``, ``val.jsonl`` (with ``--val-prompts``) and
 ``DATA_CARD.md`` into ``--out``)::
 
-    python -m fpo.sentiment.build --out data/sentiment --train-prompts 500 --test-prompts 100 \
+    python -m fpo.review_data.build --out data/sentiment --train-prompts 500 --test-prompts 100 \
         --num-samples 4 --max-new-tokens 32 --min-gap 0.3 --seed 0
 
 ``--splits val`` builds only the named splits (the others' files are left alone) and adds
 their section to an existing data card. Prompts of the three splits come from one seeded
-draw, cut in the order train, test, val (`fpo.sentiment.prompts.make_prompt_splits`), so
+draw, cut in the order train, test, val (`fpo.review_data.prompts.make_prompt_splits`), so
 they are disjoint and train/test do not change when validation prompts are added.
 """
 
@@ -36,11 +36,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fpo.cli import user_errors
+from fpo.commands.common import user_errors
 from fpo.errors import UserError
 from fpo.generation import sample_completion_ids
-from fpo.sentiment.judge import SentimentJudge
-from fpo.sentiment.prompts import make_prompt_splits
+from fpo.evaluation.judges import VaderJudge
+from fpo.review_data.prompts import make_prompt_splits
 
 # Tokens after which a base model starts a new document: a completion ends there, like EOS.
 DOCUMENT_END_TOKENS = ("<end_of_turn>", "<start_of_image>")
@@ -72,7 +72,7 @@ def sample_and_score(
     num_samples: int,
     max_new_tokens: int,
     seed: int,
-    judge: SentimentJudge | None = None,
+    judge: VaderJudge | None = None,
     id_prefix: str = "p",
     progress: Callable[[int, int], None] | None = None,
     **sampling: Any,
@@ -82,7 +82,7 @@ def sample_and_score(
     ``sampling`` goes to `fpo.generation.sample_completion_ids` (temperature, top_k, top_p,
     batch_size). Prompt ids are ``f"{id_prefix}{index:05d}"``.
     """
-    judge = judge or SentimentJudge()
+    judge = judge or VaderJudge()
     ids = sample_completion_ids(
         model,
         tokenizer,
@@ -99,7 +99,11 @@ def sample_and_score(
         texts = tokenizer.batch_decode(rows, skip_special_tokens=True)
         scored.append(
             ScoredPrompt(
-                f"{id_prefix}{index:05d}", prompt, texts, judge.score(texts), [len(r) for r in rows]
+                f"{id_prefix}{index:05d}",
+                prompt,
+                texts,
+                judge.score_texts(texts),
+                [len(r) for r in rows],
             )
         )
     return scored
@@ -191,14 +195,14 @@ def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
 
 def data_card(args: argparse.Namespace, stats: dict[str, dict[str, Any]], info: dict) -> str:
     """The DATA_CARD.md text: recipe, exact command, settings, counts and statistics."""
-    command = "python -m fpo.sentiment.build " + shlex.join(info["argv"])
+    command = "python -m fpo.review_data.build " + shlex.join(info["argv"])
     lines = [
         "# Controlled-sentiment preference pairs (gemma-3-270m samples, VADER judge)",
         "",
         "Rebuilt offline after the DPO paper's IMDb experiment: neutral review-style prompts",
-        "(`fpo.sentiment.prompts`: invented titles, no VADER-valenced word), completions",
+        "(`fpo.review_data.prompts`: invented titles, no VADER-valenced word), completions",
         f"sampled from the reference model, {info['model']}; each completion (without",
-        "the prompt) scored by VADER's compound score in [-1, 1] (`fpo.sentiment.judge`);",
+        "the prompt) scored by VADER's compound score in [-1, 1] (`fpo.evaluation.judges`);",
         "chosen = the highest-scoring sample of a prompt, rejected = the lowest; the prompt",
         f"is kept when score(chosen) - score(rejected) >= {args.min_gap}. Completions end at",
         f"EOS, at a document-end token ({', '.join(DOCUMENT_END_TOKENS)}) or after",
@@ -257,7 +261,7 @@ def load_model(name: str, dtype: str, cache_dir: str | None) -> tuple[Any, Any, 
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m fpo.sentiment.build", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m fpo.review_data.build", description=__doc__)
     p.add_argument("--out", required=True, help="output folder (train/test.jsonl, DATA_CARD.md)")
     p.add_argument("--train-prompts", type=int, required=True)
     p.add_argument("--test-prompts", type=int, required=True)
@@ -334,7 +338,7 @@ def add_card_section(card: str, args: argparse.Namespace, stats: dict, info: dic
     """``card`` with a section for splits built on their own (replacing an older one)."""
     names = ", ".join(stats)
     heading = f"## Added split: {names}"
-    command = "python -m fpo.sentiment.build " + shlex.join(info["argv"])
+    command = "python -m fpo.review_data.build " + shlex.join(info["argv"])
     seeds = ", ".join(f"{n} {args.seed} + {SPLITS.index(n)} x {TEST_SEED_OFFSET}" for n in stats)
     columns = list(next(iter(stats.values())).keys())
     section = [

@@ -22,14 +22,13 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
-from fpo.cli import run_hydra, user_errors
+from fpo.commands.common import CONFIG_DIR, run_hydra, user_errors
 from fpo.errors import UserError
-from fpo.experiment import build_experiment
+from fpo.builder import build_run_parts
 from fpo.reference.build import build_reference_cache
 from fpo.reference.store import MANIFEST, cache_info, format_cache_info
 
 log = logging.getLogger("fpo.cache")
-CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")
 INFO_FLAG = "--info"
 
 
@@ -45,7 +44,7 @@ def info_text(path: str | os.PathLike) -> str:
 
 def build(cfg: DictConfig) -> tuple[Path, dict[str, dict]]:
     """Build the reference cache of every split; ``(root folder, per-split results)``."""
-    experiment = build_experiment(cfg)  # refuses objectives the cache cannot serve (TDPO)
+    experiment = build_run_parts(cfg)  # refuses objectives the cache cannot serve (TDPO)
     if not experiment.objective.needs.reference:
         raise UserError(
             f"objective={experiment.objective.name} uses no reference model: nothing to cache."

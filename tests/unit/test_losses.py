@@ -1,4 +1,4 @@
-"""Unit tests for fpo.objectives: hand-computed values, stop-gradients, gradchecks."""
+"""Unit tests for fpo.losses: hand-computed values, stop-gradients, gradchecks."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from fpo.objectives import (
+from fpo.losses import (
     PreferenceLoss,
     dpo_loss,
     feature_mse,

@@ -10,15 +10,16 @@ import torch
 
 from fpo.errors import UserError
 from fpo.generation import InverseCdfSampler, sample_completion_ids
-from fpo.sentiment import SentimentJudge, make_prompt_splits, make_prompts
-from fpo.sentiment.build import (
+from fpo.evaluation.judges import VaderJudge
+from fpo.review_data import make_prompt_splits, make_prompts
+from fpo.review_data.build import (
     ScoredPrompt,
     build_sentiment_preferences,
     document_end_ids,
     main,
     select_pair,
 )
-from fpo.sentiment.prompts import SLOTS, TEMPLATES, num_distinct_prompts, template_slots
+from fpo.review_data.prompts import SLOTS, TEMPLATES, num_distinct_prompts, template_slots
 
 PROMPTS = ["I watched it and", "The film is", "A"]
 ROW_KEYS = {"prompt_id", "prompt", "chosen", "rejected", "score_chosen", "score_rejected"}
@@ -27,7 +28,7 @@ ROW_KEYS = {"prompt_id", "prompt", "chosen", "rejected", "score_chosen", "score_
 class ByteSumJudge:
     """A stand-in judge whose scores spread over [-1, 1] for random byte strings."""
 
-    def score(self, texts):
+    def score_texts(self, texts):
         return [(sum(text.encode()) % 201) / 100 - 1 for text in texts]
 
 
@@ -74,7 +75,7 @@ def test_shipped_train_val_test_prompts_are_disjoint():
 
 def test_prompts_are_vader_neutral_and_end_without_space():
     prompts = make_prompts(500, seed=1)
-    assert SentimentJudge().score(prompts) == [0.0] * 500
+    assert VaderJudge().score_texts(prompts) == [0.0] * 500
     assert all(p == p.strip() and "{" not in p for p in prompts)
     # every template is used in a sample this size
     heads = {t.split("{")[0] for t in TEMPLATES if not t.startswith("{")}
@@ -94,13 +95,15 @@ def test_prompt_space_size_is_counted_from_slots():
 
 
 def test_judge_matches_vader_formula_and_orders_sentiment():
-    judge = SentimentJudge()
+    judge = VaderJudge()
     # VADER: compound = s / sqrt(s^2 + 15); "good" has valence 1.9, "not" scales it by -0.74
-    good, not_good, empty = judge.score(["The movie was good", "not good", ""])
+    good, not_good, empty = judge.score_texts(["The movie was good", "not good", ""])
     assert good == pytest.approx(1.9 / (1.9**2 + 15) ** 0.5, abs=1e-4)
     assert not_good == pytest.approx(-1.406 / (1.406**2 + 15) ** 0.5, abs=1e-4)
     assert empty == 0.0
-    pos, neg = judge(["A wonderful, moving film. I loved it!", "Terrible, boring and awful."])
+    pos, neg = judge.score_texts(
+        ["A wonderful, moving film. I loved it!", "Terrible, boring and awful."]
+    )
     assert 0.5 < pos <= 1.0 and -1.0 <= neg < -0.5
 
 
@@ -206,7 +209,7 @@ def test_builder_end_to_end_on_tiny_model(tiny_model, tiny_tokenizer):
         assert set(row) == ROW_KEYS
         assert row["prompt"] == prompts[int(row["prompt_id"][1:])]
         assert row["score_chosen"] >= row["score_rejected"] + 0.4 - 1e-9
-        assert judge.score([row["chosen"], row["rejected"]]) == [
+        assert judge.score_texts([row["chosen"], row["rejected"]]) == [
             row["score_chosen"],
             row["score_rejected"],
         ]
@@ -234,7 +237,7 @@ def test_cli_writes_splits_and_card(tmp_path):
     assert all(set(r) == ROW_KEYS and r["prompt_id"].startswith("train-") for r in train)
     assert not {r["prompt"] for r in train} & {r["prompt"] for r in test}
     card = (out / "DATA_CARD.md").read_text()
-    assert "python -m fpo.sentiment.build --out" in card and "--model tiny" in card
+    assert "python -m fpo.review_data.build --out" in card and "--model tiny" in card
     assert f"| train | 5 | {len(train)} | {5 - len(train)} |" in card
     with pytest.raises(SystemExit) as exit_info:
         main([*args, "--num-samples", "1"])

@@ -17,17 +17,16 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from fpo.checkpoints import resolve_ckpt_path
-from fpo.cli import run_hydra, user_errors
+from fpo.commands.common import CONFIG_DIR, run_hydra, user_errors
 from fpo.errors import UserError
-from fpo.experiment import Experiment, build_experiment
+from fpo.builder import RunParts, build_run_parts
 from fpo.policy_io import POLICY_DIR, save_policy, should_save_policy
 from fpo.sweep import run_job
 
 log = logging.getLogger("fpo.train")
-CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")
 
 
-def evaluate(experiment: Experiment, loggers: list, device: torch.device) -> dict[str, float]:
+def evaluate(experiment: RunParts, loggers: list, device: torch.device) -> dict[str, float]:
     """Evaluate the trained policy against a fresh load of the initial weights, on the
     training ``device`` (the code ``fpo-eval`` runs too:
     `fpo.evaluation.after_fit.evaluate_experiment`)."""
@@ -64,7 +63,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     reset_peak_memory()
     ckpt_path = resolve_ckpt_path(cfg)  # ckpt_path=last: this config's newest last.ckpt
     L.seed_everything(cfg.seed, workers=True)
-    experiment = build_experiment(cfg)
+    experiment = build_run_parts(cfg)
     module = experiment.build_module()
     loggers = experiment.build_loggers()
     trainer = experiment.build_trainer(loggers)

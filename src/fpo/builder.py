@@ -1,10 +1,10 @@
 """The one wiring point: everything a run needs, built from its composed Hydra config.
 
 ``fpo-train``, ``fpo-cache``, the benchmark scripts and the tests all call
-:func:`build_experiment` and the ``Experiment.build_*`` methods, so the objective is
+:func:`build_run_parts` and the ``RunParts.build_*`` methods, so the objective is
 validated, the SAE checked against the model and its hook resolved exactly once::
 
-    experiment = build_experiment(cfg)          # objective, policy, tokenizer, SAE, hook, data
+    experiment = build_run_parts(cfg)          # objective, policy, tokenizer, SAE, hook, data
     module = experiment.build_module()          # + reference (online model or offline cache)
     trainer = experiment.build_trainer()        # + loggers, callbacks, global batch size
     trainer.fit(module, datamodule=experiment.datamodule)
@@ -37,7 +37,7 @@ from fpo.reference.settings import CacheSettings, cache_settings
 from fpo.reference.store import attach_reference_cache
 from fpo.sae import check_sae_fits_model, sae_hook_name
 
-log = logging.getLogger("fpo.experiment")
+log = logging.getLogger("fpo.builder")
 REFERENCE_SOURCES = ("online", "cached")
 
 
@@ -81,7 +81,7 @@ def check_reference_dtype(cfg: DictConfig, objective: Objective, policy: nn.Modu
 
 
 @dataclass
-class Experiment:
+class RunParts:
     """A run's parts, built once (see the module docstring).
 
     Attributes:
@@ -177,7 +177,7 @@ class Experiment:
         return trainer
 
 
-def build_experiment(cfg: DictConfig) -> Experiment:
+def build_run_parts(cfg: DictConfig) -> RunParts:
     """Validate the objective, load the model, SAE and data; resolve the hook once."""
     source = cfg.reference.source
     if source not in REFERENCE_SOURCES:
@@ -191,7 +191,7 @@ def build_experiment(cfg: DictConfig) -> Experiment:
         check_sae_fits_model(sae, policy)
         hook_name = sae_hook_name(sae)
     datamodule = instantiate(cfg.data, tokenizer=tokenizer)
-    return Experiment(cfg, objective, policy, tokenizer, sae, hook_name, datamodule)
+    return RunParts(cfg, objective, policy, tokenizer, sae, hook_name, datamodule)
 
 
 def apply_global_batch_size(trainer: L.Trainer, cfg: DictConfig) -> None:

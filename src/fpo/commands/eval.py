@@ -27,12 +27,11 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from fpo.cli import run_hydra, user_errors
+from fpo.commands.common import CONFIG_DIR, run_hydra, user_errors
 from fpo.errors import UserError
 from fpo.evaluation.after_fit import evaluate_experiment
-from fpo.experiment import build_experiment, instantiate_all
+from fpo.builder import build_run_parts, instantiate_all
 from fpo.policy_io import POLICY_DIR, load_policy_weights
-from fpo.train import CONFIG_DIR
 
 log = logging.getLogger("fpo.eval")
 RUN_CONFIG = Path(".hydra") / "config.yaml"
@@ -117,7 +116,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     if not run_cfg.get("evaluation"):
         raise UserError("no evaluation block: add evaluation=sentiment (or another option).")
     L.seed_everything(run_cfg.seed, workers=True)
-    experiment = build_experiment(run_cfg)
+    experiment = build_run_parts(run_cfg)
     if weights is not None:
         load_policy_weights(experiment.policy, weights)
         log.info("policy weights from %s", weights)

@@ -1,4 +1,5 @@
-"""What every command-line entry point shares: user errors as one paragraph, exit 2."""
+"""What every command-line entry point shares: user errors as one paragraph (exit 2), the
+config folder and the CUDA allocator default."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from hydra.errors import InstantiationException
@@ -14,6 +16,9 @@ from hydra.errors import InstantiationException
 from fpo.errors import UserError
 
 log = logging.getLogger("fpo")
+
+#: The project's Hydra config folder (``configs/`` at the repository root).
+CONFIG_DIR = str(Path(__file__).resolve().parents[3] / "configs")
 _task_started = False
 
 
