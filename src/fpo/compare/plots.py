@@ -1,4 +1,5 @@
-"""``frontier.png`` (judge score vs KL per configuration) and ``curves.png`` (training curves).
+"""``frontier.png`` (judge score vs KL: runs, seeds, configurations, matched-KL estimates)
+and ``curves.png`` (training curves).
 
 Figures are drawn with matplotlib's Agg canvas directly (no pyplot state, no display).
 When there is nothing to draw, a placeholder figure with a note is written instead and
@@ -49,9 +50,47 @@ def _placeholder(path: Path, title: str, note: str) -> None:
     figure.savefig(path, format="png")
 
 
-def plot_frontier(configs: Sequence[dict[str, Any]], path: str | os.PathLike) -> bool:
-    """Judge score vs KL(policy || reference), one point per configuration with error bars
-    (stderr over seeds), one colour per objective; the reference at KL 0 in grey."""
+def _seed_lines(axes: Any, rows: Sequence[dict[str, Any]], colours: dict[str, Any]) -> None:
+    """Every run as a small point; one seed's runs of one objective joined in KL order."""
+    lines: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    for row in rows:
+        if row.get("judge_score") is not None and row.get("kl") is not None:
+            lines[(str(row["objective"]), str(row.get("seed")))].append(row)
+    for (objective, _), members in lines.items():
+        members = sorted(members, key=lambda row: row["kl"])
+        kls, scores = [m["kl"] for m in members], [m["judge_score"] for m in members]
+        axes.plot(kls, scores, "o-", color=colours.get(objective, "grey"), alpha=0.35, lw=0.8, ms=3)
+
+
+def _matched_points(axes: Any, matched: Sequence[dict[str, Any]], colours: dict[str, Any]) -> None:
+    """The matched-KL estimates with their intervals, objectives side by side at each target."""
+    found = [row for row in matched if row.get("score") is not None]
+    objectives = sorted({str(row["objective"]) for row in found})
+    low, high = axes.get_xlim()
+    step = 0.012 * (high - low)
+    for row in found:
+        shift = (objectives.index(str(row["objective"])) - (len(objectives) - 1) / 2) * step
+        error = None
+        if row.get("score_low") is not None:
+            error = [[row["score"] - row["score_low"]], [row["score_high"] - row["score"]]]
+        axes.errorbar(
+            [row["target_kl"] + shift], [row["score"]], yerr=error, fmt="D", ms=5, capsize=3,
+            color=colours.get(str(row["objective"]), "grey"), markeredgecolor="black",
+        )  # fmt: skip
+
+
+def plot_frontier(
+    configs: Sequence[dict[str, Any]],
+    path: str | os.PathLike,
+    rows: Sequence[dict[str, Any]] = (),
+    targets: Sequence[float] = (),
+    matched: Sequence[dict[str, Any]] = (),
+) -> bool:
+    """Judge score vs KL(policy || reference), one colour per objective: each configuration's
+    mean with error bars (stderr over seeds), joined in KL order (the objective's mean
+    frontier); with ``rows`` (run rows), every run too, each seed's runs joined; ``targets``
+    as vertical lines and ``matched`` (`fpo.compare.matched` rows of one judge) as diamonds
+    with their 95% intervals. The reference at KL 0 in grey."""
     path = Path(path)
     points = [c for c in configs if c.get("judge_score") is not None and c.get("kl") is not None]
     if not points:
@@ -63,7 +102,7 @@ def plot_frontier(configs: Sequence[dict[str, Any]], path: str | os.PathLike) ->
         )
         return False
     colours = _colours([str(c["objective"]) for c in points])
-    figure = _figure(6.5, 4.5)
+    figure = _figure(7, 4.8)
     axes = figure.add_subplot()
     references = [
         c["reference_judge_score"] for c in configs if c.get("reference_judge_score") is not None
@@ -71,33 +110,33 @@ def plot_frontier(configs: Sequence[dict[str, Any]], path: str | os.PathLike) ->
     if references:
         axes.scatter([0.0], [sum(references) / len(references)], marker="s", color="grey")
         axes.annotate("reference", (0.0, sum(references) / len(references)), fontsize=7)
-    labelled = set()
-    parts = {id(c): str(c["config"]).split()[1:] for c in points}
-    shared = {}  # per objective, the "key=value" parts all its points have: not annotated
-    for config in points:
-        mine = set(parts[id(config)])
-        objective = str(config["objective"])
-        shared[objective] = shared.get(objective, mine) & mine
-    for config in points:
-        objective = str(config["objective"])
+    _seed_lines(axes, rows, colours)
+    for objective in sorted(colours):
+        mine = [c for c in points if str(c["objective"]) == objective]
+        mine = sorted(mine, key=lambda c: c["kl"])
+        seeds = max(int(c.get("n") or 1) for c in mine)
         axes.errorbar(
-            [config["kl"]],
-            [config["judge_score"]],
-            xerr=[config.get("kl_stderr") or 0.0],
-            yerr=[config.get("judge_score_stderr") or 0.0],
-            fmt="o",
+            [c["kl"] for c in mine],
+            [c["judge_score"] for c in mine],
+            xerr=[c.get("kl_stderr") or 0.0 for c in mine],
+            yerr=[c.get("judge_score_stderr") or 0.0 for c in mine],
+            fmt="o-",
+            lw=2,
             capsize=3,
             color=colours[objective],
-            label=None if objective in labelled else objective,
+            label=f"{objective} ({seeds} seed{'s' if seeds > 1 else ''})",
         )
-        labelled.add(objective)
-        detail = " ".join(p for p in parts[id(config)] if p not in shared[objective])
-        if detail:
-            axes.annotate(detail, (config["kl"], config["judge_score"]), fontsize=6, alpha=0.7)
+    for i, target in enumerate(targets):
+        axes.axvline(target, color="grey", ls="--", lw=1, label="target KL" if i == 0 else None)
+    _matched_points(axes, matched, colours)
     judges = sorted({str(c["judge"]) for c in points if c.get("judge")})
     axes.set_xlabel("KL(policy || reference), nats per completion")
     axes.set_ylabel(f"judge score ({', '.join(judges) or 'judge'})")
-    axes.set_title("judge score vs KL (mean ± stderr over seeds)")
+    title = ["thick: mean per configuration ± stderr over seeds"]
+    title += ["thin: each seed's runs"] if rows else []
+    title += ["diamonds: score at the target KL, 95% interval"] if matched else []
+    axes.set_title("judge score vs KL\n" + "; ".join(title[:2]) + "\n" * (len(title) > 2)
+                   + "".join(title[2:]), fontsize=8)  # fmt: skip
     axes.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, format="png")

@@ -8,16 +8,52 @@ from pathlib import Path
 from typing import Any
 
 from fpo.compare.markdown import write_markdown
+from fpo.compare.matched import MatchedKL, matched_kl_table
+from fpo.compare.matched_report import write_matched_csv, write_matched_markdown
 from fpo.compare.plots import plot_curves, plot_frontier
 from fpo.compare.runs import load_runs
 from fpo.compare.table import config_rows, run_rows, write_csv
 
 
-def compare(directories: Sequence[str | os.PathLike], out: str | os.PathLike) -> dict[str, Any]:
+def _frontier_rows(
+    matched: MatchedKL, judge: str, rows: Sequence[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """Run rows for the frontier plot from the scores the matched table used (``judge``; the
+    split it read), each with its configuration label from the comparison's run rows."""
+    config_of = {row["run"]: row["config"] for row in rows}
+    return [
+        {
+            "level": "run",
+            "config": config_of[each.run.name],
+            "run": each.run.name,
+            "objective": each.run.objective,
+            "seed": each.run.seed,
+            "n": 1,
+            "judge": judge,
+            "kl": each.kl,
+            "judge_score": each.scores[judge],
+        }
+        for each in matched.scores
+        if judge in each.scores
+    ]
+
+
+def compare(
+    directories: Sequence[str | os.PathLike],
+    out: str | os.PathLike,
+    at_kl: Sequence[float] = (),
+    **matched_options: Any,
+) -> dict[str, Any]:
     """Read every run under ``directories`` and write the comparison into ``out``.
 
+    With ``at_kl`` (target KLs) also ``matched_kl.csv`` and ``matched_kl.md``
+    (`fpo.compare.matched.matched_kl_table`, given ``matched_options``: ``baseline``,
+    ``judges``, ``bootstrap``, ``seed``, ``split``), and the frontier plot shows the first
+    judge's runs and matched estimates.
+
     Returns ``{"runs", "configurations", "files", "frontier", "curves", "notes"}``:
-    counts, the paths written, whether each figure has data, and notes for the user.
+    counts, the paths written, whether each figure has data, and notes for the user
+    (plus ``"matched"``, the `MatchedKL`, with ``at_kl``).
     """
     runs = load_runs(directories)
     out = Path(out)
@@ -31,7 +67,17 @@ def compare(directories: Sequence[str | os.PathLike], out: str | os.PathLike) ->
         "curves": out / "curves.png",
     }
     notes = [problem for run in runs for problem in run.problems]
-    has_frontier = plot_frontier(configs, files["frontier"])
+    plotted, plotted_configs, matched_rows, matched = rows, configs, [], None
+    if at_kl:
+        matched = matched_kl_table(runs, at_kl, **matched_options)
+        files["matched_csv"] = write_matched_csv(matched, out / "matched_kl.csv")
+        files["matched_markdown"] = write_matched_markdown(matched, out / "matched_kl.md")
+        notes += matched.notes
+        judge = matched.judges[0]
+        plotted = _frontier_rows(matched, judge, rows)
+        plotted_configs = config_rows(plotted)
+        matched_rows = [row for row in matched.rows if row["judge"] == judge]
+    has_frontier = plot_frontier(plotted_configs, files["frontier"], plotted, at_kl, matched_rows)
     if not has_frontier:
         notes.append(
             "no run has evaluation values (judge score and KL): frontier.png is a placeholder"
@@ -39,7 +85,7 @@ def compare(directories: Sequence[str | os.PathLike], out: str | os.PathLike) ->
     has_curves = plot_curves(runs, files["curves"])
     if not has_curves:
         notes.append("no run has a CSV logger file: curves.png is a placeholder")
-    return {
+    result = {
         "runs": len(runs),
         "configurations": len(configs),
         "files": files,
@@ -47,3 +93,4 @@ def compare(directories: Sequence[str | os.PathLike], out: str | os.PathLike) ->
         "curves": has_curves,
         "notes": notes,
     }
+    return result if matched is None else {**result, "matched": matched}

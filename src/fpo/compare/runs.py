@@ -110,7 +110,9 @@ def find_runs(directory: str | os.PathLike) -> list[Path]:
     return sorted(runs, key=_natural_key)
 
 
-def _read_json(path: Path, problems: list[str]) -> dict[str, Any]:
+def read_json(path: Path, problems: list[str]) -> dict[str, Any]:
+    """The JSON object in ``path``; ``{}`` when it is missing, or unreadable (then a line
+    in ``problems`` says so)."""
     if not path.is_file():
         return {}
     try:
@@ -163,10 +165,10 @@ def load_run(path: str | os.PathLike, name: str | None = None) -> Run:
     except (OSError, yaml.YAMLError) as error:
         raise UserError(f"{folder / '.hydra'}: cannot read the run's config ({error}).") from None
     run = Run(path=folder, name=name or folder.name, config=config, overrides=overrides)
-    run.metrics = _read_json(folder / METRICS, run.problems)
+    run.metrics = read_json(folder / METRICS, run.problems)
     if not run.metrics:
         run.problems.append(f"{folder}: no {METRICS} (unfinished or failed run?)")
-    run.evaluation = _read_json(folder / SUMMARY, run.problems)
+    run.evaluation = read_json(folder / SUMMARY, run.problems)
     run.curves = _curves_file(folder)
     if "train/tokens_per_sec" not in run.metrics and run.curves is not None:
         run.metrics["train/tokens_per_sec"] = _tokens_per_sec(run.curves)
