@@ -13,8 +13,10 @@ import pytest
 import yaml
 
 from fpo.commands.compare import main
-from fpo.compare import load_runs, matched_kl_table
+from fpo.compare import config_rows, load_runs, matched_kl_table, run_rows
 from fpo.compare.bootstrap import interpolate, p_value
+from fpo.compare.plots import frontier_figure
+from fpo.compare.report import frontier_rows
 
 JUDGES = ("vader-compound", "afinn")
 
@@ -132,6 +134,36 @@ def test_bootstrap_interval_covers_the_truth_and_narrows_with_more_prompts(tmp_p
     assert widths[1] < widths[0] / 2, widths
 
 
+def exact_frontier(root: Path, objective: str, seed: int, per_prompt: np.ndarray) -> None:
+    """Runs at KL 2 and 4 exactly; scores ``0.1 * KL + per_prompt`` (``(P,)``), 2 samples."""
+    for beta, kl in ((0.3, 2.0), (0.1, 4.0)):
+        score = np.repeat((0.1 * kl + per_prompt)[:, None], 2, axis=1)
+        write_samples(make_run(root, objective, seed, beta), np.full(score.shape, kl), score)
+
+
+def test_interval_accounts_for_seeds(tmp_path):
+    """No prompt-to-prompt variation: the interval's width is the seeds' spread alone."""
+    for seed, offset in enumerate((0.0, 0.1, 0.2)):
+        exact_frontier(tmp_path, "fpo", seed, np.full(8, offset))
+    row = by_key(matched_kl_table(load_runs([tmp_path]), [3.0], bootstrap=400))
+    row = row[("fpo", "vader-compound", 3.0)]
+    assert row["score"] == pytest.approx(0.4)
+    assert row["score_low"] < 0.35 and row["score_high"] > 0.45, row
+
+
+def test_difference_shares_the_prompt_draws(tmp_path):
+    """Prompts vary a lot but dpo is fpo - 0.1 on every prompt: paired by prompt, the
+    difference's interval is -0.1 exactly, though each score's interval is wide."""
+    prompts = np.random.default_rng(0).normal(0, 1.0, size=32)
+    for seed in range(2):
+        exact_frontier(tmp_path, "fpo", seed, prompts)
+        exact_frontier(tmp_path, "dpo", seed, prompts - 0.1)
+    rows = by_key(matched_kl_table(load_runs([tmp_path]), [3.0], bootstrap=400))
+    fpo, dpo = rows[("fpo", "vader-compound", 3.0)], rows[("dpo", "vader-compound", 3.0)]
+    assert fpo["score_high"] - fpo["score_low"] > 0.3
+    assert dpo["diff_low"] == pytest.approx(-0.1) and dpo["diff_high"] == pytest.approx(-0.1)
+
+
 def test_difference_from_the_baseline_with_its_p_value(tmp_path):
     synthetic_sweep(tmp_path, 64, {"fpo": 0.0, "dpo": -0.2})
     for run in sorted(tmp_path.glob("fpo_*")):  # simpo: an exact copy of fpo's runs
@@ -187,3 +219,21 @@ def test_cli_writes_the_matched_table_and_frontier(tmp_path, capsys):
             main([str(tmp_path / "runs"), "--out", str(out), *argv])
         assert exit_info.value.code == 2
     assert "nope" in capsys.readouterr().err
+
+
+def test_frontier_shows_every_run_per_seed_the_targets_and_short_labels(tmp_path):
+    synthetic_sweep(tmp_path, 8, {"fpo": 0.0, "dpo": -0.1}, seeds=2)
+    runs = load_runs([tmp_path])
+    matched = matched_kl_table(runs, [3.0, 6.0], bootstrap=50)
+    vader = [row for row in matched.rows if row["judge"] == "vader-compound"]
+    rows = frontier_rows(matched, "vader-compound", run_rows(runs))
+    axes = frontier_figure(config_rows(rows), rows, [3.0, 6.0], vader).axes[0]
+    seed_lines = [line for line in axes.lines if line.get_alpha() == 0.35]
+    assert len(seed_lines) == 2 * 2 and all(len(line.get_xdata()) == 2 for line in seed_lines)
+    verticals = [line.get_xdata()[0] for line in axes.lines if line.get_linestyle() == "--"]
+    assert verticals == [3.0, 6.0]
+    labels = [text.get_text() for text in axes.get_legend().get_texts()]
+    assert sorted(labels) == ["dpo (2 seeds)", "fpo (2 seeds)", "target KL"]
+    assert not axes.texts  # no per-point override annotations
+    diamonds = [line for line in axes.lines if line.get_marker() == "D"]
+    assert len(diamonds) == 2  # both objectives at KL 3; KL 6 is outside their range

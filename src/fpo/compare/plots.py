@@ -79,28 +79,20 @@ def _matched_points(axes: Any, matched: Sequence[dict[str, Any]], colours: dict[
         )  # fmt: skip
 
 
-def plot_frontier(
+def frontier_figure(
     configs: Sequence[dict[str, Any]],
-    path: str | os.PathLike,
     rows: Sequence[dict[str, Any]] = (),
     targets: Sequence[float] = (),
     matched: Sequence[dict[str, Any]] = (),
-) -> bool:
+) -> Figure | None:
     """Judge score vs KL(policy || reference), one colour per objective: each configuration's
     mean with error bars (stderr over seeds), joined in KL order (the objective's mean
     frontier); with ``rows`` (run rows), every run too, each seed's runs joined; ``targets``
     as vertical lines and ``matched`` (`fpo.compare.matched` rows of one judge) as diamonds
-    with their 95% intervals. The reference at KL 0 in grey."""
-    path = Path(path)
+    with their 95% intervals. The reference at KL 0 in grey. ``None`` with no data."""
     points = [c for c in configs if c.get("judge_score") is not None and c.get("kl") is not None]
     if not points:
-        _placeholder(
-            path,
-            "judge score vs KL",
-            "No run has evaluation values (judge score and KL).\n"
-            "Train with an evaluation block (e.g. evaluation=sentiment) to fill this plot.",
-        )
-        return False
+        return None
     colours = _colours([str(c["objective"]) for c in points])
     figure = _figure(7, 4.8)
     axes = figure.add_subplot()
@@ -139,6 +131,27 @@ def plot_frontier(
                    + "".join(title[2:]), fontsize=8)  # fmt: skip
     axes.legend(fontsize=8)
     figure.tight_layout()
+    return figure
+
+
+def plot_frontier(
+    configs: Sequence[dict[str, Any]],
+    path: str | os.PathLike,
+    rows: Sequence[dict[str, Any]] = (),
+    targets: Sequence[float] = (),
+    matched: Sequence[dict[str, Any]] = (),
+) -> bool:
+    """Write `frontier_figure` to ``path``; a placeholder (and ``False``) with no data."""
+    path = Path(path)
+    figure = frontier_figure(configs, rows, targets, matched)
+    if figure is None:
+        _placeholder(
+            path,
+            "judge score vs KL",
+            "No run has evaluation values (judge score and KL).\n"
+            "Train with an evaluation block (e.g. evaluation=sentiment) to fill this plot.",
+        )
+        return False
     figure.savefig(path, format="png")
     return True
 

@@ -15,7 +15,7 @@ from fpo.compare.runs import load_runs
 from fpo.compare.table import config_rows, run_rows, write_csv
 
 
-def _frontier_rows(
+def frontier_rows(
     matched: MatchedKL, judge: str, rows: Sequence[dict[str, Any]]
 ) -> list[dict[str, Any]]:
     """Run rows for the frontier plot from the scores the matched table used (``judge``; the
@@ -74,7 +74,7 @@ def compare(
         files["matched_markdown"] = write_matched_markdown(matched, out / "matched_kl.md")
         notes += matched.notes
         judge = matched.judges[0]
-        plotted = _frontier_rows(matched, judge, rows)
+        plotted = frontier_rows(matched, judge, rows)
         plotted_configs = config_rows(plotted)
         matched_rows = [row for row in matched.rows if row["judge"] == judge]
     has_frontier = plot_frontier(plotted_configs, files["frontier"], plotted, at_kl, matched_rows)
