@@ -54,6 +54,14 @@ def test_compare_a_smoke_multirun(tmp_path):
     for name in ("frontier.png", "curves.png"):
         assert (out / name).read_bytes().startswith(b"\x89PNG"), name
 
+    # At matched KL: one knob value per objective brackets no target but its own KL.
+    matched = run("fpo.compare", str(sweep), "--out", str(out), "--at-kl", "0.5,1e6")
+    assert matched.returncode == 0, matched.stderr[-3000:]
+    with (out / "matched_kl.csv").open() as handle:
+        cells = list(csv.DictReader(handle))
+    assert {(row["objective"], row["target_kl"]) for row in cells} >= {("fpo", "1000000.0")}
+    assert all(row["note"].startswith("outside measured KL range") for row in cells)
+
     missing = run("fpo.compare", str(tmp_path / "nowhere"), "--out", str(out))
     assert missing.returncode == 2 and "nowhere" in missing.stderr
     assert "Traceback" not in missing.stderr

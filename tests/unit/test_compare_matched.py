@@ -17,6 +17,7 @@ from fpo.compare import config_rows, load_runs, matched_kl_table, run_rows
 from fpo.compare.bootstrap import interpolate, p_value
 from fpo.compare.plots import frontier_figure
 from fpo.compare.report import frontier_rows
+from fpo.errors import UserError
 
 JUDGES = ("vader-compound", "afinn")
 
@@ -237,3 +238,12 @@ def test_frontier_shows_every_run_per_seed_the_targets_and_short_labels(tmp_path
     assert not axes.texts  # no per-point override annotations
     diamonds = [line for line in axes.lines if line.get_marker() == "D"]
     assert len(diamonds) == 2  # both objectives at KL 3; KL 6 is outside their range
+
+
+def test_a_bad_value_in_generations_names_the_file(tmp_path):
+    run = make_run(tmp_path, "fpo", 0, 0.1)
+    write_samples(run, np.ones((2, 1)), np.ones((2, 1)))
+    path = run / "evaluation" / "generations.jsonl"
+    path.write_text(path.read_text().replace('"kl_log_ratio": 1.0', '"kl_log_ratio": "x"'))
+    with pytest.raises(UserError, match=r"generations\.jsonl: a line with a bad value"):
+        matched_kl_table(load_runs([tmp_path]), [1.0])

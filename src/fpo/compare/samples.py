@@ -117,7 +117,10 @@ def read_run_scores(run: Run, split: str | None = None) -> RunScores | None:
     folder = evaluation_folder(run, split)
     lines = _read_lines(folder / GENERATIONS) if (folder / GENERATIONS).is_file() else []
     if lines and all(all(key in line for key in PER_SAMPLE_KEYS) for line in lines):
-        return _from_samples(run, folder / GENERATIONS, lines)
+        try:
+            return _from_samples(run, folder / GENERATIONS, lines)
+        except (TypeError, ValueError, AttributeError) as error:
+            raise UserError(f"{folder / GENERATIONS}: a line with a bad value ({error}).") from None
     summary = run.evaluation if split is None else read_json(folder / SUMMARY, run.problems)
     kl = as_number(summary.get("kl"))
     scores = _summary_scores(summary)
