@@ -150,6 +150,10 @@ def test_interval_accounts_for_seeds(tmp_path):
     row = row[("fpo", "vader-compound", 3.0)]
     assert row["score"] == pytest.approx(0.4)
     assert row["score_low"] < 0.35 and row["score_high"] > 0.45, row
+    plain = by_key(matched_kl_table(load_runs([tmp_path]), [3.0], bootstrap=0))
+    plain = plain[("fpo", "vader-compound", 3.0)]
+    assert plain["score"] == pytest.approx(0.4) and plain["score_low"] is None
+    assert plain["note"] == "no bootstrap"
 
 
 def test_difference_shares_the_prompt_draws(tmp_path):
@@ -247,3 +251,11 @@ def test_a_bad_value_in_generations_names_the_file(tmp_path):
     path.write_text(path.read_text().replace('"kl_log_ratio": 1.0', '"kl_log_ratio": "x"'))
     with pytest.raises(UserError, match=r"generations\.jsonl: a line with a bad value"):
         matched_kl_table(load_runs([tmp_path]), [1.0])
+
+
+def test_runs_on_different_prompts_are_resampled_separately_and_say_so(tmp_path):
+    exact_frontier(tmp_path / "a", "fpo", 0, np.zeros(4))
+    exact_frontier(tmp_path / "b", "dpo", 0, np.zeros(6))  # two more prompts
+    result = matched_kl_table(load_runs([tmp_path / "a", tmp_path / "b"]), [3.0], bootstrap=20)
+    assert any("2 different prompt sets" in note for note in result.notes)
+    assert by_key(result)[("dpo", "vader-compound", 3.0)]["diff"] == pytest.approx(0.0)
