@@ -8,12 +8,14 @@ import math
 
 import pytest
 
+from fpo.calibration import search
 from fpo.calibration.search import (
     Status,
     Tolerance,
     bracket,
     calibrate,
     calibrate_target,
+    propose,
     round_knob,
 )
 
@@ -134,17 +136,32 @@ def test_the_run_budget_stops_the_search():
     assert len(shared.calls) == 4
 
 
-def test_a_bent_curve_still_converges_in_few_runs():
-    """A steep sigmoid in log(knob): plain false position keeps replacing one end of the
-    bracket by a sliver; the safeguards (middle 80%, bisection after two steps on one side)
-    reach the target in a few runs."""
+def kinked(knob: float) -> float:
+    """Gentle under 3.3e-5, then steep (a run that starts to run away): KL 3 at the kink,
+    3.6e6 nats at 1e-3. Plain false position keeps replacing the low end by a sliver
+    (19 runs to reach 3 nats)."""
+    ratio = knob / 3.3e-5
+    return 3.0 * ratio ** (0.5 if ratio < 1 else 4.0)
 
-    def sigmoid(alpha: float) -> float:
-        return 0.5 + 30.0 / (1.0 + math.exp(8.0 * (math.log(alpha) - math.log(3e-5))))
 
-    measure = Counted(sigmoid)
-    result = calibrate(measure, 3.0, 1e-6, 1e-3, max_runs=8)
-    assert result.status is Status.converged and len(measure.calls) <= 6
+@pytest.mark.parametrize("keep_from_the_ends", [True, False])
+def test_a_kinked_curve_still_converges_in_few_runs(keep_from_the_ends, monkeypatch):
+    """Each safeguard alone (the middle 80% of the bracket; bisection after two new
+    points on one side of the target) reaches the target in at most 9 runs."""
+    if not keep_from_the_ends:
+        monkeypatch.setattr(search, "EDGE", 0.0)
+    for curve in (kinked, lambda beta: kinked(1.1e-9 / beta)):  # raising and lowering KL
+        low, high = (1e-6, 1e-3) if curve is kinked else (1.1e-6, 1.1e-3)
+        measure = Counted(curve)
+        result = calibrate(measure, 3.0, low, high, max_runs=12)
+        assert result.status is Status.converged and len(measure.calls) <= 9
+
+
+def test_a_proposal_stays_inside_the_middle_of_the_bracket():
+    points = {1e-6: 2.0, 1e-3: 1e6}  # the line in log-log meets 3 nats at 3% of the way
+    share = math.log(propose((1e-6, 1e-3), points, 3.0, bisect=False) / 1e-6) / math.log(1e3)
+    assert share == pytest.approx(search.EDGE, abs=0.01)
+    assert propose((1e-6, 1e-3), points, 3.0, bisect=True) == pytest.approx(3.16e-5)
 
 
 def test_rounding_stops_a_bracket_narrower_than_the_knob_resolution():

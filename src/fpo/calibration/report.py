@@ -16,8 +16,9 @@ from fpo.calibration.search import Calibration, TargetCalibration, Tolerance
 
 
 def seed_knobs(results: Sequence[TargetCalibration]) -> list[float]:
-    """The distinct knob values the seeds run at: both bracketing values of every target."""
-    values = {k for result in results for k in (result.below, result.above) if k is not None}
+    """The distinct knob values the seeds run at: both bracketing values of every target
+    that has both (a one-sided target gets no seed runs: its seeds could not interpolate)."""
+    values = {k for result in results for k in (result.seed_knobs or ())}
     return sorted(values)
 
 
