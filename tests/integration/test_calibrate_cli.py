@@ -1,0 +1,69 @@
+"""``fpo-calibrate`` on the tiny model, as a user runs it (a ``python -m`` subprocess that
+starts ``fpo-train`` jobs): three real runs in all, the second command reusing the first's."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def calibrate(logs: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "FPO_ROOT": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env.setdefault("WANDB_MODE", "disabled")
+    validation = ROOT / "tests" / "fixtures" / "plain_pairs.jsonl"
+    command = [
+        sys.executable, "-m", "fpo.commands.calibrate", f"paths.log_dir={logs}",
+        "experiment=smoke", "objective=simpo", "evaluation=smoke",
+        f"evaluation.validation.prompts_file={validation}",
+        "evaluation.validation.num_prompts=3", "--low", "1e-5", "--high", "1e-2", *args,
+    ]  # fmt: skip
+    return subprocess.run(
+        command,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+
+
+def test_calibrate_runs_reads_back_and_reuses_runs(tmp_path):
+    first = calibrate(tmp_path, "--target-kl", "100", "--max-runs", "2")
+    assert first.returncode == 0, first.stderr[-3000:]
+    (report_file,) = tmp_path.glob("smoke/calibration/simpo/*/calibration.json")
+    report = json.loads(report_file.read_text())
+    assert report["knob"] == "optimizer.lr"  # SimPO's knob from the map
+    ends = report["points"]
+    assert [p["knob"] for p in ends] == [1e-5, 1e-2]
+    for point in ends:
+        metrics = json.loads((Path(point["run_dir"]) / "metrics.json").read_text())
+        assert point["val_kl"] == metrics["val/sampled/kl"] != metrics["eval/kl"]
+    low_kl, high_kl = ends[0]["val_kl"], ends[1]["val_kl"]
+    assert low_kl < 0.3 < high_kl < 100, "the tiny model's KL range moved: adjust the targets"
+    (target,) = report["targets"]
+    assert target["status"] == "unreachable"
+    assert target["finding"].startswith("unreachable within [1e-05, 0.01]: KL range measured")
+    assert "raise --high" in target["finding"]
+    stamps = {p["run_dir"]: os.stat(Path(p["run_dir"]) / "metrics.json").st_mtime_ns for p in ends}
+
+    # the same overrides again, a reachable target (tolerance 0.05 nats, so the low end's
+    # KL is not on it): both ends are read, one run is new
+    second = calibrate(tmp_path, "--target-kl", "0.3,100", "--max-runs", "1", "--abs-tol", "0.05")
+    assert second.returncode == 0, second.stderr[-3000:]
+    report = json.loads(report_file.read_text())
+    assert len(report["points"]) == 3
+    for run_dir, stamp in stamps.items():
+        assert os.stat(Path(run_dir) / "metrics.json").st_mtime_ns == stamp  # not rerun
+    reached, unreachable = report["targets"]
+    (new,) = reached["new_runs"]
+    assert 1e-5 < new < 1e-2 and unreachable["new_runs"] == []
+    assert reached["below"]["val_kl"] < 0.3 <= reached["above"]["val_kl"]
+    assert report["seed_command"].endswith(
+        f"optimizer.lr={','.join(repr(k) for k in sorted(reached['seed_knobs']))} seed=1,2,3,4,5"
+    )
+    assert (report_file.parent / "calibration.md").read_text() in second.stdout
