@@ -26,7 +26,7 @@ from test_objective_module import (
 
 from fpo.models.tiny import build_tiny_model
 from fpo.sae import load_sae
-from helpers import compose_train, preset
+from fpo.testing import compose_train, preset
 
 HOOK = "blocks.0.hook_resid_post"  # test_objective_module.HOOK_LAYER
 ROOT = Path(__file__).resolve().parents[2]

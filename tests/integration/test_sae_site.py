@@ -20,7 +20,7 @@ from fpo.models.tiny import build_tiny_model
 from fpo.sae import ActivationCapture, build_random_sae, load_sae, resolve_hook_module
 from fpo.sae_training import collect_activations, hook_name_for_layer
 from fpo.commands.common import CONFIG_DIR
-from helpers import compose_train
+from fpo.testing import compose_train
 
 MLP_OUT = "blocks.1.hook_mlp_out"
 

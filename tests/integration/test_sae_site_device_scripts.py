@@ -146,7 +146,7 @@ def test_gathered_parameters_is_a_no_op_without_zero3():
 def test_module_syncs_the_sae_dtype_when_fit_starts():
     """The module's ``on_fit_start`` runs after the strategy's setup (where DeepSpeed casts)."""
     from fpo.builder import build_run_parts
-    from helpers import compose_train
+    from fpo.testing import compose_train
 
     module = build_run_parts(compose_train("experiment=smoke", "objective=fpo")).build_module()
     module.sae_report_batches = 0  # the report needs a trainer; the dtype sync does not

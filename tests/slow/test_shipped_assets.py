@@ -44,7 +44,7 @@ from fpo.reference.store import ReferenceCache
 from fpo.sae import check_sae_fits_model, load_sae, resolve_hook_module, sae_hook_name
 from fpo.sae_training.activations import collect_activations
 from fpo.sae_training.trainer import evaluate_sae
-from helpers import compose_train
+from fpo.testing import compose_train
 
 pytestmark = pytest.mark.slow
 
