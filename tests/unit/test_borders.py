@@ -16,14 +16,18 @@ import pytest
 
 from fpo.testing import ROOT
 
-SKIPPED_DIRS = {"logs", "data", "node_modules", "__pycache__"}
+#: Top-level folders of data and run outputs, not code.
+NOT_CODE = {ROOT / "logs", ROOT / "data", ROOT / "assets"}
 
 
 def files(*suffixes: str, under: Path = ROOT) -> Iterator[Path]:
     """The repository's files ending in ``suffixes`` (no hidden folders such as ``.venv``,
-    no run outputs)."""
+    no caches, data or run outputs)."""
     for folder, dirs, names in os.walk(under):
-        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d not in SKIPPED_DIRS)
+        dirs[:] = sorted(
+            d for d in dirs
+            if not d.startswith(".") and d != "__pycache__" and Path(folder, d) not in NOT_CODE
+        )  # fmt: skip
         yield from (Path(folder) / n for n in sorted(names) if n.endswith(suffixes))
 
 
