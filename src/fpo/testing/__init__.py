@@ -3,8 +3,8 @@ edits, no test-folder modules): config composition (`fpo.testing.config`), one r
 command lines in a fresh process (`fpo.testing.runner`) and fault injection for the
 reliability tests (`fpo.testing.faults`, imported on its own: it is a Hydra callback target).
 
-The runner and the fixture paths need a source checkout (the repository root holds
-``configs/`` and ``tests/fixtures/``); nothing else in the package imports this one.
+The runner needs a source checkout: it runs commands from the repository root, the folder
+of ``configs/``. Nothing else in the package imports this one.
 """
 
 from fpo.testing.config import PRESETS, QUIET_TRAINER, compose_train, fixture_datamodule, preset
