@@ -1,4 +1,14 @@
-"""Side-by-side benchmark of this template's objectives against TRL (issue 11).
+"""Measurements of this template, each run from the repository root as ``python -m
+benchmarks.<name>`` (``benchmarks`` is a package there, not an installed one; each uses
+``fpo``'s public API only):
 
-Run from the repository root: ``python benchmarks/run.py`` (see ``benchmarks/config.yaml``).
+- ``run``: our objectives side by side with TRL (issue 11; ``benchmarks/config.yaml``);
+  ``memory_phases``, ``packing_flops`` and ``equal_math`` are its parts and companions;
+- ``reference_cache``: FPO from the offline reference cache vs online, SimPO, TDPO-2;
+- ``strategy_step``: a few optimizer steps of the paper setting under one trainer strategy
+  on a GPU (``device_strategies.sh`` runs every strategy);
+- ``bf16_feature_drift``: FPO's feature distance at step 0 under bf16 autocast
+  (``device_bf16.sh`` on a GPU).
+
+``device_checks.sh`` runs every GPU-only measurement in one device call.
 """

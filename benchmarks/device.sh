@@ -2,7 +2,7 @@
 # The GPU benchmark in ONE device call of about 8 minutes (one H100). From the repository
 # root, with the wheels of benchmarks/device_wheels.sh in .whl/ (carry [".whl"]):
 #     bash benchmarks/device.sh
-# Installs the wheels into /tmp/site (no network there), runs benchmarks/run.py --device cuda
+# Installs the wheels into /tmp/site (no network there), runs python -m benchmarks.run --device cuda
 # on the Gemma-2-2B shape (random weights on the GPU, bf16 autocast over fp32 weights,
 # 2 pairs x 2 accumulation, 256-token prompts, 768 tokens in all) with a short schedule, and
 # leaves under $OUT: the results JSON (written after every configuration, so a timeout keeps
@@ -45,7 +45,7 @@ if [ $# -eq 0 ]; then
     'plan.fixed.ours=[DPO online,SimPO]' \
     'plan.fixed.trl=[TRL DPO online,TRL SimPO]' 'plan.fixed.trl_checkpointing=[false]'
 fi
-timeout "${BENCH_TIMEOUT:-480}" python3 benchmarks/run.py --device cuda --out "$out" \
+timeout "${BENCH_TIMEOUT:-480}" python3 -m benchmarks.run --device cuda --out "$out" \
   --docs "$out/docs-section.md" "$@" 2>&1 | tee "$out/log.txt"
 status=${PIPESTATUS[0]}
 ls -la "$out"

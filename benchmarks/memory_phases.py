@@ -1,10 +1,11 @@
 """Where in a training step the peak RSS is reached (CPU): one benchmark configuration in
 this process, with the resident set size and its high-water mark (``ru_maxrss``) printed
-at each phase boundary (our policy trunk, reference, LM head; backward and optimizer step
-for both frameworks). The phase whose end raises the high-water mark holds the peak.
+at each phase boundary (ours: the reference, the policy's trunk and its LM head, announced
+by `fpo.phases`; backward and optimizer step for both frameworks). The phase whose end
+raises the high-water mark holds the peak.
 
-    python benchmarks/memory_phases.py --config "DPO online" --rows fixed
-    python benchmarks/memory_phases.py --config "TRL DPO online" --rows fixed
+    python -m benchmarks.memory_phases --config "DPO online" --rows fixed
+    python -m benchmarks.memory_phases --config "TRL DPO online" --rows fixed
 
 It prepares its rows like ``benchmarks/run.py`` (gemma-3-270m's CPU settings of
 ``benchmarks/config.yaml``, one warm-up and two measured steps).
@@ -14,16 +15,11 @@ from __future__ import annotations
 
 import argparse
 import resource
-import sys
 import tempfile
-from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "src"), str(ROOT)]
-
-from benchmarks.run import CONFIG, load_config, model_specs, worker  # noqa: E402
+from benchmarks.run import CONFIG, load_config, model_specs, worker
 
 GIB = 2**30
 MARKS: list[tuple[str, float, float]] = []
@@ -50,16 +46,15 @@ def wrap(owner, name: str, label: str) -> None:
 
 
 def instrument(framework: str) -> None:
+    """Mark torch's backward and optimizer steps (both frameworks) and, for ours, the phases
+    `fpo.phases` announces (its ``trunk`` in a training step is the policy's)."""
     wrap(torch.Tensor, "backward", "backward")
     for optimizer in (torch.optim.AdamW, torch.optim.Adam):
         wrap(optimizer, "step", "optimizer step (includes its closure)")
     if framework == "ours":
-        import fpo.module
-        from fpo.reference.base import OnlineReference
+        from fpo.phases import add_listener
 
-        wrap(fpo.module, "forward_response_positions", "policy trunk")
-        wrap(fpo.module, "response_token_stats", "LM head")
-        wrap(OnlineReference, "stats", "reference")
+        add_listener(lambda when, name: mark(f"{when} {name}"))
 
 
 def main() -> None:

@@ -10,7 +10,7 @@ every (query, key) pair the dense-mask attention computes costs ``4 * heads * he
 (``T^2`` per padded row, ``L^2`` per packed row). The LM head is left out (it runs on the
 response positions only, the same both ways); backward scales both terms alike.
 
-    python benchmarks/packing_flops.py [--row-set spread] [--pairs 256]
+    python -m benchmarks.packing_flops [--row-set spread] [--pairs 256]
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Results of ``benchmarks/run.py``: the JSON record and the TRL section of docs/benchmarks.md.
 
 The section sits between ``START`` and ``END`` markers after the hand-written notes of the
-reference-cache section, so ``scripts/benchmark_reference.py`` (which keeps everything from
+reference-cache section, so ``benchmarks/reference_cache.py`` (which keeps everything from
 its notes marker on) and this script each regenerate only their own part.
 """
 

@@ -1,8 +1,10 @@
 """Our objectives side by side with TRL 1.16 (issue 11): one command, config in config.yaml.
 
-    OMP_NUM_THREADS=2 python benchmarks/run.py                # CPU: tiny + gemma-3-270m
-    python benchmarks/run.py --device cuda                    # GPU: the Gemma-2-2B shape
-    python benchmarks/run.py --device cpu --models gemma2_tiny --set cpu.rounds=1   # GPU logic
+    OMP_NUM_THREADS=2 python -m benchmarks.run                # CPU: tiny + gemma-3-270m
+    python -m benchmarks.run --device cuda                    # GPU: the Gemma-2-2B shape
+    python -m benchmarks.run --device cpu --models gemma2_tiny --set cpu.rounds=1   # GPU logic
+
+Run from the repository root (``benchmarks`` is a package there, not an installed one).
 
 Writes ``benchmarks/results/<date>-<machine>.json`` and regenerates the TRL section of
 ``docs/benchmarks.md`` (``--no-docs`` to skip; ``--out DIR`` for the JSON). Order of work,
@@ -27,11 +29,9 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if __package__ in (None, ""):
-    sys.path.insert(0, str(ROOT))
+from benchmarks import report
 
-from benchmarks import report  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 CONFIG = Path(__file__).with_name("config.yaml")
 
@@ -162,24 +162,14 @@ def _cache_key(spec: dict) -> dict:
 
 # ------------------------------------------------------------------------------ parent
 def run_worker(kind: str, spec: dict, timeout: int) -> dict:
-    command = [
-        sys.executable,
-        str(Path(__file__).resolve()),
-        "--worker",
-        kind,
-        "--spec",
-        json.dumps(spec),
-    ]
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(
-            [str(ROOT / "src"), str(ROOT), os.environ.get("PYTHONPATH", "")]
-        ),
-    }
+    command = [sys.executable, "-m", "benchmarks.run", "--worker", kind, "--spec", json.dumps(spec)]
+    env = dict(os.environ)
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     env.setdefault("WANDB_MODE", "disabled")
     started = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
+    done = subprocess.run(
+        command, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env
+    )
     if done.returncode != 0:
         raise RuntimeError(f"worker {kind} {spec.get('config', '')} failed:\n{done.stderr[-6000:]}")
     result = json.loads(done.stdout.strip().splitlines()[-1])
@@ -266,7 +256,12 @@ def main() -> None:
     started = time.perf_counter()
     record = {
         "command": " ".join(
-            [f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '?')}", "python", *sys.argv]
+            [
+                f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '?')}",
+                "python -m",
+                "benchmarks.run",
+                *sys.argv[1:],
+            ]
         ),
         "date": dt.datetime.now().isoformat(timespec="seconds"),
         "machine": {

@@ -4,13 +4,10 @@ step 0 and after one update (benchmarks/equal_math.py), on the tests' tiny model
 from __future__ import annotations
 
 import math
-import sys
-from pathlib import Path
 
 import pytest
 
 pytest.importorskip("trl")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the benchmarks/ package
 
 from benchmarks import equal_math
 from benchmarks.models import load_model

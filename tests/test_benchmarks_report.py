@@ -4,10 +4,7 @@ regenerated separately, and a run cut short or with a failed configuration still
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the benchmarks/ package
 
 from benchmarks import report
 from benchmarks.run import configurations

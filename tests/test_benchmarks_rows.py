@@ -3,13 +3,7 @@ frameworks' formats, and the spread set really spreads (padding is most of its w
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the benchmarks/ package
-
 from benchmarks.common import batch_work, padded_tokens
 from benchmarks.rows import cpo_item, dpo_item, make_rows, our_item
 

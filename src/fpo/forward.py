@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from fpo.logprobs import ResponsePositions, gather_positions
 from fpo.models.hf import CausalLMParts
 from fpo.packing import Packing, check_packable, pack_rows
+from fpo.phases import phase
 from fpo.sae import ActivationCapture
 
 
@@ -25,6 +26,7 @@ class ResponseActivations(NamedTuple):
     hooked: Tensor | None
 
 
+@phase("trunk")
 def forward_response_positions(
     parts: CausalLMParts,
     batch: dict,

@@ -18,6 +18,8 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
+from fpo.phases import phase
+
 __all__ = [
     "IGNORE_INDEX",
     "ResponsePositions",
@@ -168,6 +170,7 @@ def _chunk_token_stats(
     return policy_logps, ref_logps, kl
 
 
+@phase("LM head")
 def response_token_stats(
     policy_hidden: Tensor,
     policy_head: Head,

@@ -11,7 +11,7 @@ from fpo.errors import UserError
 from fpo.commands.eval import eval_device
 from fpo.builder import build_run_parts
 from fpo.commands.train import train
-from helpers import compose_train
+from fpo.testing import compose_train
 
 SMOKE = ("experiment=smoke", "objective=fpo", "data.batch_size=2")
 

@@ -3,39 +3,23 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
 
 from fpo.commands.common import CONFIG_DIR
+from fpo.testing import ROOT, run_module
 
-ROOT = Path(__file__).resolve().parents[2]
 OBJECTIVES = ["dpo", "simpo", "tdpo1", "tdpo2", "fpo"]
 
 
 def run_train(
     tmp_path: Path, *overrides: str, multirun: bool = False
 ) -> subprocess.CompletedProcess:
-    env = {**os.environ, "FPO_ROOT": str(ROOT), "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
-    return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "fpo.commands.train",
-            *(["--multirun"] if multirun else []),
-            f"paths.log_dir={tmp_path}",
-            *overrides,
-        ],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    multi = ["--multirun"] if multirun else []
+    return run_module("fpo.commands.train", *multi, f"paths.log_dir={tmp_path}", *overrides)
 
 
 def test_smoke_multirun_all_objectives(tmp_path):

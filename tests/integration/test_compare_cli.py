@@ -3,22 +3,12 @@
 from __future__ import annotations
 
 import csv
-import os
-import subprocess
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-ENV = {**os.environ, "FPO_ROOT": str(ROOT), "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
-
-
-def run(*args: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", *args]
-    return subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+from fpo.testing import ROOT, run_module
 
 
 def test_compare_a_smoke_multirun(tmp_path):
-    trained = run(
+    trained = run_module(
         "fpo.commands.train",
         "--multirun",
         f"paths.log_dir={tmp_path}",
@@ -36,7 +26,7 @@ def test_compare_a_smoke_multirun(tmp_path):
     (sweep,) = (tmp_path / "smoke" / "multiruns").iterdir()
 
     out = tmp_path / "comparison"
-    compared = run("fpo.compare", str(sweep), "--out", str(out))
+    compared = run_module("fpo.compare", str(sweep), "--out", str(out))
     assert compared.returncode == 0, compared.stderr[-3000:]
     assert "compared 4 runs in 2 configurations" in compared.stdout
     assert "placeholder" not in compared.stdout
@@ -55,13 +45,13 @@ def test_compare_a_smoke_multirun(tmp_path):
         assert (out / name).read_bytes().startswith(b"\x89PNG"), name
 
     # At matched KL: one knob value per objective brackets no target but its own KL.
-    matched = run("fpo.compare", str(sweep), "--out", str(out), "--at-kl", "0.5,1e6")
+    matched = run_module("fpo.compare", str(sweep), "--out", str(out), "--at-kl", "0.5,1e6")
     assert matched.returncode == 0, matched.stderr[-3000:]
     with (out / "matched_kl.csv").open() as handle:
         cells = list(csv.DictReader(handle))
     assert {(row["objective"], row["target_kl"]) for row in cells} >= {("fpo", "1000000.0")}
     assert all(row["note"].startswith("outside measured KL range") for row in cells)
 
-    missing = run("fpo.compare", str(tmp_path / "nowhere"), "--out", str(out))
+    missing = run_module("fpo.compare", str(tmp_path / "nowhere"), "--out", str(out))
     assert missing.returncode == 2 and "nowhere" in missing.stderr
     assert "Traceback" not in missing.stderr

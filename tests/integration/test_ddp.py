@@ -18,14 +18,12 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from fpo.testing import run_module
+
 COMMON = (
     "experiment=smoke",
     "data.batch_size=2",
@@ -38,23 +36,13 @@ RTOL, ATOL = 1e-4, 1e-5
 
 
 def run(module: str, tmp_path: Path, run_dir: Path, *overrides: str) -> None:
-    env = {**os.environ, "FPO_ROOT": str(ROOT), "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            module,
-            f"paths.log_dir={tmp_path / 'logs'}",
-            f"paths.cache_dir={tmp_path / 'cache'}",
-            f"hydra.run.dir={run_dir}",
-            *COMMON,
-            *overrides,
-        ],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
+    result = run_module(
+        module,
+        f"paths.log_dir={tmp_path / 'logs'}",
+        f"paths.cache_dir={tmp_path / 'cache'}",
+        f"hydra.run.dir={run_dir}",
+        *COMMON,
+        *overrides,
     )
     assert result.returncode == 0, result.stderr[-4000:]
 
@@ -112,16 +100,9 @@ def test_ddp_jobs_in_a_sweep_each_start_their_own_ranks(tmp_path):
     """Lightning's DDP launcher re-executes the command line: in a multirun that is the whole
     sweep, and a second job found the first one's LOCAL_RANK and waited forever for ranks it
     never started (fpo.sweep gives each job its own single-run command and environment)."""
-    env = {**os.environ, "FPO_ROOT": str(ROOT), "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(
-        [
-            *(sys.executable, "-m", "fpo.commands.train", "-m", f"paths.log_dir={tmp_path}"),
-            *("experiment=smoke", "objective=dpo,simpo", "trainer.precision=32-true", *DDP),
-        ],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
+    result = run_module(
+        *("fpo.commands.train", "-m", f"paths.log_dir={tmp_path}"),
+        *("experiment=smoke", "objective=dpo,simpo", "trainer.precision=32-true", *DDP),
         timeout=300,
     )
     assert result.returncode == 0, result.stderr[-4000:]

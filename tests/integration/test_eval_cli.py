@@ -4,30 +4,15 @@ offline logging: run as a user runs them (``python -m`` subprocesses, PYTHONPATH
 from __future__ import annotations
 
 import json
-import os
 import struct
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from fpo.testing import ROOT, run_module
+
 # Numbers that may differ between two evaluations of the same policy: wall time and paths.
 VOLATILE = {"seconds", "generations", "plot", "feature_report"}
-
-
-def run_module(module: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    environment = {**os.environ, "FPO_ROOT": str(ROOT), "OMP_NUM_THREADS": "1", **(env or {})}
-    environment.setdefault("WANDB_MODE", "disabled")
-    return subprocess.run(
-        [sys.executable, "-m", module, *args],
-        cwd=ROOT,
-        env=environment,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +20,8 @@ def sweep(tmp_path_factory) -> Path:
     """``fpo-train -m experiment=smoke objective=dpo,fpo seed=0,1 evaluation=smoke``."""
     logs = tmp_path_factory.mktemp("logs")
     result = run_module(
-        "fpo.commands.train", "-m", f"paths.log_dir={logs}", "experiment=smoke", "objective=dpo,fpo",
-        "seed=0,1", "evaluation=smoke",
+        "fpo.commands.train", "-m", f"paths.log_dir={logs}", "experiment=smoke",
+        "objective=dpo,fpo", "seed=0,1", "evaluation=smoke", timeout=900,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     (folder,) = (logs / "smoke" / "multiruns").iterdir()
@@ -166,8 +151,8 @@ def wandb_records(path: Path):
 
 def test_wandb_offline_sweep_groups_tags_tables_and_images(tmp_path):
     result = run_module(
-        "fpo.commands.train", "-m", f"paths.log_dir={tmp_path}", "experiment=smoke", "objective=dpo",
-        "seed=0,1", "evaluation=smoke", "logger=wandb",
+        "fpo.commands.train", "-m", f"paths.log_dir={tmp_path}", "experiment=smoke",
+        "objective=dpo", "seed=0,1", "evaluation=smoke", "logger=wandb",
         env={"WANDB_MODE": "offline", "WANDB_SILENT": "true"},
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from fpo.builder import build_run_parts
-from helpers import QUIET_TRAINER, compose_train
+from fpo.testing import QUIET_TRAINER, compose_train
 
 CLIP = 1e-3  # far below the tiny model's gradient norm: clipping decides the update
 

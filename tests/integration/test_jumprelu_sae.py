@@ -8,9 +8,7 @@ its card.
 
 from __future__ import annotations
 
-import importlib.util
 import re
-import sys
 from pathlib import Path
 
 import pytest
@@ -26,7 +24,8 @@ from test_objective_module import (
 
 from fpo.models.tiny import build_tiny_model
 from fpo.sae import load_sae
-from helpers import compose_train, preset
+from fpo.sae_maker import cli as make_sae
+from fpo.testing import compose_train, preset
 
 HOOK = "blocks.0.hook_resid_post"  # test_objective_module.HOOK_LAYER
 ROOT = Path(__file__).resolve().parents[2]
@@ -34,25 +33,15 @@ SHIPPED = ROOT / "assets" / "sae" / "gemma3-270m-layer17-jumprelu"
 TOPK = ROOT / "assets" / "sae" / "gemma3-270m-layer17"
 
 
-def load_script(name: str):
-    """Import ``scripts/<name>.py`` as module ``name`` (as tests/unit/test_sae_training does)."""
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-        sys.modules[name] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(sys.modules[name])
-    return sys.modules[name]
-
-
 @pytest.fixture(scope="module")
 def jumprelu_folder(tmp_path_factory) -> Path:
-    """``scripts/train_sae.py --architecture jumprelu`` on the tiny model's layer 0 (d_in 32,
+    """``fpo-make-sae --architecture jumprelu`` on the tiny model's layer 0 (d_in 32,
     d_sae 64, target L0 8), saved as float16 like the shipped one."""
-    load_script("sae_corpus")
     folder = tmp_path_factory.mktemp("sae") / "jumprelu"
     argv = ["--model", "tiny", "--architecture", "jumprelu", "--layer", "0", "--d-sae", "64",
             "--k", "8", "--tokens", "3000", "--heldout-tokens", "500", "--epochs", "4",
             "--batch-size", "64", "--lr", "1e-2", "--out", str(folder)]  # fmt: skip
-    card = load_script("train_sae").run(argv)
+    card = make_sae.run(argv)
     assert card["title"].startswith("JumpReLU SAE")
     assert card["architecture"] == "jumprelu (quadratic L0 loss, target L0 8)"
     assert 0 < card["L0 (held-out)"] < 64

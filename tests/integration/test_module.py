@@ -15,7 +15,7 @@ import torch
 from fpo.module import FPOLightningModule
 from fpo.reference.base import OnlineReference
 from fpo.sae import build_random_sae
-from helpers import PRESETS, fixture_datamodule, preset
+from fpo.testing import PRESETS, fixture_datamodule, preset
 
 HOOK = "blocks.1.hook_resid_post"
 

@@ -21,7 +21,7 @@ from fpo.module import FPOLightningModule
 from fpo.objective import Objective
 from fpo.reference.base import OnlineReference
 from fpo.sae import build_random_sae
-from helpers import PRESETS, fixture_datamodule, preset
+from fpo.testing import PRESETS, fixture_datamodule, preset
 
 HOOK_LAYER = 0  # hidden_states[1] is the output of decoder layer 0, before any final norm
 

@@ -9,7 +9,7 @@ import torch
 
 from fpo.builder import build_run_parts
 from fpo.packing import Packing
-from helpers import QUIET_TRAINER, compose_train
+from fpo.testing import QUIET_TRAINER, compose_train
 
 
 class FirstLoss(L.Callback):

@@ -9,7 +9,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 import re
 import shutil
 import subprocess
@@ -40,7 +39,7 @@ from fpo.reference.build import build_reference_cache
 from fpo.reference.settings import CacheSettings, hash_state_dict
 from fpo.reference.store import ReferenceCache, attach_reference_cache
 from fpo.sae import build_random_sae, encode_pooled, resolve_hook_module
-from helpers import preset
+from fpo.testing import preset, run_module
 
 HOOK = "blocks.1.hook_resid_post"
 D_SAE = 64
@@ -425,22 +424,14 @@ def test_train_with_cached_reference_never_builds_a_reference_model(
 
 
 # ------------------------------------------------------------------- the command line
-ROOT = Path(__file__).resolve().parents[2]
 SMOKE = ("experiment=smoke", "objective=fpo")
 
 
-def run(module: str, tmp: Path, *overrides: str) -> subprocess.CompletedProcess:
-    """``python -m fpo.<module>`` with logs and caches under ``tmp`` (nothing in the repo)."""
-    env = {**os.environ, "FPO_ROOT": str(ROOT), "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+def run(command: str, tmp: Path, *overrides: str) -> subprocess.CompletedProcess:
+    """``python -m fpo.commands.<command>`` with logs and caches under ``tmp`` (nothing in
+    the repo)."""
     paths = (f"paths.log_dir={tmp / 'logs'}", f"paths.cache_dir={tmp / 'cache'}")
-    return subprocess.run(
-        [sys.executable, "-m", f"fpo.{module}", *SMOKE, *paths, *overrides],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    return run_module(f"fpo.commands.{command}", *SMOKE, *paths, *overrides)
 
 
 def cache_root(tmp: Path) -> Path:

@@ -18,9 +18,9 @@ from fpo.errors import UserError
 from fpo.builder import build_run_parts
 from fpo.models.tiny import build_tiny_model
 from fpo.sae import ActivationCapture, build_random_sae, load_sae, resolve_hook_module
-from fpo.sae_training import collect_activations, hook_name_for_layer
+from fpo.sae_maker import collect_activations, hook_name_for_layer
 from fpo.commands.common import CONFIG_DIR
-from helpers import compose_train
+from fpo.testing import compose_train
 
 MLP_OUT = "blocks.1.hook_mlp_out"
 
@@ -96,7 +96,7 @@ def test_mlp_out_layer_out_of_range_and_unknown_site_are_user_errors(tiny_model)
 
 
 def test_collector_rows_are_the_mlp_contribution(tiny_model, tiny_tokenizer):
-    """`collect_activations(site="mlp_out")` (what ``train_sae.py --site mlp_out`` trains on)
+    """`collect_activations(site="mlp_out")` (what ``fpo-make-sae --site mlp_out`` trains on)
     gives the hooked tensor the training forward captures, at the non-BOS positions."""
     texts = ["A wonderful film with great actors.", "Slow and dull."]
     rows = collect_activations(

@@ -1,4 +1,4 @@
-"""The GPU strategy benchmark's scripts (scripts/strategy_step.py, scripts/device_strategies.sh)
+"""The GPU strategy benchmark (benchmarks/strategy_step.py, benchmarks/device_strategies.sh)
 on a CPU: the single-device path measures and detects the weight update, a strategy that
 cannot run is recorded as failed (never a hang or a lost result), and the driver's summary
 holds every run. FSDP and DeepSpeed themselves need a GPU (Lightning refuses them here); the two
@@ -6,7 +6,6 @@ fixes their runs needed (an SAE cast in place, ZeRO-3's partitioned SAE) are che
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -15,30 +14,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from benchmarks import strategy_step
 
 from fpo.sae import build_random_sae, match_sae_dtype
 from fpo.strategies import gathered_parameters
-
-ROOT = Path(__file__).resolve().parents[2]
-SCRIPTS = ROOT / "scripts"
-
-
-def load_strategy_step():
-    """Import ``scripts/strategy_step.py`` as ``strategy_step`` (its model loader's target)."""
-    if "strategy_step" not in sys.modules:
-        sys.path.insert(0, str(SCRIPTS))
-        spec = importlib.util.spec_from_file_location("strategy_step", SCRIPTS / "strategy_step.py")
-        sys.modules["strategy_step"] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(sys.modules["strategy_step"])
-    return sys.modules["strategy_step"]
+from fpo.testing import ROOT
 
 
 def test_single_device_fpo_steps_measure_and_update_the_weights(tmp_path):
-    step = load_strategy_step()
     out = tmp_path / "single.json"
     argv = ["--strategy", "single", "--objective", "fpo", "--tiny", "--cpu", "--steps", "3",
             "--workdir", str(tmp_path), "--out", str(out)]  # fmt: skip
-    assert step.main(argv) == 0
+    assert strategy_step.main(argv) == 0
     result = json.loads(out.read_text())
     assert result["status"] == "ok" and result["trainer_strategy"] == "SingleDeviceStrategy"
     assert result["optimizer_steps"] == 3 and len(result["step_seconds"]) == 3
@@ -56,14 +43,13 @@ def test_single_device_fpo_steps_measure_and_update_the_weights(tmp_path):
 
 
 def test_paper_shapes_and_stand_ins_compose(tmp_path):
-    step = load_strategy_step()
-    args = step.parse_args(["--strategy", "deepspeed_zero3", "--objective", "dpo",
+    args = strategy_step.parse_args(["--strategy", "deepspeed_zero3", "--objective", "dpo",
                             "--workdir", str(tmp_path), "--out", "x.json"])  # fmt: skip
-    cfg = step.compose(args, tmp_path / "rows.jsonl")
+    cfg = strategy_step.compose(args, tmp_path / "rows.jsonl")
     assert cfg.trainer.strategy._target_ == "fpo.strategies.deepspeed"
     assert cfg.trainer.strategy.stage == 3 and cfg.trainer.precision == "bf16-mixed"
     assert cfg.objective.name == "dpo" and cfg.reference.source == "online"
-    assert cfg.model.loader == {"_target_": "strategy_step.random_gemma2", "shape": "2b",
+    assert cfg.model.loader == {"_target_": "benchmarks.strategy_step.random_gemma2", "shape": "2b",
                                 "device": "cuda", "dtype": "float32"}  # fmt: skip
     assert (cfg.data.max_length, cfg.data.max_prompt_length) == (1024, 512)
     assert cfg.sae.d_in == 2304 and cfg.sae.hook_name == "blocks.25.hook_resid_post"
@@ -71,16 +57,15 @@ def test_paper_shapes_and_stand_ins_compose(tmp_path):
     assert cfg.scheduler.num_warmup_steps == 0 and cfg.global_batch_size == 2
     assert cfg.reference.dtype == "bfloat16"  # the paper's frozen reference
     args.strategy = "fsdp_fp32_reference"
-    cfg = step.compose(args, tmp_path / "rows.jsonl")
+    cfg = strategy_step.compose(args, tmp_path / "rows.jsonl")
     assert cfg.trainer.strategy._target_ == "fpo.strategies.fsdp"
     assert cfg.reference.dtype is None
 
 
 def test_a_strategy_that_cannot_run_is_recorded_as_failed(tmp_path):
-    step = load_strategy_step()
     out = tmp_path / "fsdp.json"
     argv = ["--strategy", "fsdp", "--tiny", "--cpu", "--workdir", str(tmp_path), "--out", str(out)]
-    assert step.main(argv) == 1
+    assert strategy_step.main(argv) == 1
     result = json.loads(out.read_text())
     assert result["status"] == "failed" and "GPU" in result["error"]
     assert "Traceback" in result["traceback"]
@@ -92,7 +77,7 @@ def run_driver(tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
                    "STEPS": "2", "OMP_NUM_THREADS": "1",
                    "PYTHONPATH": str(ROOT / "src"), **env}  # fmt: skip
     return subprocess.run(
-        ["bash", str(SCRIPTS / "device_strategies.sh")],
+        ["bash", str(ROOT / "benchmarks" / "device_strategies.sh")],
         env=environment,
         capture_output=True,
         text=True,
@@ -146,7 +131,7 @@ def test_gathered_parameters_is_a_no_op_without_zero3():
 def test_module_syncs_the_sae_dtype_when_fit_starts():
     """The module's ``on_fit_start`` runs after the strategy's setup (where DeepSpeed casts)."""
     from fpo.builder import build_run_parts
-    from helpers import compose_train
+    from fpo.testing import compose_train
 
     module = build_run_parts(compose_train("experiment=smoke", "objective=fpo")).build_module()
     module.sae_report_batches = 0  # the report needs a trainer; the dtype sync does not

@@ -163,7 +163,7 @@ def test_every_local_sae_config_has_its_shipped_folder_and_card():
         )
         assert (folder / "cfg.json").exists(), path.name
         card = (folder / "SAE_CARD.md").read_text()
-        assert "python scripts/train_sae.py" in card, path.name  # the remake command
+        assert "\nfpo-make-sae --" in card, path.name  # the remake command
         assert (folder / "sae_weights.safetensors").stat().st_size < 11 * 2**20, path.name
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import lightning as L
 
 from fpo.builder import build_run_parts
-from helpers import QUIET_TRAINER, compose_train
+from fpo.testing import QUIET_TRAINER, compose_train
 
 
 class GradsAtBatchStart(L.Callback):

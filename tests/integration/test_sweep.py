@@ -14,30 +14,12 @@ from pathlib import Path
 import pytest
 
 from fpo.sweep import derive_sweep_name
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def train_command(tmp_path: Path, *overrides: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "fpo.commands.train",
-        "-m",
-        f"paths.log_dir={tmp_path}",
-        *overrides,
-    ]
+from fpo.testing import ROOT, command_env, run_module
 
 
-def train_env() -> dict[str, str]:
-    # PYTHONPATH (a worktree's src first) is inherited from os.environ.
-    return {**os.environ, "FPO_ROOT": str(ROOT), "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
-
-
-def run(command: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        command, cwd=ROOT, env=train_env(), capture_output=True, text=True, timeout=600
-    )
+def train_args(tmp_path: Path, *overrides: str) -> list[str]:
+    """``fpo-train -m OVERRIDES`` with its logs under ``tmp_path``, as ``python -m`` args."""
+    return ["fpo.commands.train", "-m", f"paths.log_dir={tmp_path}", *overrides]
 
 
 def only_sweep_dir(tmp_path: Path, task: str = "smoke") -> Path:
@@ -70,8 +52,8 @@ def test_failing_job_is_recorded_and_the_others_finish(tmp_path):
     """FPO's k exceeds the random SAE's width (a config error); DPO and SimPO (no feature
     term) still run and finish; the sweep exits 1 after all jobs. Jobs run in two parallel
     worker processes (hydra/launcher=parallel): they find the sweep's folder too."""
-    result = run(
-        train_command(
+    result = run_module(
+        *train_args(
             tmp_path,
             "experiment=smoke",
             "objective=dpo,fpo,simpo",
@@ -96,7 +78,9 @@ def test_failing_job_is_recorded_and_the_others_finish(tmp_path):
 
 
 def test_non_finite_training_is_a_failed_job(tmp_path):
-    result = run(train_command(tmp_path, "experiment=smoke", "objective=simpo", "optimizer.lr=inf"))
+    result = run_module(
+        *train_args(tmp_path, "experiment=smoke", "objective=simpo", "optimizer.lr=inf")
+    )
     assert result.returncode == 1, result.stderr[-3000:]
     (job,) = summary(only_sweep_dir(tmp_path))["jobs"]
     assert job["status"] == "failed"
@@ -107,7 +91,7 @@ def test_killed_sweep_rerun_runs_only_the_missing_jobs(tmp_path):
     """Two objectives x two seeds; SIGKILL of the process group while the third job is
     half-way (its last.ckpt exists); the same command again skips the two finished jobs,
     resumes the third from its checkpoint, runs the fourth, and exits 0."""
-    command = train_command(
+    command = train_args(
         tmp_path,
         "experiment=smoke",
         "callbacks=default",
@@ -117,9 +101,9 @@ def test_killed_sweep_rerun_runs_only_the_missing_jobs(tmp_path):
         "trainer.max_epochs=10",
     )
     process = subprocess.Popen(
-        command,
+        [sys.executable, "-m", *command],
         cwd=ROOT,
-        env=train_env(),
+        env=command_env(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
@@ -141,7 +125,7 @@ def test_killed_sweep_rerun_runs_only_the_missing_jobs(tmp_path):
     before = statuses(sweep_dir)
     assert [s["status"] for s in before.values()] == ["finished", "finished", "running"], before
 
-    result = run(command)
+    result = run_module(*command)
     assert result.returncode == 0, result.stderr[-3000:]
     after = statuses(sweep_dir)
     assert len(after) == 4
@@ -166,10 +150,10 @@ def test_killed_sweep_rerun_runs_only_the_missing_jobs(tmp_path):
 @pytest.mark.parametrize("search", ["fpo_optuna"])
 def test_optuna_search_writes_trials_and_resumes_its_study(tmp_path, search):
     optuna = pytest.importorskip("optuna")
-    command = train_command(
+    command = train_args(
         tmp_path, "experiment=smoke", f"hparams_search={search}", "hydra.sweeper.n_trials=3"
     )
-    first = run(command)
+    first = run_module(*command)
     assert first.returncode == 0, first.stderr[-3000:]
     sweep_dir = only_sweep_dir(tmp_path)
     storage = f"sqlite:///{sweep_dir / 'optuna.sqlite'}"
@@ -180,7 +164,7 @@ def test_optuna_search_writes_trials_and_resumes_its_study(tmp_path, search):
     assert sorted(j["value"] for j in jobs) == sorted(t.value for t in study.trials)
     assert all(j["status"] == "finished" for j in jobs)
 
-    second = run(command)  # the same command: the same folder and study, three more trials
+    second = run_module(*command)  # the same command: the same folder and study, three more trials
     assert second.returncode == 0, second.stderr[-3000:]
     study = optuna.load_study(study_name=study_summary.study_name, storage=storage)
     assert len(study.trials) == 6
@@ -194,7 +178,7 @@ def test_finished_jobs_lose_last_checkpoint_only_when_asked(tmp_path):
     for keep in ("true", "false"):
         logs = tmp_path / keep
         overrides = ["experiment=smoke", "objective=dpo", f"sweep.keep_last_checkpoint={keep}"]
-        result = run(train_command(logs, *overrides))
+        result = run_module(*train_args(logs, *overrides))
         assert result.returncode == 0, result.stderr[-3000:]
         sweep_dir = only_sweep_dir(logs)
         (job,) = summary(sweep_dir)["jobs"]

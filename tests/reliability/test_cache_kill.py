@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from faults import run_cli
 from fpo.reference.store import ReferenceCache, completed_ids
+from fpo.testing import run_module
 
 ARGS = ("experiment=smoke", "objective=fpo", "cache.shard_size=2", "cache.batch_size=2")
 
@@ -26,14 +26,14 @@ def rows(root: Path) -> dict[str, dict]:
 def test_sigkilled_cache_build_resumes_to_the_uninterrupted_cache(tmp_path):
     def cache(where: Path, *extra: str, module=("fpo.commands.cache",)):
         paths = (f"paths.log_dir={where / 'logs'}", f"paths.cache_dir={where / 'cache'}")
-        return run_cli(*module, *ARGS, *paths, *extra)
+        return run_module(*module, *ARGS, *paths, *extra)
 
     full = cache(tmp_path / "full")
     assert full.returncode == 0, full.stderr[-3000:]
     root = tmp_path / "killed" / "cache" / "reference" / "tiny" / "ultrafeedback_fixture" / "fpo"
 
     # 8 train pairs in shards of 2: killed before renaming the second shard into place
-    killed = cache(tmp_path / "killed", module=("faults", "2", "fpo.commands.cache"))
+    killed = cache(tmp_path / "killed", module=("fpo.testing.faults", "2", "fpo.commands.cache"))
     assert killed.returncode == -9, killed.stderr[-3000:]
     shards = root / "train" / "shards"
     assert [p.name for p in shards.glob("rank*.arrow")] == ["rank0-00000.arrow"]

@@ -18,7 +18,7 @@ from fpo.builder import build_run_parts
 from fpo.nonfinite import NonFiniteError
 from fpo.reference.build import atomic_write
 from fpo.reference.store import ReferenceCache
-from helpers import compose_train
+from fpo.testing import compose_train
 
 BAD_STEP = 2  # 0-based: the third optimizer step gets a non-finite value
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from faults import run_cli
+from fpo.testing import run_module
 
 # Eight fixture pairs, batch 2: four optimizer steps per epoch, two epochs. last.ckpt every
 # three steps: step 3 (epoch 0, batch 3 of 4) and step 6 (epoch 1, batch 2 of 4).
@@ -24,7 +24,7 @@ VOLATILE = ("run/", "per_sec", "time")  # wall-clock metrics
 
 
 def train(log_dir: Path, *overrides: str):
-    return run_cli("fpo.commands.train", f"paths.log_dir={log_dir}", *SMOKE, *overrides)
+    return run_module("fpo.commands.train", f"paths.log_dir={log_dir}", *SMOKE, *overrides)
 
 
 def only_run(log_dir: Path) -> Path:
@@ -61,7 +61,7 @@ def uninterrupted(tmp_path_factory) -> Path:
 def test_sigkilled_run_resumes_to_the_uninterrupted_result(uninterrupted, tmp_path):
     killed = train(
         tmp_path,
-        "+callbacks.kill._target_=faults.SigkillAfterStep",
+        "+callbacks.kill._target_=fpo.testing.faults.SigkillAfterStep",
         f"+callbacks.kill.step={KILL_AT}",
     )
     assert killed.returncode == -9, killed.stderr[-3000:]

@@ -15,7 +15,7 @@ from fpo.models.tiny import build_tiny_model, build_tiny_tokenizer
 from fpo.sae import build_random_sae, load_sae
 
 ROOT = Path(__file__).resolve().parents[2]
-SOURCES = sorted([*(ROOT / "src").rglob("*.py"), *(ROOT / "scripts").rglob("*.py")])
+SOURCES = sorted([*(ROOT / "src").rglob("*.py"), *(ROOT / "benchmarks").rglob("*.py")])
 
 
 def calls(tree: ast.AST):

@@ -1,10 +1,10 @@
-"""Seeds reach the SAE trainer behind ``scripts/train_sae.py --seed``: same seed, same SAE."""
+"""Seeds reach the SAE trainer behind ``fpo-make-sae --seed``: same seed, same SAE."""
 
 from __future__ import annotations
 
 import torch
 
-from fpo.sae_training import train_sae
+from fpo.sae_maker import train_sae
 
 
 def test_sae_training_is_seeded():

@@ -22,10 +22,8 @@ from __future__ import annotations
 
 import argparse
 import ast
-import importlib.util
 import re
 import shlex
-import sys
 from pathlib import Path
 
 import lightning as L
@@ -42,27 +40,16 @@ from fpo.reference.build import build_reference_cache
 from fpo.reference.settings import CacheSettings
 from fpo.reference.store import ReferenceCache
 from fpo.sae import check_sae_fits_model, load_sae, resolve_hook_module, sae_hook_name
-from fpo.sae_training.activations import collect_activations
-from fpo.sae_training.trainer import evaluate_sae
-from helpers import compose_train
+from fpo.sae_maker import cli, corpus
+from fpo.sae_maker.activations import collect_activations
+from fpo.sae_maker.trainer import evaluate_sae
+from fpo.testing import compose_train
 
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def load_script(name: str):
-    """Import ``scripts/<name>.py`` as module ``name`` (scripts import their siblings by name)."""
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-        sys.modules[name] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(sys.modules[name])
-    return sys.modules[name]
-
-
-# The asset-building scripts that made the SAE: its corpus and its command.
-corpus = load_script("sae_corpus")
-cli = load_script("train_sae")
 SAE_DIR = ROOT / "assets" / "sae" / "gemma3-270m-layer17"
 HOOK = "blocks.17.hook_resid_post"
 HIDDEN_SIZE = 640  # gemma-3-270m
@@ -83,10 +70,10 @@ def card_fields() -> dict[str, str]:
 
 
 def card_command() -> argparse.Namespace:
-    """The options of the card's ``python scripts/train_sae.py ...`` command, as the script
+    """The options of the card's ``fpo-make-sae ...`` command, as the command
     parses them (relative paths resolved against the repository)."""
     text = (SAE_DIR / "SAE_CARD.md").read_text()
-    line = re.search(r"^python scripts/train_sae\.py (.+)$", text, flags=re.MULTILINE).group(1)
+    line = re.search(r"^fpo-make-sae (.+)$", text, flags=re.MULTILINE).group(1)
     args = cli.parse_args(shlex.split(line))
     args.preference_file = ROOT / args.preference_file
     return args

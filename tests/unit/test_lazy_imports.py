@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
-TESTS = Path(__file__).resolve().parents[1]
+from fpo.testing import run_python
 
 SCRIPT = """
 import sys
 import fpo.commands.train, fpo.builder, fpo.module, fpo.forward, fpo.reference.base
-from helpers import compose_train
+from fpo.testing import compose_train
 from fpo.builder import build_run_parts
 
 cfg = compose_train("experiment=smoke", "objective=dpo", "paths.output_dir=" + sys.argv[1])
@@ -26,15 +21,7 @@ print("AFTER_SAE", "sae_lens" in sys.modules)
 
 
 def test_dpo_run_does_not_import_sae_lens(tmp_path):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), *sys.path])}
-    done = subprocess.run(
-        [sys.executable, "-c", SCRIPT, str(tmp_path)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    done = run_python("-c", SCRIPT, str(tmp_path), timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "LOADED []" in done.stdout, done.stdout
     assert "AFTER_SAE True" in done.stdout, done.stdout

@@ -12,7 +12,7 @@ from fpo.errors import UserError
 from fpo.logprobs import SequenceLogps
 from fpo.objective import Needs, build_objective
 from fpo.sae import build_random_sae
-from helpers import compose_train
+from fpo.testing import compose_train
 
 B = 5
 

@@ -198,7 +198,7 @@ def test_packed_heldout_metrics_and_scoring_equal_padded(monkeypatch):
     from fpo.evaluation.heldout import heldout_pair_metrics
     from fpo.evaluation.scoring import sequence_logprob
     from fpo.sae import build_random_sae
-    from helpers import preset
+    from fpo.testing import preset
 
     reference = make_model("gemma3", "sdpa")
     policy = make_model("gemma3", "sdpa")

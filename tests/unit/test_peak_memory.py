@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import subprocess
 import sys
 
 import pytest
+
+from fpo.testing import run_python
 
 # In a fresh process: one that already holds freed memory (the test session) can reuse it
 # without its resident size, hence its peak, moving.
@@ -23,9 +24,7 @@ print(first, peak_memory_gb())
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="VmHWM is Linux's")
 def test_a_later_run_does_not_inherit_an_earlier_peak():
-    result = subprocess.run(
-        [sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=300
-    )
+    result = run_python("-c", SCRIPT, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     first, second = map(float, result.stdout.split())
     assert first - second > 0.4, (first, second)

@@ -13,6 +13,7 @@ from fpo.forward import forward_response_positions
 from fpo.logprobs import ResponsePositions, SequenceLogps, response_token_stats, sequence_logps
 from fpo.models.hf import split_causal_lm
 from fpo.packing import Packing, check_packable
+from fpo.phases import phase
 from fpo.sae import encode_pooled, resolve_hook_module
 
 
@@ -72,6 +73,7 @@ class OnlineReference(nn.Module):
         """The reference stays in eval mode (no dropout) whatever Lightning asks."""
         return super().train(False)
 
+    @phase("reference")
     @torch.no_grad()
     def stats(
         self, batch: dict, positions: ResponsePositions, *, features: bool, token_kl: bool

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# Download what scripts/device_strategies.sh needs on the GPU image beyond what it has
+# Download what benchmarks/device_strategies.sh needs on the GPU image beyond what it has
 # (Python 3.12, torch 2.11, lightning 2.6.6, transformers 5.17, huggingface_hub 1.33, ...):
 # py3.12 wheels, plus the two packages PyPI has only as source (deepspeed,
 # antlr4-python3-runtime), which device_strategies.sh installs there without a network.
 # Run it here, in the repository root, with network; it fills .whl/ (git-ignored through
 # .git/info/exclude) and prints the total size. wandb is not carried (~20 MB): sae-lens only
-# imports it, and scripts/strategy_step.py puts an empty module in its place.
-#   bash scripts/device_strategies_wheels.sh && du -sh .whl
+# imports it, and benchmarks/strategy_step.py puts an empty module in its place.
+#   bash benchmarks/device_strategies_wheels.sh && du -sh .whl
 set -euo pipefail
 cd "$(git rev-parse --show-toplevel)"
 PYTHON=${PYTHON:-python3}

@@ -1,9 +1,9 @@
 """The comparison of issue 10, end to end and resumable: FPO vs DPO, SimPO, TDPO-1, TDPO-2 on
 the embedded sentiment task (gemma-3-270m, CPU). ``docs/results.md`` reports it.
 
-    .venv/bin/python scripts/comparison.py                 # every stage, in order
-    .venv/bin/python scripts/comparison.py --stage export  # one stage
-    .venv/bin/python scripts/comparison.py --dry-run       # print the commands only
+    fpo-study                 # every stage, in order
+    fpo-study --stage export  # one stage
+    fpo-study --dry-run       # print the commands only
 
 Stages (each command is a resumable ``fpo-train -m`` sweep: run the script again after an
 interruption and finished jobs are skipped, an interrupted job resumes from its last.ckpt):
@@ -34,11 +34,10 @@ from pathlib import Path
 
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
+from fpo.compare import compare, load_runs, mean_stderr, run_rows
+from fpo.sweep import derive_sweep_name
 
-from fpo.compare import compare, load_runs, mean_stderr, run_rows  # noqa: E402
-from fpo.sweep import derive_sweep_name  # noqa: E402
+ROOT = Path(__file__).resolve().parents[3]  # the repository: configs/, logs/, docs/results/
 
 BIN = Path(sys.executable).parent
 LOGS = ROOT / "logs"

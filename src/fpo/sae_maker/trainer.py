@@ -1,6 +1,6 @@
 """Train a TopK or JumpReLU SAE on a cached activation tensor with sae-lens's `SAETrainer`.
 
-The activations are collected once (`fpo.sae_training.activations`), so training can run
+The activations are collected once (`fpo.sae_maker.activations`), so training can run
 several epochs over them: the optimizer loop, TopK auxiliary loss (dead latents), decoder
 norm handling and learning-rate schedule are all sae-lens's. What this module adds:
 

@@ -19,8 +19,8 @@ back after the fit as the strategy keeps them (DeepSpeed: its fp32 partitions vi
 ``safe_get_full_fp32_param``; FSDP: ``summon_full_params``), compared with their initial
 values, and with what a bf16 parameter would have kept (``bf16_visible_fraction``).
 
-    python scripts/strategy_step.py --strategy fsdp --objective fpo --out fsdp_fpo.json
-    python scripts/strategy_step.py --strategy single --tiny --cpu --out t.json  # CPU check
+    python -m benchmarks.strategy_step --strategy fsdp --objective fpo --out fsdp_fpo.json
+    python -m benchmarks.strategy_step --strategy single --tiny --cpu --out t.json  # CPU check
 
 ``--strategy``: ``single`` (``trainer=gpu``), ``fsdp``, ``fsdp_fp32_reference`` (FSDP with
 the online reference in fp32, see `STRATEGIES`), ``deepspeed_zero2``, ``deepspeed_zero3``.
@@ -178,7 +178,7 @@ def compose(args: argparse.Namespace, data_file: Path):
     layers = (GEMMA2_2B if not args.tiny else TINY)["num_hidden_layers"]
     with open_dict(cfg):
         cfg.model.loader = {
-            "_target_": "strategy_step.random_gemma2",
+            "_target_": "benchmarks.strategy_step.random_gemma2",
             "shape": "tiny" if args.tiny else "2b",
             "device": device,
             "dtype": cfg.model.loader.dtype,
@@ -376,7 +376,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python scripts/strategy_step.py", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m benchmarks.strategy_step", description=__doc__)
     p.add_argument("--strategy", choices=sorted(STRATEGIES), required=True)
     p.add_argument("--objective", choices=["fpo", "dpo"], default="fpo")
     p.add_argument("--steps", type=int, default=4, help="optimizer steps (the first is warm-up)")

@@ -1,15 +1,17 @@
-"""Helpers shared by the tests (importable as ``helpers``: pytest puts tests/ on sys.path)."""
+"""Configs and data exactly as the command line composes them, without a Hydra run."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
 
+from fpo.commands.common import CONFIG_DIR
 from fpo.data import PreferenceDataModule
 from fpo.objective import Objective, build_objective
-from fpo.commands.common import CONFIG_DIR
 
+#: The objective presets of ``configs/objective/``.
 PRESETS = ("dpo", "simpo", "tdpo1", "tdpo2", "fpo")
 
 #: Trainer arguments of a test's training run: no logger, checkpoints, bars or validation.
@@ -22,7 +24,7 @@ QUIET_TRAINER = dict(
 )
 
 
-def compose_train(*overrides: str):
+def compose_train(*overrides: str) -> DictConfig:
     """The config ``fpo-train OVERRIDES`` composes (no Hydra run)."""
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         return compose(config_name="train", overrides=list(overrides))
@@ -36,7 +38,8 @@ def preset(name: str, *overrides: str) -> Objective:
 def fixture_datamodule(
     tokenizer, fixtures_dir, batch_size=2, eval_batch_size=4, shuffle=True
 ) -> PreferenceDataModule:
-    """The eight UltraFeedback fixture pairs as train and val splits (max length 128)."""
+    """The eight UltraFeedback fixture pairs of ``fixtures_dir`` as train and val splits
+    (max length 128)."""
     path = str(Path(fixtures_dir) / "ultrafeedback_binarized.jsonl")
     return PreferenceDataModule(
         train_source=path,

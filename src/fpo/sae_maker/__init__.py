@@ -1,4 +1,6 @@
-"""Train the embedded default's SAE with sae-lens's own trainer (DESIGN section 8).
+"""A tool for making SAEs: the command ``fpo-make-sae`` and the library it runs. It trains
+the embedded task's SAEs (``assets/sae/``) with sae-lens's own trainer; training with FPO
+only loads an SAE folder (`fpo.sae`) and never imports this package.
 
 Pipeline, each step a function so tests can run it end to end on a tiny model:
 
@@ -10,13 +12,14 @@ Pipeline, each step a function so tests can run it end to end on a tiny model:
 - `evaluate_sae(sae, activations) -> dict`: variance explained, L0, dead fraction;
 - `save_sae(sae, folder, card)`: sae-lens disk format plus ``SAE_CARD.md``.
 
-The command that builds the shipped SAE (and its offline corpus) is an asset-building
-script, ``scripts/train_sae.py`` (with ``scripts/sae_corpus.py``), not part of the package.
+The command (`fpo.sae_maker.cli`, ``fpo-make-sae``) builds its offline English corpus from
+the preference rows and text already on the machine (`fpo.sae_maker.corpus`), then runs the
+pipeline; each shipped SAE's ``SAE_CARD.md`` records the command that made it.
 """
 
-from fpo.sae_training.activations import collect_activations, hook_name_for_layer
-from fpo.sae_training.io import render_card, save_sae
-from fpo.sae_training.trainer import evaluate_sae, train_sae
+from fpo.sae_maker.activations import collect_activations, hook_name_for_layer
+from fpo.sae_maker.io import render_card, save_sae
+from fpo.sae_maker.trainer import evaluate_sae, train_sae
 
 __all__ = [
     "collect_activations",

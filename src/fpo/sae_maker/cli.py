@@ -1,11 +1,10 @@
-"""Build the shipped SAE: collect activations, train a TopK (or JumpReLU) SAE, evaluate, save.
+"""``fpo-make-sae``: collect activations, train a TopK (or JumpReLU) SAE, evaluate, save.
 
-An asset-building script, not part of the installed package: it trains on an offline
-English corpus scraped from this machine (`sae_corpus`, next to it) with the library parts
-in `fpo.sae_training`. Run it from the repository root; the exact command that made the
-shipped SAE is recorded in its ``SAE_CARD.md``::
+It trains on an offline English corpus scraped from this machine (`fpo.sae_maker.corpus`)
+with the library parts in `fpo.sae_maker`. Run it from the repository root; the exact
+command that made each shipped SAE is recorded in its ``SAE_CARD.md``::
 
-    python scripts/train_sae.py --layer 17 --d-sae 2048 --k 64 --tokens 150000 \\
+    fpo-make-sae --layer 17 --d-sae 2048 --k 64 --tokens 150000 \\
         --heldout-tokens 15000 --epochs 8 --preference-file data/sentiment/train.jsonl \\
         --storage-dtype float32 --out assets/sae/gemma3-270m-layer17 --seed 0
 
@@ -29,7 +28,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import sae_corpus as corpus
 import sae_lens
 import torch
 
@@ -37,9 +35,10 @@ from fpo.atomic import atomic_save_bytes
 from fpo.commands.common import user_errors
 from fpo.errors import UserError
 from fpo.sae import SAE_SITES
-from fpo.sae_training.activations import collect_activations, hook_name_for_layer
-from fpo.sae_training.io import folder_size_bytes, round_to_storage, save_sae
-from fpo.sae_training.trainer import ARCHITECTURES, evaluate_sae, train_sae
+from fpo.sae_maker import corpus
+from fpo.sae_maker.activations import collect_activations, hook_name_for_layer
+from fpo.sae_maker.io import folder_size_bytes, round_to_storage, save_sae
+from fpo.sae_maker.trainer import ARCHITECTURES, evaluate_sae, train_sae
 
 CHARS_PER_TOKEN = 4.7  # measured on this corpus with the Gemma-3 tokenizer
 # What each --site hooks, for the card (L = --layer).
@@ -59,7 +58,7 @@ SITE_DESCRIPTIONS = {
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     """Command-line options (see ``--help``)."""
-    p = argparse.ArgumentParser(prog="python scripts/train_sae.py", description=__doc__)
+    p = argparse.ArgumentParser(prog="fpo-make-sae", description=__doc__)
     p.add_argument("--model", default="gemma3-270m", help="gemma3-270m | tiny | HF name/folder")
     p.add_argument("--layer", type=int, default=17, help="decoder layer that is hooked")
     p.add_argument(
@@ -254,7 +253,7 @@ def build_card(args, argv, model_name, sae, data, metrics, times) -> dict[str, A
         "weights size (MB)": round(weights_bytes / 1e6, 2),
         "seed": args.seed,
         "torch / sae-lens": f"{torch.__version__} / {sae_lens.__version__}",
-        "command": "python scripts/train_sae.py " + shlex.join(argv),
+        "command": "fpo-make-sae " + shlex.join(argv),
     }
 
 

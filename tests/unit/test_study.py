@@ -1,21 +1,16 @@
-"""scripts/comparison.py: the validation-only selection rule and the commands it derives."""
+"""fpo-study (fpo.study.comparison): the validation-only selection rule and the commands it
+derives."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
+import importlib
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
 def comparison():
-    spec = importlib.util.spec_from_file_location("comparison", ROOT / "scripts" / "comparison.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module("fpo.study.comparison")
 
 
 def job(beta: str, score: float, kl: float, test_score: float = 0.0) -> dict:

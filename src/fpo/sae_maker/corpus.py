@@ -1,7 +1,7 @@
 """Offline English text for SAE training: preference rows plus text already on the machine.
 
-Used by ``scripts/train_sae.py`` to build the shipped SAE's corpus; it reads system
-documentation folders, so it lives with the asset-building scripts, not in the package.
+Used by ``fpo-make-sae`` (`fpo.sae_maker.cli`) to build the shipped SAEs' corpus; it reads
+system documentation folders, which only this tool does.
 
 Sources (all local; nothing touches the network):
 

@@ -10,7 +10,7 @@ with ``reference.dtype=bfloat16``, as the paper experiments set it). Every
 ``--sae`` folder is measured on the same forward passes, so the rows of the TopK and the
 JumpReLU SAE are comparable::
 
-    .venv/bin/python scripts/bf16_feature_drift.py --pairs 16 --policy-pairs 1 2 4 16
+    .venv/bin/python -m benchmarks.bf16_feature_drift --pairs 16 --policy-pairs 1 2 4 16
 
 Models: ``gemma3-270m`` (the real weights, the sentiment training pairs) or
 ``random-gemma3-270m`` (gemma-3-270m's shape with seeded random weights and seeded random
@@ -43,8 +43,8 @@ from torch import Tensor
 from fpo.data.collate import PreferenceCollator
 from fpo.forward import forward_response_positions
 from fpo.logprobs import IGNORE_INDEX, response_positions, segment_mean
-from fpo.models.hf import split_causal_lm
 from fpo.losses import feature_mse
+from fpo.models.hf import split_causal_lm
 from fpo.sae import load_sae, resolve_hook_module, sae_hook_name
 
 DEFAULT_SAES = ("assets/sae/gemma3-270m-layer17", "assets/sae/gemma3-270m-layer17-jumprelu")

@@ -1,20 +1,24 @@
-"""Fault injection for the reliability tests (importable in `fpo-train` subprocesses that
-have tests/ on PYTHONPATH): ``+callbacks.kill._target_=faults.SigkillAfterStep``."""
+"""Fault injection for the reliability tests: a process killed with SIGKILL, as a crash or an
+OOM kill would, at a chosen point.
+
+- In a training run: ``+callbacks.kill._target_=fpo.testing.faults.SigkillAfterStep
+  +callbacks.kill.step=N``.
+- At the N-th atomic rename (`fpo.atomic`) of any command:
+  ``python -m fpo.testing.faults N fpo.commands.cache HYDRA_ARGS...``.
+"""
 
 from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import sys
-from pathlib import Path
 
 from lightning.pytorch.callbacks import Callback
 
 
 class SigkillAfterStep(Callback):
     """SIGKILL this process right after optimizer step ``step`` (before any checkpoint of
-    that step: Lightning runs checkpoint callbacks last), as a crash or an OOM kill would."""
+    that step: Lightning runs checkpoint callbacks last)."""
 
     def __init__(self, step: int) -> None:
         self.step = int(step)
@@ -22,31 +26,6 @@ class SigkillAfterStep(Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step >= self.step:
             os.kill(os.getpid(), signal.SIGKILL)
-
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def run_cli(module: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    """``python -m MODULE ARGS`` from the repository root, as a user runs it; PYTHONPATH is
-    inherited (a worktree first) with tests/ added, so ``faults`` callbacks import."""
-    path = os.pathsep.join(p for p in (str(ROOT / "tests"), os.environ.get("PYTHONPATH")) if p)
-    env = {
-        **os.environ,
-        "PYTHONPATH": path,
-        "FPO_ROOT": str(ROOT),
-        "WANDB_MODE": "disabled",
-        "HF_HUB_OFFLINE": "1",
-        "OMP_NUM_THREADS": "1",
-    }
-    return subprocess.run(
-        [sys.executable, "-m", module, *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
 
 
 def sigkill_at_atomic_replace(n: int) -> None:
@@ -71,7 +50,7 @@ def sigkill_at_atomic_replace(n: int) -> None:
 
 
 if __name__ == "__main__":
-    # python -m faults N fpo.commands.cache|fpo.commands.train HYDRA_ARGS...: killed at the N-th atomic rename
+    # python -m fpo.testing.faults N MODULE ARGS...: MODULE killed at the N-th atomic rename
     import runpy
 
     sigkill_at_atomic_replace(int(sys.argv[1]))

@@ -8,7 +8,7 @@ comparable. The cache (FPO: k=50; DPO: log-probs only) is built first with the r
 bytes per pair. The SAE is a *random* TopK SAE (d_in 640) at ``blocks.17.hook_resid_post``:
 its values are meaningless but its cost is that of a real one of the same width.
 
-    OMP_NUM_THREADS=2 .venv/bin/python scripts/benchmark_reference.py --write docs/benchmarks.md
+    OMP_NUM_THREADS=2 .venv/bin/python -m benchmarks.reference_cache --write docs/benchmarks.md
 
 Memory is the peak resident set size (``getrusage`` ``ru_maxrss``) of the configuration's
 process, and its increase over the RSS after the imports (before the model is loaded).
@@ -29,6 +29,9 @@ import tempfile
 import time
 from pathlib import Path
 
+#: This benchmark as ``python -m`` runs it from :data:`ROOT` (each worker is another one).
+MODULE = "benchmarks.reference_cache"
+ROOT = Path(__file__).resolve().parents[1]
 #: name -> (objective preset, reference source or None); SimPO first: the baseline of the
 #: ratios. Presets as in configs/objective (FPO k=50; DPO caches log-probs only).
 CONFIGS = {
@@ -186,11 +189,11 @@ def worker_train(args) -> dict:
 
 # ------------------------------------------------------------------------------ parent
 def run_worker(args, kind: str, config: str | None = None) -> dict:
-    command = [sys.executable, __file__, "--worker", kind, *worker_args(args)]
+    command = [sys.executable, "-m", MODULE, "--worker", kind, *worker_args(args)]
     if config:
         command += ["--config", config]
     started = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout)
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=args.timeout)
     if done.returncode != 0:
         raise RuntimeError(f"{kind} {config or ''} failed:\n{done.stderr[-4000:]}")
     result = json.loads(done.stdout.strip().splitlines()[-1])
@@ -380,7 +383,7 @@ def main() -> None:
         print(json.dumps(worker(args)), flush=True)
         return
     threads = os.environ.get("OMP_NUM_THREADS", "?")
-    command = " ".join([f"OMP_NUM_THREADS={threads}", ".venv/bin/python", *sys.argv])
+    command = " ".join([f"OMP_NUM_THREADS={threads}", ".venv/bin/python -m", MODULE, *sys.argv[1:]])
     with tempfile.TemporaryDirectory(prefix="fpo-bench-") as tmp:
         args.workdir = args.workdir or tmp
         write_pairs(Path(args.workdir) / "pairs.jsonl", args.pairs)

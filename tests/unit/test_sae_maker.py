@@ -1,51 +1,34 @@
-"""fpo.sae_training: the whole collect -> train -> evaluate -> save pipeline on a tiny model.
-
-Also the asset-building scripts that use it, ``scripts/train_sae.py`` and its offline
-corpus ``scripts/sae_corpus.py`` (not in the package: loaded by path).
-"""
+"""fpo.sae_maker: the whole collect -> train -> evaluate -> save pipeline on a tiny model,
+its offline corpus (`fpo.sae_maker.corpus`) and its command ``fpo-make-sae``
+(`fpo.sae_maker.cli`)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from sae_lens import SAE
 
 from fpo.errors import UserError
-from fpo.sae_training import (
+from fpo.sae_maker import (
+    cli,
     collect_activations,
+    corpus,
     evaluate_sae,
     hook_name_for_layer,
     render_card,
     save_sae,
     train_sae,
 )
-from fpo.sae_training.activations import layer_output, token_windows
-from fpo.sae_training.io import round_to_storage
-from fpo.sae_training.trainer import epoch_batches
+from fpo.sae_maker.activations import layer_output, token_windows
+from fpo.sae_maker.io import round_to_storage
+from fpo.sae_maker.trainer import epoch_batches
 
-SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
-
-
-def load_script(name: str):
-    """Import ``scripts/<name>.py`` as module ``name`` (scripts import their siblings by name)."""
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
-        sys.modules[name] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(sys.modules[name])
-    return sys.modules[name]
-
-
-corpus = load_script("sae_corpus")
-train_script = load_script("train_sae")
 build_corpus, is_prose, split_texts = corpus.build_corpus, corpus.is_prose, corpus.split_texts
 preference_texts, strip_roff = corpus.preference_texts, corpus.strip_roff
-main, run = train_script.main, train_script.run
+main, run = cli.main, cli.run
 
 TEXTS = [
     "The film was wonderful and the actors were great.",
@@ -195,7 +178,7 @@ def test_cli_runs_end_to_end_on_the_tiny_model(tmp_path, fixtures_dir, capsys):
     assert card["unique training tokens"] == 3000 and card["held-out tokens"] == 500
     assert card["training tokens seen (with epochs)"] == 2 * (3000 // 256) * 256
     assert card["corpus characters per source"][f"preferences ({prefs})"] > 0
-    assert card["command"] == "python scripts/train_sae.py " + " ".join(argv)
+    assert card["command"] == "fpo-make-sae " + " ".join(argv)
     with pytest.raises(SystemExit) as exit_info:
         main([*argv[:-4], "--preference-file", str(tmp_path / "missing.jsonl"), "--out", "x"])
     assert exit_info.value.code == 2

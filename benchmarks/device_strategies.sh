@@ -2,15 +2,15 @@
 # One GPU call: a few optimizer steps of the paper setting (Gemma-2-2B shape, random weights,
 # Gemma Scope-shaped random SAE, synthetic rows at the configured max lengths) under each
 # trainer strategy, FPO first, then DPO; per run peak CUDA memory, step times and whether the
-# fp32 master weights changed (scripts/strategy_step.py). Writes four files to $OUT (the
+# fp32 master weights changed (benchmarks/strategy_step.py). Writes four files to $OUT (the
 # device tool returns at most 8): strategies.json (every run's measurements, a failed run's
 # error and log tail), strategies.md (a table), setup.log (versions, installs) and
 # logs.tar.gz (each run's full log). It never hangs: each run is its own process under
 # `timeout`, and runs that would not start in time inside the total budget are recorded as
 # skipped.
 #
-# Prepare here (network): bash scripts/device_strategies_wheels.sh   (fills .whl/, ~22 MB)
-# On the device (carry .whl):  bash scripts/device_strategies.sh
+# Prepare here (network): bash benchmarks/device_strategies_wheels.sh   (fills .whl/, ~22 MB)
+# On the device (carry .whl):  bash benchmarks/device_strategies.sh
 # Knobs (environment): BUDGET_S (total, default 270), RUN_TIMEOUT_S (per run, default 110),
 # STEPS (optimizer steps per run, default 4), STRATEGIES, OBJECTIVES, EXTRA (more
 # strategy_step.py options, e.g. "--tiny --cpu" for a CPU check of this script), INSTALL=0
@@ -46,10 +46,8 @@ fi
 export PYTHONPATH="$PWD/src:$SITE${PYTHONPATH:+:$PYTHONPATH}"
 "$PYTHON" - <<'PY' 2>&1 | tee -a "$SETUP_LOG"
 import importlib
-import sys
 
-sys.path.insert(0, "scripts")
-importlib.import_module("strategy_step").stub_wandb()  # as the runs do (sae-lens imports it)
+importlib.import_module("benchmarks.strategy_step").stub_wandb()  # as the runs do (sae-lens imports it)
 for name in ("torch", "lightning", "transformers", "sae_lens", "hydra", "deepspeed"):
     try:
         print(name, importlib.import_module(name).__version__)
@@ -74,7 +72,7 @@ for objective in $OBJECTIVES; do
     limit=$((left < RUN_TIMEOUT_S ? left : RUN_TIMEOUT_S))
     echo "== $strategy / $objective (timeout ${limit}s)"
     # shellcheck disable=SC2086  # EXTRA holds several options
-    timeout -k 10 "$limit" "$PYTHON" scripts/strategy_step.py --strategy "$strategy" \
+    timeout -k 10 "$limit" "$PYTHON" -m benchmarks.strategy_step --strategy "$strategy" \
       --objective "$objective" --steps "$STEPS" --workdir "/tmp/strategy_step/$strategy" \
       --out "$json" $EXTRA >"$log" 2>&1
     rc=$?
