@@ -7,10 +7,10 @@ import pytest
 import torch
 
 import fpo.evaluation.after_fit as after_fit
-from fpo.errors import UserError
-from fpo.commands.eval import eval_device
 from fpo.builder import build_run_parts
+from fpo.commands.eval import eval_device
 from fpo.commands.train import train
+from fpo.errors import UserError
 from fpo.testing import compose_train
 
 SMOKE = ("experiment=smoke", "objective=fpo", "data.batch_size=2")

@@ -4,32 +4,20 @@ starts ``fpo-train`` jobs): three real runs in all, the second command reusing t
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from fpo.testing import ROOT, run_module
 
 
-def calibrate(logs: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "FPO_ROOT": str(ROOT), "OMP_NUM_THREADS": "1"}
-    env.setdefault("WANDB_MODE", "disabled")
+def calibrate(logs: Path, *args: str):
     validation = ROOT / "tests" / "fixtures" / "plain_pairs.jsonl"
-    command = [
-        sys.executable, "-m", "fpo.commands.calibrate", f"paths.log_dir={logs}",
+    return run_module(
+        "fpo.commands.calibrate", f"paths.log_dir={logs}",
         "experiment=smoke", "objective=simpo", "evaluation=smoke",
         f"evaluation.validation.prompts_file={validation}",
         "evaluation.validation.num_prompts=3", "--low", "1e-5", "--high", "1e-2", *args,
-    ]  # fmt: skip
-    return subprocess.run(
-        command,
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
         timeout=900,
-    )
+    )  # fmt: skip
 
 
 def test_calibrate_runs_reads_back_and_reuses_runs(tmp_path):

@@ -23,12 +23,12 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-import fpo.commands.cache
 import fpo.builder
+import fpo.commands.cache
 import fpo.reference.settings
+from fpo.builder import RunParts
 from fpo.data import PreferenceDataModule
 from fpo.errors import UserError
-from fpo.builder import RunParts
 from fpo.forward import forward_response_positions
 from fpo.logprobs import response_positions
 from fpo.models.hf import split_causal_lm

@@ -14,12 +14,12 @@ from omegaconf import OmegaConf, open_dict
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import fpo.forward
-from fpo.errors import UserError
 from fpo.builder import build_run_parts
+from fpo.commands.common import CONFIG_DIR
+from fpo.errors import UserError
 from fpo.models.tiny import build_tiny_model
 from fpo.sae import ActivationCapture, build_random_sae, load_sae, resolve_hook_module
 from fpo.sae_maker import collect_activations, hook_name_for_layer
-from fpo.commands.common import CONFIG_DIR
 from fpo.testing import compose_train
 
 MLP_OUT = "blocks.1.hook_mlp_out"

@@ -14,10 +14,10 @@ from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
 from omegaconf import OmegaConf
 
+from fpo.commands.common import CONFIG_DIR
 from fpo.errors import UserError
 from fpo.objective import build_objective
 from fpo.strategies import is_decoder_layer
-from fpo.commands.common import CONFIG_DIR
 
 CONFIGS = Path(CONFIG_DIR)
 EXPERIMENTS = sorted(

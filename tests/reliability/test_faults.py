@@ -12,9 +12,9 @@ import torch
 
 import fpo.atomic
 import fpo.checkpoints
+from fpo.builder import build_run_parts
 from fpo.checkpoints import AtomicCheckpointIO, LastCheckpoint
 from fpo.errors import UserError
-from fpo.builder import build_run_parts
 from fpo.nonfinite import NonFiniteError
 from fpo.reference.build import atomic_write
 from fpo.reference.store import ReferenceCache

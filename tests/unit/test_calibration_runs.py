@@ -15,7 +15,7 @@ from fpo.calibration.runs import Runner, format_knob
 from fpo.calibration.search import Tolerance, calibrate_target
 from fpo.errors import UserError
 from fpo.sweep import STATUS_FILE
-from helpers import PRESETS, compose_train
+from fpo.testing import PRESETS, compose_train
 
 
 def fake_job(curve, status: str = "finished", with_validation: bool = True):

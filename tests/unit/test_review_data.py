@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from fpo.errors import UserError
-from fpo.generation import InverseCdfSampler, sample_completion_ids
 from fpo.evaluation.judges import VaderJudge
+from fpo.generation import InverseCdfSampler, sample_completion_ids
 from fpo.review_data import make_prompt_splits, make_prompts
 from fpo.review_data.build import (
     ScoredPrompt,

@@ -22,9 +22,9 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
+from fpo.builder import build_run_parts
 from fpo.commands.common import CONFIG_DIR, run_hydra, user_errors
 from fpo.errors import UserError
-from fpo.builder import build_run_parts
 from fpo.reference.build import build_reference_cache
 from fpo.reference.store import MANIFEST, cache_info, format_cache_info
 

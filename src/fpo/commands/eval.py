@@ -27,10 +27,10 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from fpo.builder import build_run_parts, instantiate_all
 from fpo.commands.common import CONFIG_DIR, run_hydra, user_errors
 from fpo.errors import UserError
 from fpo.evaluation.after_fit import evaluate_experiment
-from fpo.builder import build_run_parts, instantiate_all
 from fpo.policy_io import POLICY_DIR, load_policy_weights
 
 log = logging.getLogger("fpo.eval")

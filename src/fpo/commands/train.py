@@ -16,10 +16,10 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from fpo.builder import RunParts, build_run_parts
 from fpo.checkpoints import resolve_ckpt_path
 from fpo.commands.common import CONFIG_DIR, run_hydra, user_errors
 from fpo.errors import UserError
-from fpo.builder import RunParts, build_run_parts
 from fpo.policy_io import POLICY_DIR, save_policy, should_save_policy
 from fpo.sweep import run_job
 

@@ -45,9 +45,9 @@ from fpo.logprobs import (
     segment_sum,
     sequence_logps,
 )
+from fpo.losses import feature_mse
 from fpo.models.hf import split_causal_lm
 from fpo.objective import Objective
-from fpo.losses import feature_mse
 from fpo.packing import Packing
 from fpo.sae import resolve_hook_module
 
