@@ -4,6 +4,7 @@ starts ``fpo-train`` jobs): three real runs in all, the second command reusing t
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from fpo.testing import ROOT, run_module
