@@ -100,8 +100,8 @@ def compose_config(args, objective: str, source: str | None):
         f"objective={objective}",
         f"reference={source or 'online'}",
         "sae=random",  # d_in and the last layer (blocks.17) are read from the model
-        f"sae.d_sae={args.d_sae}",
-        f"sae.k={args.sae_k}",
+        f"sae.loader.d_sae={args.d_sae}",
+        f"sae.loader.k={args.sae_k}",
         "data=plain_fixture",
         f"data.train_source={pairs}",
         f"data.val_source={pairs}",

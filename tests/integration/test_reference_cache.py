@@ -24,12 +24,12 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-import fpo.commands.cache
 import fpo.builder
+import fpo.commands.cache
 import fpo.reference.settings
+from fpo.builder import RunParts
 from fpo.data import PreferenceDataModule
 from fpo.errors import UserError
-from fpo.builder import RunParts
 from fpo.forward import forward_response_positions
 from fpo.logprobs import response_positions
 from fpo.models.hf import split_causal_lm
@@ -411,7 +411,7 @@ def test_train_with_cached_reference_never_builds_a_reference_model(
         {
             "reference": {"source": "cached", "path": str(root), "values_dtype": "float32"},
             "trainer": {"precision": "32-true"},
-            "logits_chunk_size": None,
+            "step": {"logits_chunk_size": None},
         }
     )
     dm = make_dm(tiny_tokenizer)
