@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
+import fpo.objective  # noqa: F401  (registers objective_schema, the presets' base)
 from fpo.commands.common import CONFIG_DIR
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -143,6 +143,7 @@ def first_update(cfg, monkeypatch) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize(
     "experiment",
     [("experiment=gemma2_2b_ultrafeedback", "objective=dpo"), ("experiment=sentiment_gemma3",)],
+    ids=["gemma2_2b_ultrafeedback-dpo", "sentiment_gemma3"],
 )
 def test_updates_at_the_paper_learning_rate_reach_the_weights(experiment, tmp_path, monkeypatch):
     """fp32 master weights: one AdamW step at lr 5e-7 under the experiment's own precision
