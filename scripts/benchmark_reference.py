@@ -311,7 +311,7 @@ def render(args, build: dict, results: dict[str, dict], command: str) -> str:
             f"SAE: random TopK (d_in 640, d_sae {args.d_sae}, k {args.sae_k}) at "
             "blocks.17.hook_resid_post; "
             "fine for timing, meaningless values. FPO k = 50. LM head over all response "
-            "positions at once (logits_chunk_size null, the default).",
+            "positions at once (step.logits_chunk_size null, the default).",
             "",
             *lines,
             "",
