@@ -101,16 +101,12 @@ def load_sae(
     Raises:
         UserError: not exactly one source given, missing folder, or unknown release/id.
     """
-    keys = (
-        "sae.loader.release + sae.loader.sae_id (a sae-lens hub release) or sae.loader.path "
-        "(a local folder)"
-    )
+    keys = "sae.loader: release + sae_id (a sae-lens hub release) or path (a local folder)"
     hub = release is not None or sae_id is not None
     if hub and path is not None:
         raise UserError(
             f"SAE source is ambiguous: give either {keys}, not both "
-            f"(got sae.loader.release={release!r}, sae.loader.sae_id={sae_id!r}, "
-            f"sae.loader.path={path!r})."
+            f"(got release={release!r}, sae_id={sae_id!r}, path={path!r})."
         )
     if not hub and path is None:
         raise UserError(f"No SAE source given: set {keys}.")
