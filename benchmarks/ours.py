@@ -47,13 +47,13 @@ def compose(spec: dict, objective: str, source: str | None, packed: bool = False
         f"objective={objective}",
         "reference=online",
         "sae=random",
-        f"sae.d_sae={spec['d_sae']}",
-        f"sae.k={spec['sae_k']}",
+        f"sae.loader.d_sae={spec['d_sae']}",
+        f"sae.loader.k={spec['sae_k']}",
         "data=plain_fixture",
         "callbacks=none",
         "~scheduler",
         f"optimizer.lr={spec['lr']}",
-        f"logits_chunk_size={spec.get('logits_chunk_size') or 'null'}",
+        f"step.logits_chunk_size={spec.get('logits_chunk_size') or 'null'}",
         f"model.packed={str(packed).lower()}",
     ]
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):

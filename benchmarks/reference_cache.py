@@ -103,8 +103,8 @@ def compose_config(args, objective: str, source: str | None):
         f"objective={objective}",
         f"reference={source or 'online'}",
         "sae=random",  # d_in and the last layer (blocks.17) are read from the model
-        f"sae.d_sae={args.d_sae}",
-        f"sae.k={args.sae_k}",
+        f"sae.loader.d_sae={args.d_sae}",
+        f"sae.loader.k={args.sae_k}",
         "data=plain_fixture",
         f"data.train_source={pairs}",
         f"data.val_source={pairs}",
@@ -314,7 +314,7 @@ def render(args, build: dict, results: dict[str, dict], command: str) -> str:
             f"SAE: random TopK (d_in 640, d_sae {args.d_sae}, k {args.sae_k}) at "
             "blocks.17.hook_resid_post; "
             "fine for timing, meaningless values. FPO k = 50. LM head over all response "
-            "positions at once (logits_chunk_size null, the default).",
+            "positions at once (step.logits_chunk_size null, the default).",
             "",
             *lines,
             "",

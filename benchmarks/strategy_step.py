@@ -1,16 +1,17 @@
 """A few optimizer steps of the paper setting under one trainer strategy; writes one JSON.
 
-The FPO paper's Gemma-2-2B / UltraFeedback experiment (``experiment={objective}_gemma2_2b_
-ultrafeedback``), composed as a GPU user would, with hub-free stand-ins: a Gemma-2-2B-shaped
-``Gemma2ForCausalLM`` with RANDOM weights built directly on the device (fp32, as
-``model=gemma2_2b`` loads it), a random JumpReLU SAE of the Gemma Scope shape (d_in 2304,
-16,384 latents, ``blocks.25.hook_resid_post``), the byte-level tiny tokenizer (its ids are
-valid Gemma ids) and synthetic UltraFeedback rows of the configured maximum lengths (prompt
-``data.max_prompt_length`` = 512 tokens, prompt + response ``data.max_length`` = 1024).
-Everything else (bf16-mixed, gradient checkpointing, AdamW at lr 5e-7, the bf16 online
-reference, logits chunking) is the experiment's own; the warm-up is set to 0 so the first
-steps already update the weights, and the global batch defaults to one micro-batch per
-optimizer step (``--global-batch 32`` is the paper's: 16 accumulated micro-batches of 2).
+The FPO paper's Gemma-2-2B / UltraFeedback experiment (``experiment=gemma2_2b_ultrafeedback
+objective={objective}``, FPO with ``reference.dtype=null``), composed as a GPU user would,
+with hub-free stand-ins: a Gemma-2-2B-shaped ``Gemma2ForCausalLM`` with RANDOM weights
+built directly on the device (fp32, as ``model=gemma2_2b`` loads it), a random JumpReLU SAE
+of the Gemma Scope shape (d_in 2304, 16,384 latents, ``blocks.25.hook_resid_post``), the
+byte-level tiny tokenizer (its ids are valid Gemma ids) and synthetic UltraFeedback rows of
+the configured maximum lengths (prompt ``data.max_prompt_length`` = 512 tokens, prompt +
+response ``data.max_length`` = 1024). Everything else (bf16-mixed, gradient checkpointing,
+AdamW at lr 5e-7, DPO's bf16 online reference, logits chunking) is the experiment's own;
+the warm-up is set to 0 so the first steps already update the weights, and the global batch
+defaults to one micro-batch per optimizer step (``--global-batch 32`` is the paper's: 16
+accumulated micro-batches of 2).
 
 Measured (``--out`` JSON): peak CUDA memory (``max_memory_allocated`` / reserved over the fit,
 the weights included), every optimizer step's wall time and their median without the first,
@@ -165,7 +166,10 @@ def compose(args: argparse.Namespace, data_file: Path):
     from fpo.commands.common import CONFIG_DIR
 
     overrides = [
-        f"experiment={args.objective}_gemma2_2b_ultrafeedback",
+        "experiment=gemma2_2b_ultrafeedback",
+        f"objective={args.objective}",
+        # FPO's feature term needs the online reference in the policy's dtype
+        *(["reference.dtype=null"] if args.objective == "fpo" else []),
         f"trainer={STRATEGIES[args.strategy][0]}",
         "reference=online",  # no fpo-cache beforehand: the experiment's bf16 online reference
         f"paths.root_dir={ROOT}",
@@ -183,7 +187,7 @@ def compose(args: argparse.Namespace, data_file: Path):
             "device": device,
             "dtype": cfg.model.loader.dtype,
         }
-        cfg.sae = {
+        cfg.sae.loader = {
             "_target_": "fpo.sae.build_random_sae",
             "d_in": hidden,
             "d_sae": 256 if args.tiny else GEMMA_SCOPE["d_sae"],
@@ -196,7 +200,7 @@ def compose(args: argparse.Namespace, data_file: Path):
         cfg.data.shuffle = False
         if args.tiny:
             cfg.data.max_length, cfg.data.max_prompt_length = 96, 48
-        cfg.global_batch_size = args.global_batch or cfg.data.batch_size
+        cfg.step.global_batch_size = args.global_batch or cfg.data.batch_size
         cfg.trainer.max_steps = args.steps
         cfg.trainer.limit_val_batches = 0
         cfg.trainer.val_check_interval = None

@@ -42,12 +42,13 @@ REFERENCE_SOURCES = ("online", "cached")
 
 
 def build_sae(sae_cfg: DictConfig, model: nn.Module) -> nn.Module:
-    """Instantiate ``cfg.sae``; a loader that takes a ``model`` (the random SAE) gets the
-    policy, to read sizes and layers from it."""
-    loader = get_object(sae_cfg._target_)
+    """Instantiate ``cfg.sae.loader``; a loader that takes a ``model`` (the random SAE) gets
+    the policy, to read sizes and layers from it."""
+    loader_cfg = sae_cfg.loader
+    loader = get_object(loader_cfg._target_)
     if "model" in inspect.signature(loader).parameters:
-        return instantiate(sae_cfg, model=model)
-    return instantiate(sae_cfg)
+        return instantiate(loader_cfg, model=model)
+    return instantiate(loader_cfg)
 
 
 def check_reference_dtype(cfg: DictConfig, objective: Objective, policy: nn.Module) -> None:
@@ -134,7 +135,7 @@ class RunParts:
             sae=self.sae,
             hook_name=self.hook_name,
             k=self.objective.feature_k,
-            logits_chunk_size=self.cfg.logits_chunk_size,
+            logits_chunk_size=self.cfg.step.logits_chunk_size,
             packing=packing_from_config(self.cfg.model),
         )
 
@@ -156,9 +157,9 @@ class RunParts:
             reference=reference if reference is not None else self.build_reference(),
             sae=self.sae,
             hook_name=self.hook_name,
-            logits_chunk_size=cfg.logits_chunk_size,
-            checkpoint_logits=cfg.checkpoint_logits,
-            nonfinite=cfg.get("nonfinite", "stop"),
+            logits_chunk_size=cfg.step.logits_chunk_size,
+            checkpoint_logits=cfg.step.checkpoint_logits,
+            nonfinite=cfg.step.nonfinite,
             packing=packing_from_config(cfg.model),
         )
 
@@ -167,7 +168,7 @@ class RunParts:
 
     def build_trainer(self, loggers: list | None = None, **overrides: Any) -> L.Trainer:
         """``cfg.trainer`` with the run's callbacks, the given loggers and gradient
-        accumulation set from ``global_batch_size``; ``overrides`` replace trainer args."""
+        accumulation set from ``step.global_batch_size``; ``overrides`` replace trainer args."""
         overrides.setdefault("logger", loggers or False)
         overrides.setdefault("callbacks", instantiate_all(self.cfg.get("callbacks")))
         if not self.cfg.trainer.get("plugins"):  # atomic writes, weights-only loads
@@ -196,14 +197,15 @@ def build_run_parts(cfg: DictConfig) -> RunParts:
 
 def apply_global_batch_size(trainer: L.Trainer, cfg: DictConfig) -> None:
     """Set gradient accumulation so per-device batch x devices x accumulation = global batch."""
-    target = cfg.get("global_batch_size")
+    target = cfg.step.global_batch_size
     if not target:
         return
     per_step = cfg.data.batch_size * trainer.num_devices * trainer.num_nodes
     if target % per_step:
         raise UserError(
-            f"global_batch_size={target} is not a multiple of data.batch_size={cfg.data.batch_size}"
-            f" x {trainer.num_devices * trainer.num_nodes} device(s); change one of them."
+            f"step.global_batch_size={target} is not a multiple of data.batch_size="
+            f"{cfg.data.batch_size} x {trainer.num_devices * trainer.num_nodes} device(s); "
+            "change one of them."
         )
     trainer.accumulate_grad_batches = target // per_step
     log.info(

@@ -1,4 +1,4 @@
-"""What a training run does with a non-finite loss or gradient (config key ``nonfinite``).
+"""What a training run does with a non-finite loss or gradient (config key ``step.nonfinite``).
 
 ``stop`` (default): raise :class:`NonFiniteError` (a :class:`~fpo.errors.UserError`: one
 paragraph, exit status 2) naming the optimizer step and the example ids of the batches
@@ -26,7 +26,7 @@ MODES = ("stop", "skip")
 
 
 class NonFiniteError(UserError):
-    """A non-finite loss or gradient with ``nonfinite=stop``."""
+    """A non-finite loss or gradient with ``step.nonfinite=stop``."""
 
 
 def _where(module: L.LightningModule) -> str:
@@ -41,7 +41,7 @@ class NonFiniteGuard:
 
     def __init__(self, mode: str = "stop") -> None:
         if mode not in MODES:
-            raise UserError(f"nonfinite={mode!r}: choose stop or skip.")
+            raise UserError(f"step.nonfinite={mode!r}: choose stop or skip.")
         self.mode = mode
         self.skipped = 0
         self._ids: list[str] = []
@@ -57,7 +57,8 @@ class NonFiniteGuard:
             raise NonFiniteError(
                 f"the {split} loss is {loss.item()} at {_where(module)} for examples {ids}. "
                 "Nothing of this step was applied; last.ckpt holds the last good step. Lower "
-                "the learning rate, check these rows, or set nonfinite=skip to drop such steps."
+                "the learning rate, check these rows, or set step.nonfinite=skip to drop such "
+                "steps."
             )
         log.warning("non-finite %s loss %s for examples %s: skipped", split, loss.item(), ids)
         if split == "train":
@@ -80,7 +81,7 @@ class NonFiniteGuard:
                     f"non-finite gradient at {_where(module)}, from examples {ids}. The update "
                     "was not applied; last.ckpt holds the last good step. Lower the learning "
                     "rate, set trainer.gradient_clip_val, check these rows, or set "
-                    "nonfinite=skip to drop such steps."
+                    "step.nonfinite=skip to drop such steps."
                 )
             for p in params:
                 p.grad = None

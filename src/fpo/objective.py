@@ -20,14 +20,15 @@ features      ``alpha * (D_l - sg(D_w))``, SAE feature MSE over top-k     SAE fe
 * ``simpo`` = margin simpo, beta 2, gamma_beta_ratio 0.5 (the FPO paper's SimPO baseline)
 * ``tdpo1`` = margin dpo + token_kl(alpha 1, stop_gradient false)
 * ``tdpo2`` = margin dpo + token_kl(alpha 0.5, stop_gradient true)
-* ``fpo``   = margin ln_dpo + features(alpha 0.5, k 50, stop_gradient true)
+* ``fpo``   = margin ln_dpo + features(alpha = the SAE config's ``feature_alpha``, k 50,
+  stop_gradient true)
 
 and new combinations come from config alone, e.g.
 ``objective=simpo objective.constraints.features.alpha=0.5`` (SimPO + FPO's feature term) or
 ``objective=fpo objective.margin=dpo objective.constraints.token_kl.alpha=0.5``.
 
-The dataclasses are Hydra structured configs (registered as ``objective/schema``), so a typo
-in an objective key fails when the config is composed, listing the valid keys.
+The dataclasses are Hydra structured configs (registered as ``objective_schema``, the base of
+every preset), so a typo in an objective key fails when the config is composed.
 """
 
 from __future__ import annotations
@@ -218,7 +219,11 @@ class Objective:
         return losses.preference_loss(pw, pl, self.beta, gamma=gamma, penalties=penalties)
 
 
-ConfigStore.instance().store(group="objective", name="schema", node=Objective)
+#: The schema's name in Hydra's ConfigStore: each configs/objective/<preset>.yaml starts with
+#: ``defaults: [/objective_schema, _self_]``. Outside the ``objective`` group, so it is not
+#: offered as an objective (``--help``) nor selectable (``objective=objective_schema``).
+SCHEMA_NAME = "objective_schema"
+ConfigStore.instance().store(name=SCHEMA_NAME, node=Objective)
 
 
 def build_objective(config: Mapping | Objective) -> Objective:
@@ -230,9 +235,8 @@ def build_objective(config: Mapping | Objective) -> Objective:
         return config
     try:
         if isinstance(config, DictConfig):
-            # Resolved where it sits: an interpolation to a root key (the embedded default's
-            # ``alpha: ${oc.select:fpo_alpha,0.5}``) would otherwise be resolved inside the
-            # merged copy below, which has no such key, and silently take its fallback.
+            # A node of a composed config reads keys outside it (FPO's alpha is the SAE's
+            # ``${sae.feature_alpha}``): resolve it in that config, before copying it out.
             config = OmegaConf.to_container(config, resolve=True)
         merged = OmegaConf.merge(OmegaConf.structured(Objective), config)
         return OmegaConf.to_object(merged)

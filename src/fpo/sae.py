@@ -95,18 +95,18 @@ def load_sae(
     Hub example (Gemma Scope, the paper's setting): ``release="gemma-scope-2b-pt-res"``,
     ``sae_id="layer_25/width_16k/average_l0_55"``. A local folder is one written by sae-lens's
     ``SAE.save_model`` (``cfg.json`` + ``sae_weights.safetensors``). ``hook_name`` (config key
-    ``sae.hook_name``) replaces the hook in the SAE's metadata, for an SAE whose metadata lacks
-    it or names it differently; :func:`sae_hook_name` then reads it like any other.
+    ``sae.loader.hook_name``) replaces the hook in the SAE's metadata, for an SAE whose metadata
+    lacks it or names it differently; :func:`sae_hook_name` then reads it like any other.
 
     Raises:
         UserError: not exactly one source given, missing folder, or unknown release/id.
     """
-    keys = "sae.release + sae.sae_id (a sae-lens hub release) or sae.path (a local folder)"
+    keys = "sae.loader: release + sae_id (a sae-lens hub release) or path (a local folder)"
     hub = release is not None or sae_id is not None
     if hub and path is not None:
         raise UserError(
             f"SAE source is ambiguous: give either {keys}, not both "
-            f"(got sae.release={release!r}, sae.sae_id={sae_id!r}, sae.path={path!r})."
+            f"(got release={release!r}, sae_id={sae_id!r}, path={path!r})."
         )
     if not hub and path is None:
         raise UserError(f"No SAE source given: set {keys}.")
@@ -116,8 +116,8 @@ def load_sae(
         )
     if release is None or sae_id is None:
         raise UserError(
-            f"A hub SAE needs both sae.release and sae.sae_id "
-            f"(got sae.release={release!r}, sae.sae_id={sae_id!r})."
+            f"A hub SAE needs both sae.loader.release and sae.loader.sae_id "
+            f"(got sae.loader.release={release!r}, sae.loader.sae_id={sae_id!r})."
         )
     from sae_lens import SAE
 
@@ -125,7 +125,7 @@ def load_sae(
         sae = SAE.from_pretrained(release, sae_id, device=device, dtype=dtype)
     except ValueError as error:  # sae-lens: unknown release or id (checked before any download)
         raise UserError(
-            f"Cannot load SAE sae.release={release!r}, sae.sae_id={sae_id!r}: {error}"
+            f"Cannot load SAE sae.loader.release={release!r}, sae.loader.sae_id={sae_id!r}: {error}"
         ) from error
     return _with_hook(_freeze(sae, f"release={release}, sae_id={sae_id}"), hook_name)
 
@@ -142,17 +142,17 @@ def _load_from_folder(path: str, device: str, dtype: str) -> SAE:
 
     folder = Path(path)
     if not folder.is_dir():
-        raise UserError(f"SAE folder not found: sae.path={path!r} does not exist.")
+        raise UserError(f"SAE folder not found: sae.loader.path={path!r} does not exist.")
     if not (folder / SAE_CFG_FILENAME).is_file():
         raise UserError(
-            f"sae.path={path!r} is not a sae-lens SAE folder: it has no {SAE_CFG_FILENAME} "
+            f"sae.loader.path={path!r} is not a sae-lens SAE folder: it has no {SAE_CFG_FILENAME} "
             f"(write one with SAE.save_model)."
         )
     try:
         return SAE.load_from_disk(folder, device=device, dtype=dtype)
     except Exception as err:  # truncated or unreadable weights, a bad cfg.json
         raise UserError(
-            f"sae.path={path!r}: could not load the SAE ({type(err).__name__}: {err}); its "
+            f"sae.loader.path={path!r}: could not load the SAE ({type(err).__name__}: {err}); its "
             "files are truncated, unreadable or not written by sae-lens's SAE.save_model."
         ) from err
 

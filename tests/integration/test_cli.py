@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
+import fpo.objective  # noqa: F401  (registers objective_schema, the presets' base)
 from fpo.commands.common import CONFIG_DIR
 from fpo.testing import ROOT, run_module
 
@@ -45,11 +46,17 @@ def test_smoke_multirun_all_objectives(tmp_path):
             ["data.train_source=/nowhere/pairs.jsonl"],
             "/nowhere/pairs.jsonl",
         ),
-        (["sae.d_in=16"], "d_in"),
+        (["+sae.loader.d_in=16"], "d_in=16, but the model Gemma3ForCausalLM has hidden size 32"),
         (["objective.margin=orpo"], "orpo"),
         (["objective.bta=0.1"], "Key 'bta' not in 'Objective'"),
         (["objective=tdpo2", "reference=cached"], "use reference=online"),
         (["objective.constraints.features.k=500"], "features.k=500"),
+        # internal files are no options: the objective schema, the shared bases
+        (["objective=schema"], "Could not find 'objective/schema'"),
+        (["objective=objective_schema"], "Could not find 'objective/objective_schema'"),
+        (["data=_base"], "Could not find 'data/_base'"),
+        (["data=data_base"], "Could not find 'data/data_base'"),
+        (["hparams_search=_optuna"], "Could not find 'hparams_search/_optuna'"),
     ],
 )
 def test_user_errors_are_one_paragraph(tmp_path, overrides, expected):
@@ -96,6 +103,36 @@ def test_bad_row_with_fail_policy_names_the_row(tmp_path):
     assert result.returncode == 2, result.stderr[-2000:]
     assert "bad.jsonl" in result.stderr and "1" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_help_offers_only_real_options():
+    """``fpo-train --help`` lists each group's options; internal files (the objective schema,
+    the bases every data option and every Optuna search share) are none of them."""
+    result = subprocess.run(
+        [sys.executable, "-m", "fpo.commands.train", "--help"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    groups = dict(
+        line.split(": ", 1)
+        for line in result.stdout.split("== Config ==")[0].splitlines()
+        if ": " in line
+    )
+    offered = {group: set(options.split(", ")) for group, options in groups.items()}
+    assert offered["objective"] == set(OBJECTIVES)
+    assert offered["data"] == {
+        "plain_fixture",
+        "sentiment",
+        "ultrafeedback",
+        "ultrafeedback_fixture",
+    }
+    assert "_optuna" not in offered["hparams_search"] and "fpo_optuna" in offered["hparams_search"]
+    assert offered["optimizer"] == {"adamw"} and offered["scheduler"] == {"constant_with_warmup"}
+    internal = {"schema", "objective_schema", "_base", "data_base", "_optuna", "optuna_base"}
+    assert not [o for options in offered.values() for o in options if o in internal]
 
 
 CONFIG_GROUPS = {

@@ -30,7 +30,7 @@ COMMON = (
     "data.eval_batch_size=2",
     "trainer.precision=32-true",
 )
-TRAIN = ("++global_batch_size=4",)
+TRAIN = ("step.global_batch_size=4",)
 DDP = ("trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2")
 RTOL, ATOL = 1e-4, 1e-5
 

@@ -97,7 +97,7 @@ def card_fields(folder: Path) -> dict[str, str]:
 
 def test_shipped_jumprelu_sae_matches_its_card_and_the_topk_width():
     cfg = compose_train("sae=gemma3_270m_l17_jumprelu")
-    sae = instantiate(cfg.sae)
+    sae = instantiate(cfg.sae.loader)
     card = card_fields(SHIPPED)
     topk = load_sae(path=str(TOPK))
     assert sae.cfg.architecture() == "jumprelu"

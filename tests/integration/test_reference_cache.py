@@ -410,7 +410,7 @@ def test_train_with_cached_reference_never_builds_a_reference_model(
         {
             "reference": {"source": "cached", "path": str(root), "values_dtype": "float32"},
             "trainer": {"precision": "32-true"},
-            "logits_chunk_size": None,
+            "step": {"logits_chunk_size": None},
         }
     )
     dm = make_dm(tiny_tokenizer)

@@ -121,7 +121,10 @@ def test_saved_mlp_out_sae_resolves_through_its_cfg_json(tiny_model, tmp_path):
     evaluation resolve (`load_sae` -> `sae_hook_name` -> `resolve_hook_module`)."""
     build_random_sae(model=tiny_model, hook_name=MLP_OUT).save_model(tmp_path)
     cfg = compose_train(
-        "experiment=smoke", "objective=fpo", "sae=gemma3_270m_l17_mlp", f"sae.path={tmp_path}"
+        "experiment=smoke",
+        "objective=fpo",
+        "sae=gemma3_270m_l17_mlp",
+        f"sae.loader.path={tmp_path}",
     )
     experiment = build_run_parts(cfg)
     assert experiment.hook_name == MLP_OUT
@@ -141,7 +144,7 @@ def test_fpo_training_steps_with_an_mlp_out_sae(tmp_path, monkeypatch):
             super().__init__(module)
 
     monkeypatch.setattr(fpo.forward, "ActivationCapture", SpyCapture)
-    cfg = compose_train("experiment=smoke", "objective=fpo", f"+sae.hook_name={MLP_OUT}")
+    cfg = compose_train("experiment=smoke", "objective=fpo", f"+sae.loader.hook_name={MLP_OUT}")
     with open_dict(cfg):
         cfg.trainer.max_steps = 2
         cfg.trainer.limit_val_batches = 0
@@ -181,7 +184,7 @@ def test_site_ablation_sweeps_the_residual_and_the_mlp_output_sae():
     for option in ("gemma3_270m_l17", "gemma3_270m_l17_mlp"):
         root = f"paths.root_dir={Path(CONFIG_DIR).parent}"
         sae_cfg = compose_train("experiment=ablation/sae_site", f"sae={option}", root).sae
-        hooks[option] = load_sae(path=sae_cfg.path).cfg.metadata.hook_name
+        hooks[option] = load_sae(path=sae_cfg.loader.path).cfg.metadata.hook_name
     assert hooks == {
         "gemma3_270m_l17": "blocks.17.hook_resid_post",
         "gemma3_270m_l17_mlp": "blocks.17.hook_mlp_out",

@@ -52,9 +52,9 @@ def test_paper_shapes_and_stand_ins_compose(tmp_path):
     assert cfg.model.loader == {"_target_": "benchmarks.strategy_step.random_gemma2", "shape": "2b",
                                 "device": "cuda", "dtype": "float32"}  # fmt: skip
     assert (cfg.data.max_length, cfg.data.max_prompt_length) == (1024, 512)
-    assert cfg.sae.d_in == 2304 and cfg.sae.hook_name == "blocks.25.hook_resid_post"
+    assert cfg.sae.loader.d_in == 2304 and cfg.sae.loader.hook_name == "blocks.25.hook_resid_post"
     assert cfg.model.gradient_checkpointing is True and cfg.optimizer.lr == 5e-7
-    assert cfg.scheduler.num_warmup_steps == 0 and cfg.global_batch_size == 2
+    assert cfg.scheduler.num_warmup_steps == 0 and cfg.step.global_batch_size == 2
     assert cfg.reference.dtype == "bfloat16"  # the paper's frozen reference
     args.strategy = "fsdp_fp32_reference"
     cfg = strategy_step.compose(args, tmp_path / "rows.jsonl")

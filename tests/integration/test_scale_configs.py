@@ -136,22 +136,23 @@ def test_gemma_scope_sae_ids_are_in_the_sae_lens_registry():
     }
     for path in hub_saes:
         sae = compose_train(f"sae={path.stem}").sae
-        ids = {entry["id"] for entry in registry[sae.release]["saes"]}
-        assert sae.sae_id in ids, (path.name, sae.sae_id)
+        ids = {entry["id"] for entry in registry[sae.loader.release]["saes"]}
+        assert sae.loader.sae_id in ids, (path.name, sae.loader.sae_id)
 
 
 def test_paper_9b_setting():
-    cfg = compose_train("experiment=fpo_gemma2_9b_ultrafeedback")
+    cfg = compose_train("experiment=gemma2_9b_ultrafeedback", "objective=fpo")
     assert cfg.model.loader.name_or_path == "google/gemma-2-9b"
     assert cfg.model.loader.dtype == "float32"  # fp32 master weights under bf16-mixed
     assert cfg.model.gradient_checkpointing is True
-    assert (cfg.sae.release, cfg.sae.sae_id) == (
+    assert (cfg.sae.loader.release, cfg.sae.loader.sae_id) == (
         "gemma-scope-9b-pt-res",
         "layer_41/width_16k/average_l0_52",
     )
     assert cfg.trainer.strategy._target_ == "fpo.strategies.fsdp"
     assert cfg.trainer.precision == "bf16-mixed"
-    assert cfg.objective.name == "fpo" and cfg.global_batch_size == 32
+    assert cfg.objective.name == "fpo" and cfg.step.global_batch_size == 32
+    assert cfg.reference.dtype is None  # FSDP: one dtype; FPO: the policy's
 
 
 def test_every_local_sae_config_has_its_shipped_folder_and_card():
@@ -159,7 +160,9 @@ def test_every_local_sae_config_has_its_shipped_folder_and_card():
     assert len(local) >= 3  # layer 17 (the main job's) and the ablation layers
     for path in local:
         folder = Path(
-            compose_train(f"sae={path.stem}", "paths.root_dir=" + str(CONFIGS.parent)).sae.path
+            compose_train(
+                f"sae={path.stem}", "paths.root_dir=" + str(CONFIGS.parent)
+            ).sae.loader.path
         )
         assert (folder / "cfg.json").exists(), path.name
         card = (folder / "SAE_CARD.md").read_text()
@@ -233,13 +236,14 @@ def test_reference_dtype_is_refused_where_it_is_wrong(overrides, refused):
     [("fpo", 1e-4), ("dpo", 0.0), ("simpo", 0.0), ("tdpo1", 0.0), ("tdpo2", 0.0)],
 )
 def test_the_embedded_default_gives_only_fpo_the_feature_term(objective, alpha):
-    """experiment=sentiment_gemma3 sets FPO's alpha for its SAE (fpo_alpha); the baselines
-    composed with it stay baselines (no feature term slipped in)."""
+    """FPO's alpha is the SAE config's feature_alpha (1e-4 for the shipped gemma-3-270m SAE of
+    experiment=sentiment_gemma3); the baselines composed with it stay baselines (no feature
+    term slipped in)."""
     cfg = compose_train("experiment=sentiment_gemma3", f"objective={objective}")
     assert cfg.objective.constraints.features.alpha == alpha
     assert compose_train("objective=fpo").objective.constraints.features.alpha == 0.5
-    # what training uses (fpo.builder builds it from the objective node): the fpo_alpha
-    # interpolation resolved against the whole config, not the objective schema's copy
+    # what training uses (fpo.builder builds it from the objective node): the
+    # ${sae.feature_alpha} interpolation resolved against the whole config
     assert build_objective(cfg.objective).constraints.features.alpha == alpha
     comparison = compose_train("experiment=comparison/frontier_fpo")
     assert build_objective(comparison.objective).constraints.features.alpha == 1e-4

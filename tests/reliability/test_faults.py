@@ -181,7 +181,7 @@ def test_nonfinite_stops_naming_step_and_examples_keeping_the_last_good_checkpoi
         fit(tmp_path, poison=poison(BAD_STEP))
     message = str(err.value)
     assert expected in message and f"optimizer step {BAD_STEP + 1}" in message
-    assert "examples ['" in message and "nonfinite=skip" in message
+    assert "examples ['" in message and "step.nonfinite=skip" in message
     last = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert last["global_step"] == BAD_STEP
     assert all(torch.isfinite(v).all() for v in last["state_dict"].values())
@@ -201,7 +201,7 @@ class Snapshots(L.Callback):
 @pytest.mark.parametrize("poison", [nan_loss_at, nan_grad_at])
 def test_nonfinite_skip_drops_the_step_counts_and_logs_it(tmp_path, poison):
     snapshots = Snapshots()
-    cfg = compose_train("experiment=smoke", f"paths.output_dir={tmp_path}", "nonfinite=skip")
+    cfg = compose_train("experiment=smoke", f"paths.output_dir={tmp_path}", "step.nonfinite=skip")
     L.seed_everything(0)
     experiment = build_run_parts(cfg)
     module = experiment.build_module()
@@ -222,5 +222,5 @@ def test_nonfinite_skip_drops_the_step_counts_and_logs_it(tmp_path, poison):
 
 
 def test_unknown_nonfinite_mode_is_refused(tmp_path):
-    with pytest.raises(UserError, match="nonfinite='ignore': choose stop or skip"):
-        fit(tmp_path, "nonfinite=ignore")
+    with pytest.raises(UserError, match=r"step\.nonfinite='ignore': choose stop or skip"):
+        fit(tmp_path, "step.nonfinite=ignore")

@@ -228,12 +228,20 @@ def test_cli_writes_outputs_and_names_a_folder_without_runs(sweep, tmp_path, cap
         assert str(folder) in capsys.readouterr().err
 
 
-def test_interpolated_alpha_is_read_as_its_value(tmp_path):
-    """.hydra/config.yaml keeps FPO's ``alpha: ${oc.select:fpo_alpha,0.5}``; the table shows
-    the number it resolved to in that run."""
-    interpolated = {**FPO, "constraints": {"features": {"alpha": "${oc.select:fpo_alpha,0.5}"}}}
+@pytest.mark.parametrize(
+    ("alpha", "source"),
+    [
+        ("${sae.feature_alpha}", {"sae": {"feature_alpha": 1e-4, "loader": {}}}),
+        # runs saved before FPO's alpha moved into the SAE config (a root-level key)
+        ("${oc.select:fpo_alpha,0.5}", {"fpo_alpha": 1e-4}),
+    ],
+)
+def test_interpolated_alpha_is_read_as_its_value(tmp_path, alpha, source):
+    """.hydra/config.yaml keeps FPO's alpha as an interpolation to a key outside the objective
+    block; the table shows the number it resolved to in that run."""
+    interpolated = {**FPO, "constraints": {"features": {"alpha": alpha}}}
     run = make_run(tmp_path, "0_run", interpolated, 0, {"val/rewards/accuracies": 0.5})
     config = yaml.safe_load((run / ".hydra" / "config.yaml").read_text())
-    (run / ".hydra" / "config.yaml").write_text(yaml.safe_dump({**config, "fpo_alpha": 1e-4}))
+    (run / ".hydra" / "config.yaml").write_text(yaml.safe_dump({**config, **source}))
     (row,) = run_rows(load_runs([tmp_path]))
     assert row["objective.constraints.features.alpha"] == 1e-4

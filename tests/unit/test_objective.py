@@ -164,3 +164,13 @@ def test_new_combinations_compose_from_config_alone():
     objective = build_objective(cfg)
     assert objective.needs == Needs(features=True)
     assert objective.feature_k == 50 and objective.beta == 2.0
+
+
+@pytest.mark.parametrize(("sae", "alpha"), [("random", 0.5), ("gemma3_270m_l17", 1e-4)])
+def test_fpo_takes_its_alpha_from_the_sae_config(sae, alpha):
+    """FPO's alpha is ``${sae.feature_alpha}``, read in the composed config the objective node
+    belongs to; without it the objective is refused (no silent fallback)."""
+    objective = build_objective(compose_objective("objective=fpo", f"sae={sae}"))
+    assert objective.constraints.features.alpha == alpha
+    with pytest.raises(UserError, match=r"sae\.feature_alpha"):
+        build_objective(compose_objective("objective=fpo", "~sae.feature_alpha"))

@@ -222,12 +222,12 @@ def test_load_sae_missing_folder_names_the_path(tmp_path):
     ],
 )
 def test_load_sae_needs_exactly_one_source(kwargs):
-    with pytest.raises(UserError, match=r"sae\.release.*sae\.path"):
+    with pytest.raises(UserError, match=r"sae\.loader: release.*path"):
         load_sae(**kwargs)
 
 
 def test_load_sae_hub_errors_before_any_download():
-    with pytest.raises(UserError, match=r"sae\.sae_id"):
+    with pytest.raises(UserError, match=r"sae\.loader\.sae_id"):
         load_sae(release="gemma-scope-2b-pt-res")
     with pytest.raises(UserError, match="no-such-release"):
         load_sae(release="no-such-release", sae_id="x")

@@ -69,7 +69,7 @@ def build(cfg: DictConfig) -> tuple[Path, dict[str, dict]]:
         batch_size=int(cfg.cache.get("batch_size") or datamodule.eval_batch_size),
         shard_size=int(cfg.cache.shard_size),
         overwrite=bool(cfg.cache.overwrite),
-        logits_chunk_size=cfg.get("logits_chunk_size"),
+        logits_chunk_size=cfg.step.logits_chunk_size,
     )
     return settings.root, results
 

@@ -142,9 +142,10 @@ def _curves_file(run: Path) -> Path | None:
 
 
 def _resolve_objective(config: dict[str, Any]) -> dict[str, Any]:
-    """The saved config with its ``objective`` block resolved (``.hydra/config.yaml`` keeps
-    interpolations, e.g. FPO's ``alpha: ${oc.select:fpo_alpha,0.5}``); unchanged when it
-    cannot be resolved outside Hydra."""
+    """The saved config with its ``objective`` block resolved against the whole config
+    (``.hydra/config.yaml`` keeps interpolations: FPO's ``alpha: ${sae.feature_alpha}``, or
+    ``${oc.select:fpo_alpha,0.5}`` in runs saved before the alpha moved to the SAE config);
+    unchanged when it cannot be resolved outside Hydra."""
     if not isinstance(config.get("objective"), dict):
         return config
     try:

@@ -288,8 +288,9 @@ def evaluate_experiment(
     summary = json.loads(summary_path.read_text())
     if shift is not None:
         rows = feature_rows(shift, experiment.tokenizer, settings.get("feature_report_top", 10))
+        loader = cfg.sae.loader
         meta = {
-            "sae": cfg.sae.get("path") or cfg.sae.get("sae_id") or cfg.sae.get("_target_"),
+            "sae": loader.get("path") or loader.get("sae_id") or loader.get("_target_"),
             "hook_name": hook_name,
             "responses": shift.count,
             "pairs_file": pairs_file,
