@@ -27,6 +27,8 @@ from benchmarks.run import CONFIG, load_config, model_specs, worker  # noqa: E40
 
 GIB = 2**30
 MARKS: list[tuple[str, float, float]] = []
+#: The opaque phases running now: calls inside one are part of it, not marked.
+OPAQUE: list[str] = []
 
 
 def mark(name: str) -> None:
@@ -36,13 +38,22 @@ def mark(name: str) -> None:
     MARKS.append((name, rss / GIB, peak / GIB))
 
 
-def wrap(owner, name: str, label: str) -> None:
-    """Mark before and after ``owner.name(...)``."""
+def wrap(owner, name: str, label: str, opaque: bool = False) -> None:
+    """Mark before and after ``owner.name(...)``, unless inside an opaque phase; the calls
+    inside an ``opaque`` one are not marked (the reference's trunk and LM head)."""
     original = getattr(owner, name)
 
     def marked(*args, **kwargs):
+        if OPAQUE:
+            return original(*args, **kwargs)
         mark(f"before {label}")
-        out = original(*args, **kwargs)
+        if opaque:
+            OPAQUE.append(label)
+        try:
+            out = original(*args, **kwargs)
+        finally:
+            if opaque:
+                OPAQUE.pop()
         mark(f"after {label}")
         return out
 
@@ -54,12 +65,14 @@ def instrument(framework: str) -> None:
     for optimizer in (torch.optim.AdamW, torch.optim.Adam):
         wrap(optimizer, "step", "optimizer step (includes its closure)")
     if framework == "ours":
-        import fpo.module
+        import fpo.forward
         from fpo.reference.base import OnlineReference
 
-        wrap(fpo.module, "forward_response_positions", "policy trunk")
-        wrap(fpo.module, "response_token_stats", "LM head")
-        wrap(OnlineReference, "stats", "reference")
+        # every model's statistics go through fpo.forward.response_stats: its trunk and LM
+        # head are the policy's outside the reference's phase
+        wrap(fpo.forward, "forward_response_positions", "policy trunk")
+        wrap(fpo.forward, "response_token_stats", "LM head")
+        wrap(OnlineReference, "stats", "reference", opaque=True)
 
 
 def main() -> None:
