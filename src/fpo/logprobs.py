@@ -6,7 +6,7 @@ All per-token work runs only on those ``M`` positions, packed as :class:`Respons
 (``docs/architecture.md``); per-sequence results are segment reductions with ``rows`` as
 segment ids. Log-probabilities never materialise a ``[..., vocab]`` log-softmax for the
 whole batch: the target logit is gathered and the log-sum-exp is taken chunk by chunk, in
-float32 (DESIGN.md section 9).
+float32.
 """
 
 from __future__ import annotations

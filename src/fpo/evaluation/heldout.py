@@ -1,9 +1,10 @@
 """Metrics on held-out preference pairs: entropy, preference accuracy, SAE feature drift.
 
-One pass over the pairs (batches of chosen + rejected rows, the training layout): each
-model runs its decoder trunk once; the LM heads run on response positions only, in chunks
-of ``logits_chunk_size`` positions (at most ``chunk x vocab`` float32 logits per model at a
-time, never ``[B, T, vocab]``); the SAE encodes the hooked activations at the same positions.
+One pass over the pairs (batches of chosen + rejected rows, the training layout) through
+`fpo.forward.response_stats`: each model runs its decoder trunk once; the two LM heads run
+together on response positions only, in chunks of ``logits_chunk_size`` positions (at most
+``chunk x vocab`` float32 logits per model at a time, never ``[B, T, vocab]``); the SAE
+encodes the hooked activations at the same positions.
 
 With ``w`` chosen, ``l`` rejected, ``avg_lp`` the per-token mean response log-prob:
 
