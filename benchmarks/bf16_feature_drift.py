@@ -41,7 +41,7 @@ import torch
 from torch import Tensor
 
 from fpo.data.collate import PreferenceCollator
-from fpo.forward import forward_response_positions
+from fpo.forward import StatsRequest, response_stats
 from fpo.logprobs import IGNORE_INDEX, response_positions, segment_mean
 from fpo.losses import feature_mse
 from fpo.models.hf import split_causal_lm
@@ -200,7 +200,8 @@ def hooked(model, hook, batch: dict, bf16: bool, device_type: str) -> Tensor:
     """``[M, d_in]`` hooked activations at the response positions (bf16 autocast or fp32)."""
     positions = response_positions(batch["labels"])
     with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
-        return forward_response_positions(split_causal_lm(model), batch, positions, hook).hooked
+        parts, request = split_causal_lm(model), StatsRequest(hooked=True)
+        return response_stats(parts, batch, positions, request, hook_module=hook).hooked
 
 
 @torch.no_grad()

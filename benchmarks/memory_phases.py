@@ -23,6 +23,8 @@ from benchmarks.run import CONFIG, load_config, model_specs, worker
 
 GIB = 2**30
 MARKS: list[tuple[str, float, float]] = []
+#: The opaque phases running now: calls inside one are part of it, not marked.
+OPAQUE: list[str] = []
 
 
 def mark(name: str) -> None:
@@ -32,13 +34,22 @@ def mark(name: str) -> None:
     MARKS.append((name, rss / GIB, peak / GIB))
 
 
-def wrap(owner, name: str, label: str) -> None:
-    """Mark before and after ``owner.name(...)``."""
+def wrap(owner, name: str, label: str, opaque: bool = False) -> None:
+    """Mark before and after ``owner.name(...)``, unless inside an opaque phase; the calls
+    inside an ``opaque`` one are not marked (the reference's trunk and LM head)."""
     original = getattr(owner, name)
 
     def marked(*args, **kwargs):
+        if OPAQUE:
+            return original(*args, **kwargs)
         mark(f"before {label}")
-        out = original(*args, **kwargs)
+        if opaque:
+            OPAQUE.append(label)
+        try:
+            out = original(*args, **kwargs)
+        finally:
+            if opaque:
+                OPAQUE.pop()
         mark(f"after {label}")
         return out
 

@@ -155,6 +155,7 @@ def build_cache(spec: dict, rows: list[dict]) -> dict:
     computed by ``OnlineReference.stats`` exactly as ``fpo-cache`` does."""
     from fpo.data.collate import PreferenceCollator
     from fpo.logprobs import response_positions
+    from fpo.reference import cache_rows, item_field
 
     cache = {}
     for objective in ("dpo", "fpo"):
@@ -173,19 +174,12 @@ def build_cache(spec: dict, rows: list[dict]) -> dict:
             stats = reference.stats(
                 batch, response_positions(batch["labels"]), features=needs.features, token_kl=False
             )
-            values = {"sum_logps": stats.logps.sum, "avg_logps": stats.logps.avg}
-            values["n_tokens"] = stats.logps.n_tokens
-            if needs.features:
-                values["topk_indices"], values["topk_values"] = (
-                    stats.topk_indices,
-                    stats.topk_values,
-                )
-            b = len(group)
+            sides = cache_rows(stats).items()  # the rows fpo-cache would store
             for i, row in enumerate(group):
                 fields[row["example_id"]] = {
-                    f"ref_{side}_{name}": value[i + offset].cpu()
+                    item_field(side, name): value[i]
+                    for side, values in sides
                     for name, value in values.items()
-                    for side, offset in (("chosen", 0), ("rejected", b))
                 }
         cache[objective] = fields
         del experiment, reference

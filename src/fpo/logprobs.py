@@ -6,7 +6,7 @@ All per-token work runs only on those ``M`` positions, packed as :class:`Respons
 (``docs/architecture.md``); per-sequence results are segment reductions with ``rows`` as
 segment ids. Log-probabilities never materialise a ``[..., vocab]`` log-softmax for the
 whole batch: the target logit is gathered and the log-sum-exp is taken chunk by chunk, in
-float32 (DESIGN.md section 9).
+float32.
 """
 
 from __future__ import annotations
@@ -57,13 +57,16 @@ class TokenStats(NamedTuple):
     """Per-position statistics, all ``[M]`` float32.
 
     ``policy_logps``: ``log pi_theta(target)``; ``ref_logps``: ``log pi_ref(target)`` (no
-    grad); ``kl``: ``KL(pi_ref || pi_theta)`` over the full vocabulary (grad to the policy).
-    The last two are ``None`` when no reference was given.
+    grad); ``kl``: ``KL(pi_ref || pi_theta)`` over the full vocabulary (grad to the policy);
+    ``policy_entropy``, ``ref_entropy``: ``-sum_v p(v) log p(v)``. A field is ``None`` when
+    not asked for (the ``ref_*`` ones and ``kl`` need a reference).
     """
 
     policy_logps: Tensor
     ref_logps: Tensor | None
     kl: Tensor | None
+    policy_entropy: Tensor | None = None
+    ref_entropy: Tensor | None = None
 
 
 class SequenceLogps(NamedTuple):
@@ -153,21 +156,35 @@ def _chunk_token_stats(
     policy_hidden: Tensor,
     targets: Tensor,
     ref_hidden: Tensor | None,
-) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """One chunk of :func:`response_token_stats` (the unit that is checkpointed).
+    kl: bool = True,
+    entropy: bool = False,
+) -> tuple[Tensor | None, ...]:
+    """One chunk of :func:`response_token_stats` (the unit that is checkpointed): the
+    :class:`TokenStats` fields of ``C`` positions, ``[C]`` each.
 
     ``KL(pi_ref || pi_theta) = sum_v p_ref(v) * (log p_ref(v) - log p_theta(v))`` per position.
     """
     logits = policy_head(policy_hidden).float()
-    policy_logps, policy_log_z = target_logprobs(logits, targets)
+    policy_entropy = ref_entropy = None
+    if entropy:  # the full log-softmax is needed anyway: the log-probs are read from it
+        policy_log_probs = torch.log_softmax(logits, dim=1)
+        policy_logps = policy_log_probs.gather(1, targets.unsqueeze(1)).squeeze(1)
+        policy_entropy = -(policy_log_probs.exp() * policy_log_probs).sum(dim=1)
+    else:
+        policy_logps, policy_log_z = target_logprobs(logits, targets)
     if ref_hidden is None:
-        return policy_logps, None, None
+        return policy_logps, None, None, policy_entropy, None
     with torch.no_grad():
         ref_log_probs = torch.log_softmax(ref_head(ref_hidden).float(), dim=1)
         ref_logps = ref_log_probs.gather(1, targets.unsqueeze(1)).squeeze(1)
-    policy_log_probs = logits - policy_log_z.unsqueeze(1)
-    kl = (ref_log_probs.exp() * (ref_log_probs - policy_log_probs)).sum(dim=1)
-    return policy_logps, ref_logps, kl
+        if entropy:
+            ref_entropy = -(ref_log_probs.exp() * ref_log_probs).sum(dim=1)
+    token_kl = None
+    if kl:
+        if not entropy:
+            policy_log_probs = logits - policy_log_z.unsqueeze(1)
+        token_kl = (ref_log_probs.exp() * (ref_log_probs - policy_log_probs)).sum(dim=1)
+    return policy_logps, ref_logps, token_kl, policy_entropy, ref_entropy
 
 
 @phase("LM head")
@@ -179,8 +196,12 @@ def response_token_stats(
     ref_hidden: Tensor | None = None,
     ref_head: Head | None = None,
     checkpoint: bool = False,
+    kl: bool = True,
+    entropy: bool = False,
 ) -> TokenStats:
-    """Apply the LM head(s) chunk by chunk and return per-position log-probs and KL.
+    """Apply the LM head(s) chunk by chunk and return per-position log-probs, KL, entropy.
+
+    Callers go through :func:`fpo.forward.response_stats`, which runs the trunk first.
 
     Args:
         policy_hidden: ``[M, H]`` the policy's final hidden states at the packed positions.
@@ -188,11 +209,15 @@ def response_token_stats(
         targets: ``LongTensor[M]`` the tokens those positions predict.
         logits_chunk_size: positions per chunk; ``None`` = one chunk.
         ref_hidden, ref_head: the reference's ``[M, H]`` hidden states and head; given
-            together, they add ``ref_logps`` (no grad) and the full-vocabulary
+            together, they add ``ref_logps`` (no grad) and, with ``kl``, the full-vocabulary
             ``kl = sum_v p_ref(v) (log p_ref(v) - log p_theta(v))`` (grad to the policy).
         checkpoint: when grad is enabled, run each chunk under ``torch.utils.checkpoint`` so
             only one chunk's ``[C, V]`` logits are alive at a time (memory ``O(C * V)``); the
             backward pass recomputes the chunk's heads, the reference's included.
+        kl: compute ``kl`` when a reference is given.
+        entropy: add ``policy_entropy`` (and ``ref_entropy``); the policy's log-probs (and
+            KL) are then read from its full ``log_softmax`` instead of
+            :func:`target_logprobs` (equal up to float rounding; held-out evaluation's way).
 
     Returns:
         :class:`TokenStats` of ``[M]`` float32 tensors.
@@ -208,7 +233,7 @@ def response_token_stats(
             + ("" if ref_hidden is None else f", ref {tuple(ref_hidden.shape)}")
         )
     use_checkpoint = checkpoint and torch.is_grad_enabled()
-    policy_parts, ref_parts, kl_parts = [], [], []
+    columns: list[list[Tensor | None]] = [[] for _ in TokenStats._fields]
     for s, e in _chunk_bounds(targets.shape[0], logits_chunk_size):
         args = (
             policy_head,
@@ -216,21 +241,22 @@ def response_token_stats(
             policy_hidden[s:e],
             targets[s:e],
             None if ref_hidden is None else ref_hidden[s:e],
+            kl,
+            entropy,
         )
         if use_checkpoint:
-            policy_lp, ref_lp, kl = _checkpoint(_chunk_token_stats, *args, use_reentrant=False)
+            chunk = _checkpoint(_chunk_token_stats, *args, use_reentrant=False)
         else:
-            policy_lp, ref_lp, kl = _chunk_token_stats(*args)
-        policy_parts.append(policy_lp)
-        ref_parts.append(ref_lp)
-        kl_parts.append(kl)
-
-    if ref_hidden is None:
-        return TokenStats(_cat_float(policy_parts, policy_hidden), None, None)
+            chunk = _chunk_token_stats(*args)
+        for column, value in zip(columns, chunk, strict=True):
+            column.append(value)
+    has_ref = ref_hidden is not None
+    wanted = (True, has_ref, has_ref and kl, entropy, has_ref and entropy)
     return TokenStats(
-        _cat_float(policy_parts, policy_hidden),
-        _cat_float(ref_parts, policy_hidden),
-        _cat_float(kl_parts, policy_hidden),
+        *(
+            _cat_float(column, policy_hidden) if keep else None
+            for column, keep in zip(columns, wanted, strict=True)
+        )
     )
 
 

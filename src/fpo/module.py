@@ -1,11 +1,10 @@
 """`FPOLightningModule`: one Lightning module for DPO, SimPO, TDPO-1/2 and FPO.
 
 It holds the policy, the frozen SAE (FPO only) and a reference source (an online frozen
-model, or the offline cache's per-row fields in the batch). A training step is:
-
-    batch -> response positions -> policy trunk forward (+ SAE hook capture)
-          -> LM head on response positions only, chunked (+ reference logits for TDPO's KL)
-          -> per-row log-probs / pooled SAE features -> objective -> metrics
+model, or the offline cache's per-row fields in the batch). A training step is: batch ->
+reference statistics -> the policy's statistics (`fpo.forward.response_stats`: trunk + SAE
+hook, chunked LM head on response positions, fused with the reference's head for TDPO's KL;
+per-row log-probs, pooled SAE features) -> objective -> metrics.
 """
 
 from __future__ import annotations
@@ -22,14 +21,14 @@ from torchmetrics import MeanMetric
 from fpo import losses
 from fpo.checkpoints import FROZEN_PREFIXES, check_policy_state, restore_rng_states, rng_states
 from fpo.errors import UserError
-from fpo.forward import forward_response_positions
-from fpo.logprobs import response_positions, response_token_stats, segment_sum, sequence_logps
+from fpo.forward import ResponseStats, StatsRequest, response_stats
+from fpo.logprobs import response_positions
 from fpo.models.hf import split_causal_lm
 from fpo.nonfinite import NonFiniteGuard
 from fpo.objective import Objective, build_objective
 from fpo.packing import Packing, check_packable
 from fpo.reference.base import ReferenceSource
-from fpo.sae import encode_pooled, match_sae_dtype, reconstruction_report, resolve_hook_module
+from fpo.sae import match_sae_dtype, reconstruction_report, resolve_hook_module
 from fpo.strategies import gathered_parameters
 
 METRIC_NAMES = (
@@ -178,42 +177,33 @@ class FPOLightningModule(L.LightningModule):
         """
         needs = self.objective.needs
         positions = response_positions(batch["labels"])
-        rows = positions.num_rows
         ref = None
         if needs.reference:  # first: its passing peak (an LM head) meets no policy activations
             ref = self.reference.stats(
                 batch, positions, features=needs.features, token_kl=needs.reference_logits
             )
-        policy_out = forward_response_positions(
-            self.parts, batch, positions, self.hook_module, self.packing
-        )
-        tokens = response_token_stats(
-            policy_out.hidden,
-            self.parts.head,
-            positions.targets,
-            self.logits_chunk_size,
-            ref_hidden=ref.hidden if needs.reference_logits else None,
-            ref_head=ref.head if needs.reference_logits else None,
-            checkpoint=self.checkpoint_logits,
-        )
-        policy_logps = sequence_logps(tokens.policy_logps, positions.rows, rows)
-        stats: dict[str, Tensor] = {}
-        ref_logps = ref.logps if ref is not None else None
-        if needs.reference_logits:
-            ref_logps = sequence_logps(tokens.ref_logps, positions.rows, rows)
-            stats["kl"] = segment_sum(tokens.kl, positions.rows, rows)
+        fused_kl = ref.head_inputs if needs.reference_logits else None  # TDPO's full-vocab KL
+        policy = self._response_stats(batch, positions, StatsRequest.for_policy(needs), fused_kl)
+        stats: dict[str, Tensor] = {"kl": policy.kl} if needs.reference_logits else {}
+        ref_logps = policy.ref_logps if needs.reference_logits else ref.logps if ref else None
         if needs.features:
-            pooled = encode_pooled(self.sae, policy_out.hooked, positions.rows, rows)
             stats["fmse"] = losses.feature_mse(
-                pooled,
+                policy.pooled,
                 ref.topk_indices,
                 ref.topk_values,
                 k=self.objective.feature_k,
                 normalize=self.objective.constraints.features.normalize,
             )
-        result = self.objective.loss(policy_logps, ref_logps, stats)
-        stats["logps"] = getattr(policy_logps, self.objective.logps_field).detach()
+        result = self.objective.loss(policy.logps, ref_logps, stats)
+        stats["logps"] = getattr(policy.logps, self.objective.logps_field).detach()
         return result, stats
+
+    def _response_stats(self, batch, positions, request, reference=None) -> ResponseStats:
+        """The policy's :func:`fpo.forward.response_stats` with this module's settings."""
+        settings = dict(hook_module=self.hook_module, sae=self.sae, packing=self.packing)
+        settings |= dict(logits_chunk_size=self.logits_chunk_size, reference=reference)
+        settings |= dict(checkpoint_logits=self.checkpoint_logits)
+        return response_stats(self.parts, batch, positions, request, **settings)
 
     def _shared_step(self, batch: dict, split: str) -> Tensor:
         result, stats = self.preference_step(batch)
@@ -299,9 +289,7 @@ class FPOLightningModule(L.LightningModule):
                 break
             batch = self.transfer_batch_to_device(batch, self.device, 0)
             positions = response_positions(batch["labels"])
-            out = forward_response_positions(
-                self.parts, batch, positions, self.hook_module, self.packing
-            )
+            out = self._response_stats(batch, positions, StatsRequest(hooked=True))
             activations.append(out.hooked)
         acts = torch.cat(activations)
         with gathered_parameters(self.sae):  # ZeRO-3: outside a forward, partitioned

@@ -29,7 +29,6 @@ import torch
 from torch import Tensor, nn
 
 from fpo.errors import UserError
-from fpo.logprobs import segment_mean
 
 if TYPE_CHECKING:  # sae-lens (and TransformerLens, ~80 MB) load only where an SAE is built
     from sae_lens import SAE
@@ -41,7 +40,6 @@ __all__ = [
     "build_random_sae",
     "check_sae_fits_model",
     "describe_sae",
-    "encode_pooled",
     "load_sae",
     "match_sae_dtype",
     "model_hidden_size",
@@ -400,20 +398,3 @@ def reconstruction_report(sae: SAE, activations: Tensor) -> dict[str, float]:
         "dead_fraction": float((~active.any(dim=0)).double().mean()),
         "mse": float(sse / x.numel()),
     }
-
-
-# ----------------------------------------------------------------------------- features
-
-
-def encode_pooled(sae: SAE, activations: Tensor, rows: Tensor, num_rows: int) -> Tensor:
-    """Mean SAE features per row: ``cbar[n] = mean_{m: rows[m] = n} encode(activations[m])``.
-
-    Args:
-        activations: ``[M, d_in]`` activations at the response positions (packed).
-        rows: ``LongTensor[M]``, the row (sequence) each position belongs to.
-        num_rows: number of rows N; rows without positions give zeros.
-
-    Returns:
-        ``[num_rows, d_sae]``, differentiable with respect to `activations` (the SAE is frozen).
-    """
-    return segment_mean(sae.encode(activations), rows, num_rows)

@@ -30,15 +30,16 @@ from fpo.builder import RunParts
 from fpo.data import PreferenceDataModule
 from fpo.errors import UserError
 from fpo.forward import forward_response_positions
-from fpo.logprobs import response_positions
+from fpo.hashing import hash_state_dict
+from fpo.logprobs import response_positions, segment_mean
 from fpo.models.hf import split_causal_lm
 from fpo.models.tiny import build_tiny_model, build_tiny_tokenizer
 from fpo.module import FPOLightningModule
 from fpo.reference.base import BatchReference, OnlineReference
 from fpo.reference.build import build_reference_cache
-from fpo.reference.settings import CacheSettings, hash_state_dict
+from fpo.reference.settings import CacheSettings
 from fpo.reference.store import ReferenceCache, attach_reference_cache
-from fpo.sae import build_random_sae, encode_pooled, resolve_hook_module
+from fpo.sae import build_random_sae, resolve_hook_module
 from fpo.testing import preset, run_module
 
 HOOK = "blocks.1.hook_resid_post"
@@ -131,7 +132,7 @@ def pooled_features(model, sae, batch) -> torch.Tensor:
     positions = response_positions(batch["labels"])
     hook = resolve_hook_module(model, HOOK)
     out = forward_response_positions(split_causal_lm(model.eval()), batch, positions, hook)
-    return encode_pooled(sae, out.hooked, positions.rows, positions.num_rows)
+    return segment_mean(sae.encode(out.hooked), positions.rows, positions.num_rows)
 
 
 def module_for(name, policy, reference, sae=None, k=K, lr=1e-2):

@@ -11,7 +11,8 @@ import torch
 
 from fpo.evaluation import evaluate_sentiment, scoring_batch
 from fpo.evaluation.features import context_text, feature_rows, format_feature_report
-from fpo.evaluation.heldout import FeatureShift, chunked_head_stats, heldout_pair_metrics
+from fpo.evaluation.heldout import FeatureShift, heldout_pair_metrics
+from fpo.logprobs import response_token_stats
 from fpo.objective import build_objective
 from fpo.sae import build_random_sae, sae_hook_name
 
@@ -52,13 +53,13 @@ def _sae(model: torch.nn.Module):
 def test_entropy_of_a_uniform_head_is_log_vocab():
     vocab = 50
     hidden, weight = torch.randn(7, 4), torch.randn(4, vocab)
-    stats = chunked_head_stats(
-        hidden, lambda h: torch.zeros(h.shape[0], vocab), hidden, lambda h: h @ weight,
-        torch.arange(7), chunk_size=3,
+    stats = response_token_stats(
+        hidden, lambda h: torch.zeros(h.shape[0], vocab), torch.arange(7), 3,
+        ref_hidden=hidden, ref_head=lambda h: h @ weight, entropy=True,
     )  # fmt: skip
-    assert torch.allclose(stats["policy_entropy"], torch.full((7,), math.log(vocab)))
-    assert torch.allclose(stats["policy_logps"], torch.full((7,), -math.log(vocab)))
-    assert (stats["ref_entropy"] < math.log(vocab)).all()
+    assert torch.allclose(stats.policy_entropy, torch.full((7,), math.log(vocab)))
+    assert torch.allclose(stats.policy_logps, torch.full((7,), -math.log(vocab)))
+    assert (stats.ref_entropy < math.log(vocab)).all()
 
 
 def test_heldout_entropy_of_uniform_policy_is_log_vocab(tiny_model):

@@ -12,15 +12,10 @@ import pytest
 import torch
 
 from fpo.errors import UserError
+from fpo.hashing import hash_state_dict, model_config_hash, sae_config_hash
 from fpo.models.tiny import build_tiny_model
 from fpo.reference.build import ReferenceCacheWriter
-from fpo.reference.settings import (
-    differences,
-    hash_state_dict,
-    library_versions,
-    model_config_hash,
-    sae_config_hash,
-)
+from fpo.reference.settings import differences, library_versions
 from fpo.reference.store import (
     CachedReferenceDataset,
     ReferenceCache,

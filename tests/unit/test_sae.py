@@ -1,4 +1,4 @@
-"""fpo.sae: SAE loading, hook resolution and capture, d_in check, quality report, pooling."""
+"""fpo.sae: SAE loading, hook resolution and capture, d_in check, quality report."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ import torch
 from transformers import Gemma3Config, Gemma3ForConditionalGeneration, SiglipVisionConfig
 
 from fpo.errors import UserError
+from fpo.logprobs import segment_mean
 from fpo.sae import (
     ActivationCapture,
     build_random_sae,
     check_sae_fits_model,
-    encode_pooled,
     load_sae,
     reconstruction_report,
     resolve_hook_module,
@@ -153,7 +153,7 @@ def test_gradients_flow_through_frozen_sae_to_policy(tiny_model, input_ids):
         hidden = capture.activation
     rows = torch.tensor([0, 0, 1, 1, 1])
     cols = torch.tensor([3, 4, 2, 5, 6])
-    pooled = encode_pooled(sae, hidden[rows, cols], rows, num_rows=2)
+    pooled = segment_mean(sae.encode(hidden[rows, cols]), rows, num_rows=2)  # as fpo.forward
     assert pooled.shape == (2, 64)
     pooled.pow(2).sum().backward()
     assert all(p.grad is None for p in sae.parameters())
@@ -274,14 +274,3 @@ def test_reconstruction_report_constant_input_is_nan():
     report = reconstruction_report(_identity_sae(), torch.ones(3, 4))
     assert math.isnan(report["variance_explained"])
     assert report["l0"] == pytest.approx(4.0)
-
-
-def test_encode_pooled_means_per_row():
-    activations = torch.tensor([[1.0, 0.0, -2.0, 0.0], [3.0, 0.0, 0.0, 0.0], [0.0, 4.0, 0.0, 0.0]])
-    rows = torch.tensor([0, 0, 2])
-    pooled = encode_pooled(_identity_sae(), activations, rows, num_rows=3)
-    expected = torch.zeros(3, 8)
-    expected[0, 0] = 2.0  # (1 + 3) / 2
-    expected[0, 6] = 1.0  # relu(2) / 2
-    expected[2, 1] = 4.0
-    assert torch.equal(pooled, expected)

@@ -1,9 +1,10 @@
 """Metrics on held-out preference pairs: entropy, preference accuracy, SAE feature drift.
 
-One pass over the pairs (batches of chosen + rejected rows, the training layout): each
-model runs its decoder trunk once; the LM heads run on response positions only, in chunks
-of ``logits_chunk_size`` positions (at most ``chunk x vocab`` float32 logits per model at a
-time, never ``[B, T, vocab]``); the SAE encodes the hooked activations at the same positions.
+One pass over the pairs (batches of chosen + rejected rows, the training layout) through
+`fpo.forward.response_stats`: each model runs its decoder trunk once; the two LM heads run
+together on response positions only, in chunks of ``logits_chunk_size`` positions (at most
+``chunk x vocab`` float32 logits per model at a time, never ``[B, T, vocab]``); the SAE
+encodes the hooked activations at the same positions.
 
 With ``w`` chosen, ``l`` rejected, ``avg_lp`` the per-token mean response log-prob:
 
@@ -36,15 +37,9 @@ import torch
 from torch import Tensor, nn
 
 from fpo.evaluation.stats import grouped_mean_stderr
-from fpo.forward import forward_response_positions
+from fpo.forward import StatsRequest, response_stats
 from fpo.generation import eval_mode
-from fpo.logprobs import (
-    _chunk_bounds,
-    response_positions,
-    segment_mean,
-    segment_sum,
-    sequence_logps,
-)
+from fpo.logprobs import response_positions
 from fpo.losses import feature_mse
 from fpo.models.hf import split_causal_lm
 from fpo.objective import Objective
@@ -52,44 +47,6 @@ from fpo.packing import Packing
 from fpo.sae import resolve_hook_module
 
 DEFAULT_DRIFT_K = 50
-
-
-def chunked_head_stats(
-    policy_hidden: Tensor,
-    policy_head: Any,
-    ref_hidden: Tensor,
-    ref_head: Any,
-    targets: Tensor,
-    chunk_size: int | None,
-    token_kl: bool = False,
-) -> dict[str, Tensor]:
-    """Both LM heads over ``M`` positions, ``chunk_size`` at a time, no grad.
-
-    Returns ``[M]`` float32 tensors: ``policy_logps``, ``ref_logps`` (log-prob of the
-    target), ``policy_entropy``, ``ref_entropy`` (``-sum_v p log p``) and, with ``token_kl``,
-    ``kl = sum_v p_ref (log p_ref - log p_theta)`` (TDPO's per-token KL).
-    """
-    names = ["policy_logps", "ref_logps", "policy_entropy", "ref_entropy"]
-    names += ["kl"] if token_kl else []
-    parts: dict[str, list[Tensor]] = {name: [] for name in names}
-    with torch.no_grad():
-        for start, end in _chunk_bounds(targets.shape[0], chunk_size):
-            target = targets[start:end].unsqueeze(1)
-            logs = {}
-            for side, hidden, head in (
-                ("policy", policy_hidden, policy_head),
-                ("ref", ref_hidden, ref_head),
-            ):
-                log_probs = torch.log_softmax(head(hidden[start:end]).float(), dim=-1)
-                parts[f"{side}_logps"].append(log_probs.gather(1, target).squeeze(1))
-                parts[f"{side}_entropy"].append(-(log_probs.exp() * log_probs).sum(dim=-1))
-                logs[side] = log_probs
-            if token_kl:
-                ref = logs["ref"]
-                parts["kl"].append((ref.exp() * (ref - logs["policy"])).sum(dim=-1))
-            del logs
-    empty = policy_hidden.new_zeros(0, dtype=torch.float32)
-    return {name: torch.cat(values) if values else empty for name, values in parts.items()}
 
 
 @dataclass
@@ -194,40 +151,38 @@ def heldout_pair_metrics(
         drift_k = min(drift_k, int(sae.cfg.d_sae))
     objective_k = objective.feature_k
     shift = FeatureShift(int(sae.cfg.d_sae), contexts) if sae is not None else None
+    # the reference's head runs inside the policy's pass, chunk by chunk beside the policy's
+    requests = {
+        "ref": StatsRequest(head_inputs=True, codes=sae is not None),
+        "policy": StatsRequest(
+            logps=True, entropy=True, token_kl=needs.reference_logits, codes=sae is not None
+        ),
+    }
     entropy, ref_entropy, agnostic, implicit, drift = [], [], [], [], []
     with eval_mode(policy), eval_mode(reference), torch.no_grad():
         for batch in batches:
             batch = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
             positions = response_positions(batch["labels"])
-            n = positions.num_rows
-            outs = {
-                side: forward_response_positions(
-                    parts[side], batch, positions, hooks[side], packing
+            outs = {}
+            for side in ("ref", "policy"):
+                outs[side] = response_stats(
+                    parts[side],
+                    batch,
+                    positions,
+                    requests[side],
+                    hook_module=hooks[side],
+                    sae=sae,
+                    packing=packing,
+                    logits_chunk_size=logits_chunk_size,
+                    reference=outs["ref"].head_inputs if side == "policy" else None,
                 )
-                for side in parts
-            }
-            tokens = chunked_head_stats(
-                outs["policy"].hidden,
-                parts["policy"].head,
-                outs["ref"].hidden,
-                parts["ref"].head,
-                positions.targets,
-                logits_chunk_size,
-                token_kl=needs.reference_logits,
-            )
-            policy_lp = sequence_logps(tokens["policy_logps"], positions.rows, n)
-            ref_lp = sequence_logps(tokens["ref_logps"], positions.rows, n)
-            pairs = n // 2
-            entropy += _row_mean(tokens["policy_entropy"], positions.rows, n)[:pairs].tolist()
-            ref_entropy += _row_mean(tokens["ref_entropy"], positions.rows, n)[:pairs].tolist()
-            ratio = (policy_lp.avg - ref_lp.avg).chunk(2)
-            agnostic += _outcomes(*ratio)
-            stats: dict[str, Tensor] = {}
-            if needs.reference_logits:
-                stats["kl"] = segment_sum(tokens["kl"], positions.rows, n)
+            out, pairs = outs["policy"], positions.num_rows // 2
+            entropy += out.entropy[:pairs].tolist()
+            ref_entropy += out.ref_entropy[:pairs].tolist()
+            agnostic += _outcomes(*(out.logps.avg - out.ref_logps.avg).chunk(2))
+            stats: dict[str, Tensor] = {"kl": out.kl} if needs.reference_logits else {}
             if shift is not None:
-                acts = {side: sae.encode(outs[side].hooked.to(sae.W_dec.dtype)) for side in parts}
-                pooled = {side: segment_mean(a, positions.rows, n) for side, a in acts.items()}
+                pooled = {side: outs[side].pooled for side in parts}
                 drift += _pair_mean(_discrepancy(pooled, drift_k)).tolist()
                 if objective_k:
                     stats["fmse"] = _discrepancy(pooled, objective_k)
@@ -236,10 +191,10 @@ def heldout_pair_metrics(
                     batch["attention_mask"],
                     positions.rows,
                     positions.cols,
-                    acts,
+                    {side: outs[side].codes for side in parts},
                     pooled,
                 )
-            result = objective.loss(policy_lp, ref_lp, stats)
+            result = objective.loss(out.logps, out.ref_logps, stats)
             implicit += _outcomes(result.chosen_rewards, result.rejected_rewards)
     metrics: dict[str, Any] = {"heldout_pairs": len(agnostic)}
     for key, values in (
@@ -252,11 +207,6 @@ def heldout_pair_metrics(
         metrics[key], metrics[f"{key}_stderr"] = _rate(values)
     metrics["feature_drift_k"] = drift_k if sae is not None else None
     return metrics, shift
-
-
-def _row_mean(values: Tensor, rows: Tensor, num_rows: int) -> Tensor:
-    """Per-row mean of per-position values ``[M] -> [N]`` (0 for a row without positions)."""
-    return segment_mean(values.unsqueeze(1), rows, num_rows).squeeze(1)
 
 
 def _discrepancy(pooled: dict[str, Tensor], k: int) -> Tensor:

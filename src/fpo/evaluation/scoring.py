@@ -1,8 +1,9 @@
 """Sequence log-probabilities of given completions, and the log-ratios of the sampled KL.
 
 ``sequence_logprob`` scores ``log pi(y | x) = sum_t log pi(y_t | x, y_<t)`` with the
-training code path (right-padded batch, labels ``-100`` on the prompt, packed response
-positions, chunked selective log-softmax), so no ``[N, T, vocab]`` tensor is built.
+training code path, `fpo.forward.response_stats` (right-padded batch, labels ``-100`` on the
+prompt, packed response positions, chunked selective log-softmax), so no ``[N, T, vocab]``
+tensor is built.
 """
 
 from __future__ import annotations
@@ -14,9 +15,9 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import pad_sequence
 
 from fpo.evaluation.sampling import Samples
-from fpo.forward import forward_response_positions
+from fpo.forward import StatsRequest, response_stats
 from fpo.generation import eval_mode
-from fpo.logprobs import IGNORE_INDEX, response_positions, response_token_stats, sequence_logps
+from fpo.logprobs import IGNORE_INDEX, response_positions
 from fpo.models.hf import split_causal_lm
 from fpo.packing import Packing
 
@@ -101,10 +102,15 @@ def sequence_logprob(
                 device,
             )
             positions = response_positions(batch["labels"], IGNORE_INDEX)
-            hidden = forward_response_positions(parts, batch, positions, None, packing).hidden
-            stats = response_token_stats(hidden, parts.head, positions.targets, logits_chunk_size)
-            sums = sequence_logps(stats.policy_logps, positions.rows, positions.num_rows).sum
-            out[torch.tensor(rows)] = sums.float().cpu()
+            stats = response_stats(
+                parts,
+                batch,
+                positions,
+                StatsRequest(logps=True),
+                packing=packing,
+                logits_chunk_size=logits_chunk_size,
+            )
+            out[torch.tensor(rows)] = stats.logps.sum.float().cpu()
     return out
 
 

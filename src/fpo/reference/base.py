@@ -3,35 +3,33 @@ model, `BatchReference` reads the ``ref_*`` fields the offline cache puts into e
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import NamedTuple, Protocol
 
 import torch
 from torch import Tensor, nn
 
-from fpo.forward import forward_response_positions
-from fpo.logprobs import ResponsePositions, SequenceLogps, response_token_stats, sequence_logps
+from fpo.forward import HeadInputs, StatsRequest, response_stats
+from fpo.logprobs import ResponsePositions, SequenceLogps
 from fpo.models.hf import split_causal_lm
 from fpo.packing import Packing, check_packable
 from fpo.phases import phase
-from fpo.sae import encode_pooled, resolve_hook_module
+from fpo.sae import resolve_hook_module
 
 
 class ReferenceStats(NamedTuple):
     """What the objectives need from the reference, rows chosen-then-rejected.
 
     logps: summed/averaged response log-probs and token counts, each ``[2B]`` (``None``
-        when ``hidden`` is returned instead: TDPO computes them with its KL in one pass).
+        when ``head_inputs`` are returned instead: TDPO computes them with its KL in one pass).
     topk_indices, topk_values: ``[2B, k]`` top-k of the pooled SAE features (FPO).
-    hidden: ``[M, H]`` final hidden states at response positions (TDPO's full-vocab KL).
-    head: the reference LM head, ``[M, H] -> [M, V]`` (with ``hidden``).
+    head_inputs: the ``[M, H]`` final hidden states at response positions and the LM head
+        (TDPO's full-vocabulary KL, `fpo.forward.HeadInputs`).
     """
 
     logps: SequenceLogps | None
     topk_indices: Tensor | None = None
     topk_values: Tensor | None = None
-    hidden: Tensor | None = None
-    head: Callable[[Tensor], Tensor] | None = None
+    head_inputs: HeadInputs | None = None
 
 
 class ReferenceSource(Protocol):
@@ -82,19 +80,14 @@ class OnlineReference(nn.Module):
             raise ValueError("SAE features asked of an OnlineReference built without an SAE")
         self.model.eval()
         hook = resolve_hook_module(self.model, self.hook_name) if features else None
-        out = forward_response_positions(self.parts, batch, positions, hook, self.packing)
-        topk_indices = topk_values = None
-        if features:
-            pooled = encode_pooled(self.sae, out.hooked, positions.rows, positions.num_rows)
-            top = pooled.topk(self.k, dim=-1)
-            topk_indices, topk_values = top.indices, top.values.float()
-        if token_kl:
-            return ReferenceStats(None, topk_indices, topk_values, out.hidden, self.parts.head)
-        tokens = response_token_stats(
-            out.hidden, self.parts.head, positions.targets, self.logits_chunk_size
-        )
-        logps = sequence_logps(tokens.policy_logps, positions.rows, positions.num_rows)
-        return ReferenceStats(logps, topk_indices, topk_values)
+        request = StatsRequest.for_reference(features=features, token_kl=token_kl)
+        settings = dict(hook_module=hook, sae=self.sae, packing=self.packing)
+        settings |= dict(logits_chunk_size=self.logits_chunk_size)
+        out = response_stats(self.parts, batch, positions, request, **settings)
+        if not features:
+            return ReferenceStats(out.logps, head_inputs=out.head_inputs)
+        top = out.pooled.topk(self.k, dim=-1)
+        return ReferenceStats(out.logps, top.indices, top.values.float(), out.head_inputs)
 
 
 class BatchReference:

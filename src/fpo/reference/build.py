@@ -235,11 +235,8 @@ class CachePredictor(L.LightningModule):
         """Reference statistics ``[2B]``/``[2B, k]``, written as B rows (chosen, rejected)."""
         positions, features = response_positions(batch["labels"]), self.reference.k > 0
         stats = self.reference.stats(batch, positions, features=features, token_kl=False)
-        names = ("sum_logps", "avg_logps", "n_tokens", "topk_indices", "topk_values")
-        values = (*stats.logps, stats.topk_indices, stats.topk_values)
-        halves = {n: v.cpu().chunk(2) for n, v in zip(names, values, strict=True) if v is not None}
-        chosen, rejected = ({name: pair[i] for name, pair in halves.items()} for i in (0, 1))
-        self.to_run[dataloader_idx].writer.add(batch["example_id"], chosen, rejected)
+        rows = store.cache_rows(stats)
+        self.to_run[dataloader_idx].writer.add(batch["example_id"], *rows.values())
 
 
 def is_complete(path: Path, components: dict[str, str]) -> bool:

@@ -23,7 +23,6 @@ versions            torch / transformers / sae-lens versions
 
 from __future__ import annotations
 
-import hashlib
 import shlex
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -31,14 +30,13 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 from torch import nn
 
 from fpo.errors import UserError
-from fpo.hashing import hash_json
+from fpo.hashing import hash_state_dict, model_config_hash, sae_config_hash
 
 #: Command-line overrides that cannot change a cache's values (left out of the command
 #: printed to rebuild it). ``reference=`` is left out because fpo-cache forces ``cached``.
@@ -50,9 +48,6 @@ IRRELEVANT_OVERRIDES += ("hparams_search", "tags", "task_name")
 IRRELEVANT_OVERRIDES += ("model.packed", "model.pack_length")
 #: The command-line switch that lets fpo-cache replace a cache built for other inputs.
 OVERWRITE_OVERRIDE = "cache.overwrite=true"
-#: Model-config fields that cannot change the reference's values (at any nesting level).
-VALUE_FREE_CONFIG_FIELDS = {"_name_or_path", "transformers_version", "_commit_hash", "use_cache"}
-VALUE_FREE_CONFIG_FIELDS |= {"return_dict", "output_hidden_states", "output_attentions"}
 
 
 @dataclass(frozen=True)
@@ -138,42 +133,6 @@ def rebuild_command(root: Path) -> str:
     overrides = HydraConfig.get().overrides.task
     kept = [o for o in overrides if not o.lstrip("+~").startswith(IRRELEVANT_OVERRIDES)]
     return shlex.join(["fpo-cache", *kept])
-
-
-def hash_state_dict(state: nn.Module | Mapping[str, Any]) -> str:
-    """sha256 of a module's (or a state dict's) names, dtypes, shapes and bytes, in sorted
-    name order (non-tensor entries: type and ``repr``). About 1 s per GB."""
-    state = state.state_dict() if isinstance(state, nn.Module) else state
-    digest = hashlib.sha256()
-    for name in sorted(state):
-        value = state[name]
-        digest.update(name.encode() + b"\0")
-        if isinstance(value, torch.Tensor):
-            digest.update(f"{value.dtype}|{tuple(value.shape)}\0".encode())
-            flat = value.detach().to("cpu").contiguous().reshape(-1)
-            digest.update(memoryview(flat.view(torch.uint8).numpy()))  # any dtype, bf16 too
-        else:
-            digest.update(f"{type(value).__qualname__}|{value!r}\0".encode())
-    return digest.hexdigest()
-
-
-def model_config_hash(model: nn.Module) -> str:
-    """Hash of ``model.config.to_dict()`` (less :data:`VALUE_FREE_CONFIG_FIELDS`, at any
-    depth) and of the attention implementation in use (``config._attn_implementation``)."""
-
-    def without(obj: Any) -> Any:
-        if isinstance(obj, Mapping):
-            return {k: without(v) for k, v in obj.items() if k not in VALUE_FREE_CONFIG_FIELDS}
-        return [without(value) for value in obj] if isinstance(obj, list | tuple) else obj
-
-    fields = without(model.config.to_dict())
-    return hash_json({"config": fields, "attn": model.config._attn_implementation})
-
-
-def sae_config_hash(sae: nn.Module) -> str:
-    """Hash of the sae-lens ``sae.cfg.to_dict()`` (architecture, ``d_in``, ``d_sae``, ``k``,
-    ``normalize_activations``, ``apply_b_dec_to_input``, dtype, metadata), less ``device``."""
-    return hash_json({key: v for key, v in sae.cfg.to_dict().items() if key != "device"})
 
 
 def library_versions() -> dict[str, str]:

@@ -25,7 +25,7 @@ from collections.abc import Iterable, Mapping
 from functools import partial
 from itertools import product
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -34,6 +34,9 @@ from torch import nn
 
 from fpo.errors import UserError
 from fpo.reference.settings import OVERWRITE_OVERRIDE, CacheSettings, differences, short
+
+if TYPE_CHECKING:
+    from fpo.reference.base import ReferenceStats
 
 MANIFEST = "manifest.json"
 #: The keys of a manifest of this layout (older fpo versions wrote others).
@@ -51,6 +54,24 @@ def field_types(k: int, values_dtype: str) -> dict[str, str]:
     """Stored dtype of each per-side field; the top-k fields only when ``k > 0``."""
     types = {"sum_logps": "float32", "avg_logps": "float32", "n_tokens": "int32"}
     return (types | {"topk_indices": "int32", "topk_values": values_dtype}) if k else types
+
+
+def item_field(side: str, name: str) -> str:
+    """A cached field's key in a dataset item, ``ref_<side>_<name>`` (the collator stacks the
+    two sides into the batch's ``ref_<name>``, which `BatchReference` reads)."""
+    return f"ref_{side}_{name}"
+
+
+def cache_rows(stats: ReferenceStats) -> dict[str, dict[str, torch.Tensor]]:
+    """The cache row layout of a batch's reference statistics (``[2B]`` rows, chosen then
+    rejected): ``{side: {name: [B] or [B, k] CPU tensor}}`` for each of `SIDES` and each
+    field of `field_types` (the top-k pair only when ``stats`` holds features)."""
+    logps = stats.logps
+    values = {"sum_logps": logps.sum, "avg_logps": logps.avg, "n_tokens": logps.n_tokens}
+    if stats.topk_indices is not None:
+        values |= {"topk_indices": stats.topk_indices, "topk_values": stats.topk_values}
+    halves = {name: value.cpu().chunk(2) for name, value in values.items()}
+    return {side: {name: pair[i] for name, pair in halves.items()} for i, side in enumerate(SIDES)}
 
 
 def cache_schema(k: int, values_dtype: str, fingerprint: Mapping | None = None) -> pa.Schema:
@@ -205,10 +226,10 @@ class ReferenceCache:
         columns, out = self._columns[shard], {}
         for side in SIDES:
             for name in ("sum_logps", "avg_logps", "n_tokens"):
-                out[f"ref_{side}_{name}"] = columns[f"{side}_{name}"][row].item()
+                out[item_field(side, name)] = columns[f"{side}_{name}"][row].item()
             for name, dtype in (("topk_indices", np.int64), ("topk_values", np.float32)):
                 column = columns.get(f"{side}_{name}")
-                out[f"ref_{side}_{name}"] = (column[row] if self.k else np.empty(0)).astype(dtype)
+                out[item_field(side, name)] = (column[row] if self.k else np.empty(0)).astype(dtype)
         return out
 
 
