@@ -108,13 +108,7 @@ def test_bad_row_with_fail_policy_names_the_row(tmp_path):
 def test_help_offers_only_real_options():
     """``fpo-train --help`` lists each group's options; internal files (the objective schema,
     the bases every data option and every Optuna search share) are none of them."""
-    result = subprocess.run(
-        [sys.executable, "-m", "fpo.commands.train", "--help"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = run_module("fpo.commands.train", "--help", timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     groups = dict(
         line.split(": ", 1)

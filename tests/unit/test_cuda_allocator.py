@@ -1,6 +1,6 @@
 """Every entry point starts the CUDA allocator with expandable segments unless the user chose
-(fpo.commands.common: a variable-length DPO run on the Gemma-2-2B shape ran out of an H100's memory to
-fragmentation without them)."""
+(fpo.commands.common: a variable-length DPO run on the Gemma-2-2B shape ran out of an H100's
+memory to fragmentation without them)."""
 
 from __future__ import annotations
 
