@@ -185,13 +185,46 @@ def test_data_module_skips_counts_or_refuses_and_kept_pairs_fit(tmp_path_factory
             assert any(label != -100 for label in item[f"{side}_labels"])
 
 
-def test_invalid_utf8_bytes_and_empty_files_are_refused(tmp_path):
+GOOD_LINE = b'{"prompt": "p", "chosen": "x", "rejected": "y"}\n'
+
+
+def test_an_undecodable_line_is_a_bad_row_with_its_line_number(tmp_path, caplog):
     tokenizer = build_tiny_tokenizer(chat_template=False)
-    broken = tmp_path / "broken.jsonl"
-    broken.write_bytes(b'{"prompt": "a\xff\xfe", "chosen": "x", "rejected": "y"}\n')
+    path = tmp_path / "one_bad_line.jsonl"
+    lines = [
+        GOOD_LINE,
+        b'{"prompt": "a\xff\xfe", "chosen": "x", "rejected": "y"}\n',  # not UTF-8
+        b"\n",  # blank: not a row
+        b'{"prompt": "p", "chosen": "x", \n',  # not JSON
+        GOOD_LINE,
+    ]
+    path.write_bytes(b"".join(lines))
+    with caplog.at_level("WARNING", logger="fpo.data"):
+        dm = PreferenceDataModule(str(path), tokenizer=tokenizer)
+        dm.setup("fit")
+    assert dm.stats["train"]["rows"] == 4
+    assert dm.stats["train"]["bad_rows"] == 2 and dm.stats["train"]["kept"] == 2
+    warnings = "\n".join(r.getMessage() for r in caplog.records)
+    assert f"{path} row 1 (line 2, example_id unknown): not valid UTF-8 (byte 13 of" in warnings
+    assert f"{path} row 2 (line 4, example_id unknown): not valid JSON (" in warnings
+    with pytest.raises(UserError, match=r"row 1 \(line 2.*data\.on_bad_row=fail"):
+        PreferenceDataModule(str(path), tokenizer=tokenizer, on_bad_row="fail").setup("fit")
+
+
+def test_a_file_of_mostly_undecodable_lines_and_an_empty_file_are_refused(tmp_path):
+    tokenizer = build_tiny_tokenizer(chat_template=False)
+    mostly = tmp_path / "mostly_broken.jsonl"
+    mostly.write_bytes(GOOD_LINE + b"\xff\xfe not text\n" + b"[1, 2\n")
     empty = tmp_path / "empty.jsonl"
     empty.write_bytes(b"")
-    for path, expected in ((broken, "is not valid UTF-8 (byte 13, line 1"), (empty, "")):
+    broken = tmp_path / "broken.jsonl"
+    broken.write_bytes(b'{"prompt": "a\xff\xfe", "chosen": "x", "rejected": "y"}\n')
+    cases = (
+        (mostly, "2 of 3 lines are not UTF-8 JSON objects"),
+        (broken, "1 of 1 lines are not UTF-8 JSON objects"),
+        (empty, "has no rows"),
+    )
+    for path, expected in cases:
         with pytest.raises(UserError) as err:
             PreferenceDataModule(str(path), tokenizer=tokenizer).setup("fit")
         assert str(path) in str(err.value) and expected in str(err.value)
