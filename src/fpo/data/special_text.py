@@ -46,11 +46,12 @@ class Shield:
     """The special strings of one pair, each mapped to a private-use character."""
 
     strings: dict[str, str]  # special string -> its shield character
+    finder: SpecialText
 
-    def protect(self, text: str, finder: SpecialText) -> str:
+    def protect(self, text: str) -> str:
         """``text`` with each special string replaced by its shield character."""
         pieces, start = [], 0
-        for at, string in finder.occurrences(text):
+        for at, string in self.finder.occurrences(text):
             pieces += [text[start:at], self.strings[string]]
             start = at + len(string)
         return "".join([*pieces, text[start:]])
@@ -110,7 +111,7 @@ class SpecialText:
             return None
         taken = {c for text in texts for c in text if ord(c) >= FIRST_SHIELD}
         free = (chr(c) for c in range(FIRST_SHIELD, 0x110000) if chr(c) not in taken)
-        return Shield(dict(zip(found, free, strict=False)))
+        return Shield(dict(zip(found, free, strict=False)), self)
 
 
 def encode_literal(tokenizer: Any, text: str) -> list[int]:
