@@ -79,6 +79,33 @@ def test_ids_are_those_of_the_row_by_row_pipeline(case):
     assert dm.stats["train"]["bad_rows"] == dm.stats["train"]["special_token_text"] == 0
 
 
+# The same with google/gemma-3-270m's tokenizer (no chat template: plain_template).
+GEMMA_PINNED = {
+    "uf_fixture_chat": "a6372a202952b478371e6c6bffb923e0",
+    "plain_fixture_chat": "c16d8fee571d63482ee89593b0a7aea6",
+    "plain_fixture_short": "5152dfd21344849fc4e145d950d90511",
+    "sentiment_train": "57a6f1ec0c133e8a0b0d179ebd37166b",
+    "sentiment_val": "bef65d0b9440483a67f4726147c7e915",
+    "sentiment_test": "85d28bc93992a4b7ca7c5258c886486a",
+}
+
+
+@pytest.mark.slow
+def test_gemma_ids_are_those_of_the_row_by_row_pipeline():
+    """Its special tokens include thousands of ``<unusedN>`` and HTML tags are added (not
+    special) tokens: the sentiment data's ``<em>`` and ``</b>`` must stay what they were."""
+    from transformers import AutoTokenizer
+
+    from fpo.models.gemma3_gguf import ensure_fp32_folder
+
+    tokenizer = AutoTokenizer.from_pretrained(str(ensure_fp32_folder()), local_files_only=True)
+    for case, digest in GEMMA_PINNED.items():
+        path, _, kwargs, _ = PINNED[case]
+        dm = make_dm(str(ROOT / path), tokenizer, **kwargs)
+        blob = json.dumps(items(dm), sort_keys=True).encode()
+        assert hashlib.sha256(blob).hexdigest()[:32] == digest, case
+
+
 # ------------------------------------------------------------------ schemas and file kinds
 
 HH_PROMPT = "\n\nHuman: What is a cat?\n\nAssistant: A small animal.\n\nHuman: And a dog?"
@@ -175,6 +202,15 @@ def test_hh_rlhf_bad_rows_name_the_problem(row, problem, caplog):
         dm = make_dm([HH_ROWS[0], row], format="hh_rlhf")
     assert dm.stats["train"]["bad_rows"] == 1
     assert any("row 1 (" in r.getMessage() and problem in r.getMessage() for r in caplog.records)
+
+
+def test_explicit_prompt_messages_are_put_before_answers_once():
+    from fpo.data.formats import parse_row
+
+    user = {"role": "user", "content": "Hi"}
+    row = {"prompt": [user], "chosen": [user, {"role": "assistant", "content": "Yes"}]}
+    pair = parse_row({**row, "rejected": "No"}, "ultrafeedback")  # an answer string
+    assert (pair.prompt_messages, pair.chosen, pair.rejected) == ((("user", "Hi"),), "Yes", "No")
 
 
 def test_auto_detects_each_schema():
