@@ -105,7 +105,14 @@ def build_split(
         "special_token_text": sum(out["special_text"]),
     }
     bad = [problem for problem, s in zip(out["problem"], status, strict=True) if s == BAD]
-    _check_bad_rows(spec, source, bad, sum(out["undecodable"]), len(status), on_bad_row)
+    undecodable = [p for p, u in zip(out["problem"], out["undecodable"], strict=True) if u]
+    if source.line_based and len(undecodable) * 2 > len(status):
+        raise UserError(
+            f"{spec.config_key}: {source.name}: {len(undecodable)} of {len(status)} lines are "
+            f"not UTF-8 JSON objects, so this is not a JSON Lines file of preference rows "
+            f"(first: {undecodable[0]})"
+        )
+    _report_bad_rows(bad, on_bad_row)
     if stats["special_token_text"]:
         log.warning(
             "%s (%s): %d row(s) hold special-token strings as text (e.g. %r); %s",
@@ -205,15 +212,8 @@ def _code_digest() -> str:
     return short_hash([code, versions])
 
 
-def _check_bad_rows(
-    spec: SplitSpec, source: Source, bad: list[str], undecodable: int, rows: int, policy: str
-) -> None:
-    if source.line_based and undecodable * 2 > rows:
-        raise UserError(
-            f"{spec.config_key}: {source.name}: {undecodable} of {rows} lines are not UTF-8 "
-            f"JSON objects, so this is not a JSON Lines file of preference rows (first: "
-            f"{bad[0]})"
-        )
+def _report_bad_rows(bad: list[str], policy: str) -> None:
+    """Log the first bad rows (``skip``), or raise on the first one (``fail``)."""
     if bad and policy == "fail":
         raise UserError(f"{bad[0]} (data.on_bad_row=fail)")
     for message in bad[:MAX_LOGGED_BAD_ROWS]:
