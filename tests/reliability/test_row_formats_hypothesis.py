@@ -220,9 +220,9 @@ def test_a_file_of_mostly_undecodable_lines_and_an_empty_file_are_refused(tmp_pa
     broken = tmp_path / "broken.jsonl"
     broken.write_bytes(b'{"prompt": "a\xff\xfe", "chosen": "x", "rejected": "y"}\n')
     cases = (
-        (mostly, "2 of 3 lines are not UTF-8 JSON objects, so this is not a JSON Lines file"),
+        (mostly, "2 of 3 lines are not valid UTF-8 JSON, so this is not a JSON Lines file"),
         (mostly, "(first: " + str(mostly) + " row 1 (line 2, example_id unknown): not valid UTF-8"),
-        (broken, "1 of 1 lines are not UTF-8 JSON objects"),
+        (broken, "1 of 1 lines are not valid UTF-8 JSON"),
         (empty, "has no rows"),
     )
     for path, expected in cases:

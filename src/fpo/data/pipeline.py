@@ -61,6 +61,8 @@ class SplitSpec:
 
 @dataclass
 class BuiltSplit:
+    """A built split: its dataset, ``stats``, data fingerprint and every bad-row report line."""
+
     dataset: Any  # fpo.data.datamodule.PreferenceDataset
     stats: dict[str, int]
     data_fingerprint: str
@@ -109,7 +111,7 @@ def build_split(
     if source.line_based and len(undecodable) * 2 > len(status):
         raise UserError(
             f"{spec.config_key}: {source.name}: {len(undecodable)} of {len(status)} lines are "
-            f"not UTF-8 JSON objects, so this is not a JSON Lines file of preference rows "
+            f"not valid UTF-8 JSON, so this is not a JSON Lines file of preference rows "
             f"(first: {undecodable[0]})"
         )
     _report_bad_rows(bad, on_bad_row)
