@@ -133,7 +133,7 @@ CONFIG_GROUPS = {
     "objective": OBJECTIVES,
     "trainer": ["cpu", "gpu", "ddp"],
     "logger": ["csv", "wandb", "tensorboard", "many"],
-    "data": ["ultrafeedback_fixture", "plain_fixture", "ultrafeedback"],
+    "data": ["ultrafeedback_fixture", "plain_fixture", "ultrafeedback", "hh_rlhf", "sentiment"],
     "model": ["tiny", "gemma2_2b", "gemma3_270m"],
     "debug": ["fdr", "limit"],
 }

@@ -185,13 +185,81 @@ def test_data_module_skips_counts_or_refuses_and_kept_pairs_fit(tmp_path_factory
             assert any(label != -100 for label in item[f"{side}_labels"])
 
 
-def test_invalid_utf8_bytes_and_empty_files_are_refused(tmp_path):
+GOOD_LINE = b'{"prompt": "p", "chosen": "x", "rejected": "y"}\n'
+
+
+def test_an_undecodable_line_is_a_bad_row_with_its_line_number(tmp_path, caplog):
     tokenizer = build_tiny_tokenizer(chat_template=False)
-    broken = tmp_path / "broken.jsonl"
-    broken.write_bytes(b'{"prompt": "a\xff\xfe", "chosen": "x", "rejected": "y"}\n')
+    path = tmp_path / "one_bad_line.jsonl"
+    lines = [
+        GOOD_LINE,
+        b'{"prompt": "a\xff\xfe", "chosen": "x", "rejected": "y"}\n',  # not UTF-8
+        b"\n",  # blank: not a row
+        b'{"prompt": "p", "chosen": "x", \n',  # not JSON
+        GOOD_LINE,
+    ]
+    path.write_bytes(b"".join(lines))
+    with caplog.at_level("WARNING", logger="fpo.data"):
+        dm = PreferenceDataModule(str(path), tokenizer=tokenizer)
+        dm.setup("fit")
+    assert dm.stats["train"]["rows"] == 4
+    assert dm.stats["train"]["bad_rows"] == 2 and dm.stats["train"]["kept"] == 2
+    warnings = "\n".join(r.getMessage() for r in caplog.records)
+    assert f"{path} row 1 (line 2, example_id unknown): not valid UTF-8 (byte 13 of" in warnings
+    assert f"{path} row 2 (line 4, example_id unknown): not valid JSON (" in warnings
+    with pytest.raises(UserError, match=r"row 1 \(line 2.*data\.on_bad_row=fail"):
+        PreferenceDataModule(str(path), tokenizer=tokenizer, on_bad_row="fail").setup("fit")
+
+
+def test_a_file_of_mostly_undecodable_lines_and_an_empty_file_are_refused(tmp_path):
+    tokenizer = build_tiny_tokenizer(chat_template=False)
+    mostly = tmp_path / "mostly_broken.jsonl"
+    mostly.write_bytes(GOOD_LINE + b"\xff\xfe not text\n" + b"[1, 2\n")
     empty = tmp_path / "empty.jsonl"
     empty.write_bytes(b"")
-    for path, expected in ((broken, "is not valid UTF-8 (byte 13, line 1"), (empty, "")):
+    broken = tmp_path / "broken.jsonl"
+    broken.write_bytes(b'{"prompt": "a\xff\xfe", "chosen": "x", "rejected": "y"}\n')
+    cases = (
+        (mostly, "2 of 3 lines are not valid UTF-8 JSON, so this is not a JSON Lines file"),
+        (mostly, "(first: " + str(mostly) + " row 1 (line 2, example_id unknown): not valid UTF-8"),
+        (broken, "1 of 1 lines are not valid UTF-8 JSON"),
+        (empty, "has no rows"),
+    )
+    for path, expected in cases:
         with pytest.raises(UserError) as err:
             PreferenceDataModule(str(path), tokenizer=tokenizer).setup("fit")
         assert str(path) in str(err.value) and expected in str(err.value)
+
+
+SPECIALS = ["<bos>", "<eos>", "<pad>", "<start_of_turn>", "<end_of_turn>"]
+# text mixing special-token strings, their fragments and any characters
+MIXED = st.lists(
+    st.sampled_from([*SPECIALS, "<", "eos>", "<end_of"]) | st.text(max_size=5), max_size=6
+).map("".join)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(prompt=MIXED, chosen=MIXED, rejected=MIXED, chat=st.booleans())
+def test_any_text_is_kept_as_written(prompt, chosen, rejected, chat):
+    """Literal ids decode back to the row's text, and the only control tokens are the
+    template's own (BOS, turn markers) and the appended EOS."""
+    chosen, rejected = chosen + "a", rejected + "b"  # non-empty and different
+    tokenizer = build_tiny_tokenizer(chat_template=chat)
+    row = {"prompt": prompt or "p", "chosen": chosen, "rejected": rejected}
+    dm = PreferenceDataModule([row], tokenizer=tokenizer, max_length=4096, max_prompt_length=4096)
+    dm.setup()
+    item = dm.train_dataset[0]
+    prompt_ids = item["prompt_input_ids"]
+    answer = item["chosen_input_ids"][len(prompt_ids) :]
+    assert tokenizer.decode(answer[:-1]) == chosen and answer[-1] == tokenizer.eos_token_id
+    rendered = (
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": row["prompt"]}], add_generation_prompt=True, tokenize=False
+        )
+        if chat
+        else "<bos>" + row["prompt"]
+    )
+    assert tokenizer.decode(prompt_ids) == rendered
+    controls = [i for i in prompt_ids + answer[:-1] if i < len(SPECIALS)]
+    # the template's: <bos> <start_of_turn> <end_of_turn> <start_of_turn>, or <bos>
+    assert controls == ([1, 3, 4, 3] if chat else [1])

@@ -148,6 +148,7 @@ def test_ultrafeedback_prompt_is_common_prefix_multi_turn(tiny_tokenizer, uf_pat
         "kept": 8,
         "dropped_empty_after_truncation": 0,
         "bad_rows": 0,
+        "special_token_text": 0,
     }
 
 
@@ -182,6 +183,7 @@ def test_truncation_keep_start_and_drop(tiny_tokenizer):
         "kept": 1,
         "dropped_empty_after_truncation": 1,
         "bad_rows": 0,
+        "special_token_text": 0,
     }
     item = dm.train_dataset[0]
     assert item["chosen_input_ids"] == [BOS, *asc("abc"), *asc("A"), EOS]
@@ -261,6 +263,7 @@ def test_bad_row_skip_and_fail(tiny_tokenizer, caplog, good, bad, problem, has_i
         "kept": 2,
         "dropped_empty_after_truncation": 0,
         "bad_rows": 1,
+        "special_token_text": 0,
     }
     warning = next(r.getMessage() for r in caplog.records if "row 1" in r.getMessage())
     assert problem in warning
@@ -282,7 +285,7 @@ def test_bad_row_message_names_file_and_example_id(tiny_tokenizer, tmp_path):
     expected_id = PreferencePair((("user", "Hi"),), "Same", "Same").example_id
     with pytest.raises(UserError) as err:
         make_dm(str(path), tiny_tokenizer, on_bad_row="fail")
-    assert str(err.value).startswith(f"{path} row 2 (example_id {expected_id})")
+    assert str(err.value).startswith(f"{path} row 2 (line 3, example_id {expected_id})")
 
 
 # ----------------------------------------------------------------------------- sources

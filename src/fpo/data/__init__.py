@@ -2,10 +2,11 @@
 
 from fpo.data.collate import PreferenceCollator
 from fpo.data.datamodule import PreferenceDataModule, PreferenceDataset
-from fpo.data.formats import PreferencePair, parse_row
+from fpo.data.formats import Columns, PreferencePair, parse_row
 from fpo.data.tokenize import TemplateSettings, Truncation, tokenize_pair
 
 __all__ = [
+    "Columns",
     "PreferenceCollator",
     "PreferenceDataModule",
     "PreferenceDataset",

@@ -1,53 +1,45 @@
 """`PreferenceDataModule`: preference pairs from files, folders or the hub, as batches.
 
-Pipeline per split: load rows (:func:`fpo.data.formats.load_rows`) -> parse and validate
-each row (bad rows skipped and counted, or a :class:`UserError`) -> template, tokenize and
-truncate (:func:`fpo.data.tokenize.tokenize_pair`; pairs with an empty response after
-truncation dropped and counted) -> :class:`PreferenceDataset` -> :class:`PreferenceCollator`.
+Pipeline per split (:mod:`fpo.data.pipeline`): open the source (:mod:`fpo.data.sources`) ->
+per row, with ``datasets.Dataset.map`` (cached, ``num_proc`` workers): map the columns, parse
+and validate (bad rows skipped and counted, or a :class:`UserError`), template, tokenize and
+truncate (pairs with an empty response after truncation dropped and counted) ->
+:class:`PreferenceDataset` -> :class:`PreferenceCollator`.
 
 ``stats[split]`` (``split`` in ``train``/``val``) counts ``rows`` read (after
 ``max_*_samples``, which keeps the first N rows), ``bad_rows``,
-``dropped_empty_after_truncation`` and ``kept`` (= rows - bad_rows - dropped).
+``dropped_empty_after_truncation``, ``kept`` (= rows - bad_rows - dropped) and
+``special_token_text`` (valid rows holding special-token strings as text).
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
 from fpo.data.collate import PreferenceCollator
-from fpo.data.formats import (
-    FORMATS,
-    BadRow,
-    describe_bad_row,
-    detect_format,
-    load_rows,
-    parse_row,
-    short_hash,
-)
+from fpo.data.formats import FORMATS, Columns, short_hash
+from fpo.data.pipeline import BAD_ROW_POLICIES, BuiltSplit, SplitSpec, build_split
 from fpo.data.resumable import ResumableDataLoader
 from fpo.data.sampler import GlobalBatchSampler
+from fpo.data.special_text import POLICIES as SPECIAL_TEXT_POLICIES
 from fpo.data.tokenize import (
     TemplateSettings,
     TokenizedPair,
     Truncation,
     check_plain_template,
     resolve_chat_template,
-    tokenize_pair,
     tokenizer_fingerprint,
 )
 from fpo.errors import UserError
 
 log = logging.getLogger(__name__)
 
-BAD_ROW_POLICIES = ("skip", "fail")
-MAX_LOGGED_BAD_ROWS = 20
+__all__ = ["BuiltSplit", "PreferenceDataModule", "PreferenceDataset", "SplitSpec", "build_split"]
 
 
 class PreferenceDataset(Dataset):
@@ -67,77 +59,18 @@ class PreferenceDataset(Dataset):
         return [pair.example_id for pair in self.pairs]
 
 
-@dataclass(frozen=True)
-class SplitSpec:
-    """Where one split comes from: the source, its split name, a row limit, its config key."""
-
-    source: Any
-    split: str
-    max_samples: int | None
-    config_key: str
-
-
-@dataclass
-class BuiltSplit:
-    dataset: PreferenceDataset
-    stats: dict[str, int]
-    data_fingerprint: str
-
-
-def build_split(
-    spec: SplitSpec,
-    fmt: str,
-    tokenizer: Any,
-    settings: TemplateSettings,
-    limits: Truncation,
-    on_bad_row: str,
-) -> BuiltSplit:
-    """Load, parse, tokenize and truncate one split (module docstring).
-
-    The data fingerprint hashes the sorted example ids of all valid rows (before truncation,
-    which the truncation fingerprint covers), so it ignores row order.
-    """
-    rows, name = load_rows(spec.source, spec.split, spec.config_key)
-    rows = list(itertools.islice(rows, spec.max_samples)) if spec.max_samples is not None else rows
-    if len(rows) == 0:
-        raise UserError(f"{spec.config_key}: {name} has no rows")
-    row_format = detect_format(rows[0], name) if fmt == "auto" else fmt
-    stats = {"rows": 0, "kept": 0, "dropped_empty_after_truncation": 0, "bad_rows": 0}
-    pairs, valid_ids = [], []
-    for index, row in enumerate(rows):
-        stats["rows"] += 1
-        try:
-            pair = parse_row(row, row_format)
-        except BadRow as err:
-            message = describe_bad_row(name, index, row, err, row_format)
-            if on_bad_row == "fail":
-                raise UserError(f"{message} (data.on_bad_row=fail)") from err
-            stats["bad_rows"] += 1
-            if stats["bad_rows"] <= MAX_LOGGED_BAD_ROWS:
-                log.warning("skipping bad row: %s", message)
-            continue
-        valid_ids.append(pair.example_id)
-        tokenized = tokenize_pair(tokenizer, pair, settings, limits)
-        if tokenized is None:
-            stats["dropped_empty_after_truncation"] += 1
-            continue
-        pairs.append(tokenized)
-    stats["kept"] = len(pairs)
-    if stats["bad_rows"] or stats["dropped_empty_after_truncation"]:
-        log.warning("%s (%s): %s", spec.config_key, name, stats)
-    if not pairs:
-        raise UserError(f"{spec.config_key}: no usable preference pairs in {name}: {stats}")
-    return BuiltSplit(PreferenceDataset(pairs), stats, short_hash(sorted(valid_ids)))
-
-
 class PreferenceDataModule(LightningDataModule):
     """Preference pairs -> batches of chosen+rejected rows (``fpo.data.collate``).
 
     All arguments are plain values (Hydra-friendly) except ``tokenizer``, which may also be
-    given later with :meth:`set_tokenizer`. ``format`` is ``auto|ultrafeedback|plain`` (auto:
-    from the first row); ``chat_template`` is ``auto|true|false``; ``plain_template`` is a
-    ``str.format`` pattern with ``{prompt}``; ``on_bad_row`` is ``skip|fail``. Sources: see
-    :func:`fpo.data.formats.load_rows`.
+    given later with :meth:`set_tokenizer`. ``format`` is ``auto|ultrafeedback|hh_rlhf|plain``
+    (auto: from the first row; :mod:`fpo.data.formats`); ``columns`` maps prompt/chosen/
+    rejected to the row's keys; ``chat_template`` is ``auto|true|false``; ``plain_template`` is
+    a ``str.format`` pattern with ``{prompt}``; ``on_bad_row`` is ``skip|fail``;
+    ``special_token_text`` is ``literal|control`` (:mod:`fpo.data.special_text`). Sources:
+    :mod:`fpo.data.sources` (``subset`` and ``load_kwargs`` go to ``datasets.load_dataset``
+    for hub names). ``num_proc`` tokenizes in that many processes; ``cache_dir`` keeps the
+    tokenized splits of file and hub sources (``None``: not kept).
     """
 
     def __init__(
@@ -161,10 +94,20 @@ class PreferenceDataModule(LightningDataModule):
         max_val_samples: int | None = None,
         shuffle: bool = True,
         seed: int = 0,
+        subset: str | None = None,
+        load_kwargs: Mapping[str, Any] | None = None,
+        columns: Mapping[str, str] | None = None,
+        special_token_text: str = "literal",
+        num_proc: int | None = None,
+        cache_dir: str | None = None,
     ) -> None:
         super().__init__()
         if format not in FORMATS:
             raise UserError(f"data.format={format!r}: expected one of {', '.join(FORMATS)}")
+        if special_token_text not in SPECIAL_TEXT_POLICIES:
+            raise UserError(
+                f"data.special_token_text={special_token_text!r}: expected literal or control"
+            )
         if on_bad_row not in BAD_ROW_POLICIES:
             raise UserError(f"data.on_bad_row={on_bad_row!r}: expected skip or fail")
         for key, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size or 1)):
@@ -174,12 +117,21 @@ class PreferenceDataModule(LightningDataModule):
         sources = {"train_source": train_source, "val_source": val_source}
         in_memory = [key for key, value in sources.items() if not isinstance(value, str | None)]
         self.save_hyperparameters(ignore=["tokenizer", *in_memory])
+        hub = {"subset": subset, "load_kwargs": dict(load_kwargs or {})}
         self.specs = {
-            "train": SplitSpec(train_source, train_split, max_train_samples, "data.train_source")
+            "train": SplitSpec(
+                train_source, train_split, max_train_samples, "data.train_source", **hub
+            )
         }
         if val_source is not None:
-            self.specs["val"] = SplitSpec(val_source, val_split, max_val_samples, "data.val_source")
+            self.specs["val"] = SplitSpec(
+                val_source, val_split, max_val_samples, "data.val_source", **hub
+            )
         self.format = format
+        self.columns = Columns.from_config(columns)
+        self.special_token_text = special_token_text
+        self.num_proc = int(num_proc) if num_proc else None
+        self.cache_dir = str(cache_dir) if cache_dir else None
         self.chat_template = chat_template
         self.plain_template = plain_template
         self.append_eos = bool(append_eos)
@@ -207,6 +159,7 @@ class PreferenceDataModule(LightningDataModule):
             use_chat_template=resolve_chat_template(self.chat_template, tokenizer),
             plain_template=self.plain_template,
             append_eos=self.append_eos,
+            special_token_text=self.special_token_text,
         )
         self.tokenizer = tokenizer
         self._built.clear()
@@ -240,6 +193,9 @@ class PreferenceDataModule(LightningDataModule):
                 self.template_settings,
                 self.truncation,
                 self.on_bad_row,
+                columns=self.columns,
+                num_proc=self.num_proc,
+                cache_dir=self.cache_dir,
             )
             self._built[split] = built
             self.stats[split] = built.stats

@@ -14,6 +14,10 @@ boundary is exact (labels mask the prompt tokens):
   marker a chat template renders after an assistant turn is *not* added, EOS is the one
   stop signal the policy learns, whatever the template.
 
+Special-token strings written in the row's text (``"<eos>"``) are encoded as plain text
+(``data.special_token_text=literal``, :mod:`fpo.data.special_text`); rows without them are
+tokenized exactly as described above.
+
 Truncation (keep-start), with ``P`` the prompt ids and ``R`` each response's ids::
 
     P <- P[:max_prompt_length]
@@ -33,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from fpo.data.formats import Message, PreferencePair, short_hash
+from fpo.data.special_text import Shield, encode_literal
 from fpo.errors import UserError
 from fpo.logprobs import IGNORE_INDEX
 
@@ -46,6 +51,9 @@ class TemplateSettings:
     use_chat_template: bool
     plain_template: str = "{prompt}"
     append_eos: bool = True
+    #: ``literal``: special-token strings in row text stay text; ``control``: they become
+    #: control tokens (fpo.data.special_text)
+    special_token_text: str = "literal"
 
 
 @dataclass(frozen=True)
@@ -100,9 +108,20 @@ def _collapse_double_bos(ids: list[int], bos_id: int | None) -> list[int]:
 
 
 def encode_prompt(
-    tokenizer: Any, messages: list[Message], text: str, settings: TemplateSettings
+    tokenizer: Any,
+    messages: list[Message],
+    text: str,
+    settings: TemplateSettings,
+    shield: Shield | None = None,
 ) -> list[int]:
-    """Token ids of the templated prompt (with exactly one BOS when the tokenizer uses one)."""
+    """Token ids of the templated prompt (with exactly one BOS when the tokenizer uses one).
+
+    With a ``shield`` (the pair's special-token strings, see :mod:`fpo.data.special_text`)
+    those strings in ``messages`` and ``text`` are encoded as plain text.
+    """
+    if shield is not None:
+        messages = [{**m, "content": shield.protect(m["content"])} for m in messages]
+        text = shield.protect(text)
     if settings.use_chat_template:
         rendered = tokenizer.apply_chat_template(
             messages, add_generation_prompt=True, tokenize=False
@@ -112,13 +131,24 @@ def encode_prompt(
     else:
         rendered = settings.plain_template.format(prompt=text)
         add_special = True
-    ids = tokenizer(rendered, add_special_tokens=add_special)["input_ids"]
+    if shield is None:
+        ids = tokenizer(rendered, add_special_tokens=add_special)["input_ids"]
+    else:
+        ids = shield.encode(tokenizer, rendered, add_special)
     return _collapse_double_bos(list(ids), tokenizer.bos_token_id)
 
 
-def encode_response(tokenizer: Any, text: str, settings: TemplateSettings) -> list[int]:
-    """Token ids of a response: the text without special tokens, plus EOS if ``append_eos``."""
-    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+def encode_response(
+    tokenizer: Any, text: str, settings: TemplateSettings, literal: bool = False
+) -> list[int]:
+    """Token ids of a response: the text without special tokens, plus EOS if ``append_eos``.
+
+    ``literal``: special-token strings in ``text`` are encoded as plain text.
+    """
+    if literal:
+        ids = encode_literal(tokenizer, text)
+    else:
+        ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
     if settings.append_eos:
         ids.append(tokenizer.eos_token_id)
     return ids
@@ -170,12 +200,21 @@ class TokenizedPair:
 
 
 def tokenize_pair(
-    tokenizer: Any, pair: PreferencePair, settings: TemplateSettings, limits: Truncation
+    tokenizer: Any,
+    pair: PreferencePair,
+    settings: TemplateSettings,
+    limits: Truncation,
+    shield: Shield | None = None,
 ) -> TokenizedPair | None:
-    """Template, tokenize and truncate ``pair``; ``None`` when truncation empties a response."""
-    prompt_ids = encode_prompt(tokenizer, pair.messages, pair.prompt_text, settings)
-    chosen_ids = encode_response(tokenizer, pair.chosen, settings)
-    rejected_ids = encode_response(tokenizer, pair.rejected, settings)
+    """Template, tokenize and truncate ``pair``; ``None`` when truncation empties a response.
+
+    ``shield``: the pair's special-token strings (``SpecialText.shield(pair.texts)``), encoded
+    as plain text; ``None`` leaves the tokenizer's behaviour (they become control tokens).
+    """
+    prompt_ids = encode_prompt(tokenizer, pair.messages, pair.prompt_text, settings, shield)
+    literal = shield is not None
+    chosen_ids = encode_response(tokenizer, pair.chosen, settings, literal)
+    rejected_ids = encode_response(tokenizer, pair.rejected, settings, literal)
     kept = truncate(prompt_ids, chosen_ids, rejected_ids, limits)
     if kept is None:
         return None
