@@ -118,6 +118,7 @@ def test_help_offers_only_real_options():
     offered = {group: set(options.split(", ")) for group, options in groups.items()}
     assert offered["objective"] == set(OBJECTIVES)
     assert offered["data"] == {
+        "hh_rlhf",
         "plain_fixture",
         "sentiment",
         "ultrafeedback",
