@@ -38,8 +38,8 @@ from typing import Any
 
 from fpo.commands.common import user_errors
 from fpo.errors import UserError
-from fpo.generation import sample_completion_ids
 from fpo.evaluation.judges import VaderJudge
+from fpo.generation import sample_completion_ids
 from fpo.review_data.prompts import make_prompt_splits
 
 # Tokens after which a base model starts a new document: a completion ends there, like EOS.
