@@ -325,3 +325,20 @@ def test_samples_type_is_exported():
     assert Samples.__dataclass_fields__.keys() == {
         "prompt_index", "prompt_ids", "completion_ids", "stopped", "texts"
     }  # fmt: skip
+
+
+def test_scalars_flatten_judges_and_degeneration():
+    from fpo.evaluation.after_fit import scalars_of
+
+    result = {
+        "kl": 1.5,
+        "settings": {"max_new_tokens": 8},
+        "judges": {"afinn": {"judge": "afinn-165", "win_rate": 0.5}},
+        "degeneration": {"policy": {"distinct_1": 0.25}, "reference": {"distinct_1": 0.5}},
+    }
+    assert scalars_of(result, "eval/ood_test") == {
+        "eval/ood_test/kl": 1.5,
+        "eval/ood_test/judges/afinn/win_rate": 0.5,
+        "eval/ood_test/degeneration/policy/distinct_1": 0.25,
+        "eval/ood_test/degeneration/reference/distinct_1": 0.5,
+    }
