@@ -228,7 +228,8 @@ def test_validation_prompts_give_selection_metrics_apart_from_test(tmp_path):
     assert chosen["num_prompts"] == 3 and test["num_prompts"] == 4
     prompts = [json.loads(line)["prompt"] for line in validation.read_text().splitlines()][:3]
     generations = (run / "evaluation" / "validation" / "generations.jsonl").read_text()
-    assert [json.loads(line)["prompt"] for line in generations.splitlines()] == prompts
+    rows = [json.loads(line) for line in generations.splitlines()]  # every sample (2 each)
+    assert [row["prompt"] for row in rows] == [p for p in prompts for _ in range(2)]
     assert metrics["val/sampled/policy_judge_mean"] == chosen["policy_judge_mean"]
     assert metrics["val/sampled/kl"] == chosen["kl"]
     assert metrics["val/sampled/judges/afinn/win_rate"] == chosen["judges"]["afinn"]["win_rate"]
