@@ -342,3 +342,30 @@ def test_scalars_flatten_judges_and_degeneration():
         "eval/ood_test/degeneration/policy/distinct_1": 0.25,
         "eval/ood_test/degeneration/reference/distinct_1": 0.5,
     }
+
+
+def test_degeneration_and_second_test_set_reach_the_comparison_table(tmp_path):
+    """fpo-compare's ``eval:*`` columns: the summary's degeneration and ood_test blocks,
+    named like their ``eval/*`` logger keys."""
+    import yaml
+
+    from fpo.compare.runs import load_runs
+    from fpo.compare.table import run_rows
+
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "config.yaml").write_text(yaml.safe_dump({"seed": 0, "objective": {}}))
+    (run / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(["seed=0"]))
+    summary = {
+        "kl": 1.0,
+        "degeneration": {"policy": {"distinct_1": 0.25}, "reference": {"distinct_1": 0.5}},
+        "ood_test": {"kl": 2.0, "degeneration/policy/distinct_1": 0.125},
+    }
+    path = run / "evaluation" / "summary.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps(summary))
+    (row,) = run_rows(load_runs([run]))
+    assert row["eval:degeneration/policy/distinct_1"] == 0.25
+    assert row["eval:degeneration/reference/distinct_1"] == 0.5
+    assert row["eval:ood_test/kl"] == 2.0
+    assert row["eval:ood_test/degeneration/policy/distinct_1"] == 0.125
