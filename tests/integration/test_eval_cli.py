@@ -13,6 +13,7 @@ from fpo.testing import ROOT, run_module
 
 # Numbers that may differ between two evaluations of the same policy: wall time and paths.
 VOLATILE = {"seconds", "generations", "plot", "feature_report"}
+NEW_TEMPLATES = ROOT / "data" / "sentiment" / "test_new_templates.jsonl"
 
 
 @pytest.fixture(scope="module")
@@ -195,12 +196,14 @@ def test_validation_prompts_give_selection_metrics_apart_from_test(tmp_path):
     """``evaluation.validation.prompts_file``: a second sampling pass on the validation
     prompts, in <run>/evaluation/validation and as ``val/sampled/*`` (usable as
     optimized_metric); the test-split numbers stay as they were. The test prompts file
-    itself is refused as validation."""
+    itself is refused as validation. ``evaluation.ood_test.prompts_file`` likewise gives
+    <run>/evaluation/ood_test and ``eval/ood_test/*``."""
     validation = ROOT / "tests" / "fixtures" / "plain_pairs.jsonl"
     common = [f"paths.log_dir={tmp_path}", "experiment=smoke", "objective=dpo", "evaluation=smoke"]
     result = run_module(
         "fpo.commands.train", *common, f"evaluation.validation.prompts_file={validation}",
         "evaluation.validation.num_prompts=3", "optimized_metric=val/sampled/policy_judge_mean",
+        f"evaluation.ood_test.prompts_file={NEW_TEMPLATES}", "evaluation.ood_test.num_prompts=2",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     (run,) = [p.parent for p in tmp_path.glob("smoke/runs/*/metrics.json")]
@@ -210,12 +213,22 @@ def test_validation_prompts_give_selection_metrics_apart_from_test(tmp_path):
     assert chosen["num_prompts"] == 3 and test["num_prompts"] == 4
     prompts = [json.loads(line)["prompt"] for line in validation.read_text().splitlines()][:3]
     generations = (run / "evaluation" / "validation" / "generations.jsonl").read_text()
-    assert [json.loads(line)["prompt"] for line in generations.splitlines()] == prompts
+    rows = [json.loads(line) for line in generations.splitlines()]  # every sample (2 each)
+    assert [row["prompt"] for row in rows] == [p for p in prompts for _ in range(2)]
     assert metrics["val/sampled/policy_judge_mean"] == chosen["policy_judge_mean"]
     assert metrics["val/sampled/kl"] == chosen["kl"]
     assert metrics["val/sampled/judges/afinn/win_rate"] == chosen["judges"]["afinn"]["win_rate"]
     assert metrics["eval/kl"] == test["kl"] != chosen["kl"]
     assert test["validation"]["kl"] == chosen["kl"]
+    # the second test set (evaluation.ood_test): its own folder and eval/ood_test/* scalars
+    ood = json.loads((run / "evaluation" / "ood_test" / "summary.json").read_text())
+    assert ood["num_prompts"] == 2 and test["ood_test"]["kl"] == ood["kl"]
+    assert metrics["eval/ood_test/kl"] == ood["kl"] != test["kl"]
+    assert (
+        metrics["eval/ood_test/degeneration/policy/distinct_1"]
+        == ood["degeneration"]["policy"]["distinct_1"]
+    )
+    assert "val/sampled/ood_test/kl" not in metrics and "eval/validation/kl" not in metrics
 
     test_file = ROOT / "tests" / "fixtures" / "ultrafeedback_binarized.jsonl"
     refused = run_module(

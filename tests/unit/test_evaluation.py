@@ -22,10 +22,15 @@ from fpo.evaluation import (
     sequence_logprob,
     write_evaluation,
 )
+from fpo.evaluation.degeneration import degeneration_metrics
 
 EOS, PAD = 2, 0
 PROMPTS = ["I watched The Glass Road and", "The film is", "Overall, it"]
 REQUIRED_KEYS = {"policy_judge_mean", "reference_judge_mean", "win_rate", "kl", "generations"}
+GENERATION_KEYS = {
+    "prompt_index", "prompt", "sample", "policy", "reference", "kl_log_ratio",
+    "policy_scores", "reference_scores",
+}  # fmt: skip
 
 
 class FixedJudge:
@@ -212,12 +217,16 @@ def test_evaluate_sentiment_win_rate_with_stub_judge(tiny_model, tiny_tokenizer)
     assert result["reference_judge_mean"] == pytest.approx(1.1 / 6)
     assert abs(result["kl"]) < 1e-6  # same model on both sides
     assert result["num_completions"] == 6 and result["settings"]["judge"] == "fixed"
-    assert [g["policy_score"] for g in result["generations"]] == [0.5, 0.3, 0.7]
-    assert [g["reference_score"] for g in result["generations"]] == [0.2, 0.9, 0.7]
-    assert [g["prompt"] for g in result["generations"]] == PROMPTS
+    rows = result["generations"]  # every sample, prompt-major
+    assert [g["policy_scores"] for g in rows] == [{"fixed": v} for v in judge.calls[0]]
+    assert [g["reference_scores"] for g in rows] == [{"fixed": v} for v in judge.calls[1]]
+    assert [g["prompt"] for g in rows] == [p for p in PROMPTS for _ in range(2)]
+    assert [(g["prompt_index"], g["sample"]) for g in rows] == [
+        (p, s) for p in range(3) for s in range(2)
+    ]
     policy_texts, reference_texts = judge.texts
-    assert [g["policy"] for g in result["generations"]] == policy_texts[::2]
-    assert [g["reference"] for g in result["generations"]] == reference_texts[::2]
+    assert [g["policy"] for g in rows] == policy_texts
+    assert [g["reference"] for g in rows] == reference_texts
     # the reference is sampled with other seeds than the policy, even for the same model
     assert policy_texts != reference_texts
 
@@ -249,13 +258,62 @@ def test_write_evaluation_files(tiny_model, tiny_tokenizer, tmp_path):
         lines = handle.read().splitlines()
     rows = [json.loads(line) for line in lines]
     assert len(rows) == len(PROMPTS)
-    assert all({"prompt", "policy", "reference"} <= set(row) for row in rows)
+    assert all(set(row) == GENERATION_KEYS for row in rows)
     assert [row["prompt"] for row in rows] == PROMPTS
     png = (tmp_path / "eval" / "judge_vs_kl.png").read_bytes()
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 1000
     assert summary["plot"] == str(tmp_path.resolve() / "eval" / "judge_vs_kl.png")
     text = format_summary(result)
     assert "win rate     0.500" in text and f"{result['kl']:.3f}" in text
+
+
+def _recomputed(rows: list[dict]) -> dict:
+    """summary.json's numbers from generations.jsonl alone (rows as read back)."""
+    groups = [row["prompt_index"] for row in rows]
+    prompts = [row["prompt"] for row in rows]
+    recomputed = {
+        "kl": grouped_mean_stderr([row["kl_log_ratio"] for row in rows], groups),
+        "degeneration": {
+            side: degeneration_metrics(prompts, [row[side] for row in rows])
+            for side in ("policy", "reference")
+        },
+    }
+    for name in rows[0]["policy_scores"]:
+        ours = [row["policy_scores"][name] for row in rows]
+        theirs = [row["reference_scores"][name] for row in rows]
+        recomputed[name] = {
+            "policy_judge_mean": grouped_mean_stderr(ours, groups),
+            "reference_judge_mean": grouped_mean_stderr(theirs, groups),
+            "win_rate": grouped_mean_stderr(pairwise_wins(ours, theirs), groups),
+        }
+    return recomputed
+
+
+def test_summary_is_recomputed_exactly_from_generations(tiny_model, tiny_tokenizer, tmp_path):
+    from fpo.evaluation.judges import AfinnJudge, VaderJudge
+
+    fixed = FixedJudge([0.1, 0.3, 0.0, 0.2, 0.5, 0.5], [0.2, 0.3, 0.1, 0.0, 0.5, 0.4])
+    judges = {"vader": VaderJudge(), "afinn": AfinnJudge(), "fixed": fixed}
+    result = evaluate_sentiment(
+        _perturbed(tiny_model), tiny_model, tiny_tokenizer, PROMPTS, judges, num_samples=2,
+        max_new_tokens=6,
+    )  # fmt: skip
+    summary = json.loads(write_evaluation(result, tmp_path).read_text())
+    with open(summary["generations"], encoding="utf-8") as handle:
+        rows = [json.loads(line) for line in handle]
+    assert len(rows) == len(PROMPTS) * 2 and all(set(row) == GENERATION_KEYS for row in rows)
+    again = _recomputed(rows)
+    assert (summary["kl"], summary["kl_stderr"]) == again["kl"] and summary["kl"] != 0.0
+    assert summary["degeneration"] == again["degeneration"]
+    for block in summary["judges"].values():
+        for key, pair in again[block["judge"]].items():
+            assert (block[key], block[key.removesuffix("_mean") + "_stderr"]) == pair
+
+
+def test_judges_with_one_name_are_refused(tiny_model, tiny_tokenizer):
+    judges = {"a": FixedJudge([0.0] * 3, [0.0] * 3), "b": FixedJudge([0.0] * 3, [0.0] * 3)}
+    with pytest.raises(UserError, match=r"judges\.b: another judge is also named 'fixed'"):
+        evaluate_sentiment(tiny_model, tiny_model, tiny_tokenizer, PROMPTS, judges, 1, 1)
 
 
 def test_evaluate_sentiment_rejects_no_prompts(tiny_model, tiny_tokenizer):
@@ -267,3 +325,47 @@ def test_samples_type_is_exported():
     assert Samples.__dataclass_fields__.keys() == {
         "prompt_index", "prompt_ids", "completion_ids", "stopped", "texts"
     }  # fmt: skip
+
+
+def test_scalars_flatten_judges_and_degeneration():
+    from fpo.evaluation.after_fit import scalars_of
+
+    result = {
+        "kl": 1.5,
+        "settings": {"max_new_tokens": 8},
+        "judges": {"afinn": {"judge": "afinn-165", "win_rate": 0.5}},
+        "degeneration": {"policy": {"distinct_1": 0.25}, "reference": {"distinct_1": 0.5}},
+    }
+    assert scalars_of(result, "eval/ood_test") == {
+        "eval/ood_test/kl": 1.5,
+        "eval/ood_test/judges/afinn/win_rate": 0.5,
+        "eval/ood_test/degeneration/policy/distinct_1": 0.25,
+        "eval/ood_test/degeneration/reference/distinct_1": 0.5,
+    }
+
+
+def test_degeneration_and_second_test_set_reach_the_comparison_table(tmp_path):
+    """fpo-compare's ``eval:*`` columns: the summary's degeneration and ood_test blocks,
+    named like their ``eval/*`` logger keys."""
+    import yaml
+
+    from fpo.compare.runs import load_runs
+    from fpo.compare.table import run_rows
+
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "config.yaml").write_text(yaml.safe_dump({"seed": 0, "objective": {}}))
+    (run / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(["seed=0"]))
+    summary = {
+        "kl": 1.0,
+        "degeneration": {"policy": {"distinct_1": 0.25}, "reference": {"distinct_1": 0.5}},
+        "ood_test": {"kl": 2.0, "degeneration/policy/distinct_1": 0.125},
+    }
+    path = run / "evaluation" / "summary.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps(summary))
+    (row,) = run_rows(load_runs([run]))
+    assert row["eval:degeneration/policy/distinct_1"] == 0.25
+    assert row["eval:degeneration/reference/distinct_1"] == 0.5
+    assert row["eval:ood_test/kl"] == 2.0
+    assert row["eval:ood_test/degeneration/policy/distinct_1"] == 0.125

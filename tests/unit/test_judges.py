@@ -177,6 +177,7 @@ def test_reward_model_two_labels_give_positive_probability(tmp_path):
     expected = judge.model(**ids).logits.softmax(-1)[0, 0].item()  # label 0 is POSITIVE
     assert scores[2] == pytest.approx(expected, abs=1e-5)
     assert all(0.0 < s < 1.0 for s in scores)
+    assert judge.positive_threshold == 0.5  # a probability; a one-label head's logit: 0
 
 
 def test_reward_model_uses_the_chat_template_without_a_second_bos(tmp_path):
@@ -340,3 +341,50 @@ def test_parse_answer_and_default_template():
     assert text.index("PROMPT") < text.index("FIRST") < text.index("SECOND")
     with pytest.raises(UserError, match=r"\{b\}"):
         LLMPairwiseJudge("http://127.0.0.1:1/v1", "m", template="{prompt} {a}")
+
+
+# --------------------------------------------------------------------------- instruct LM judge
+
+
+def test_instruct_lm_judge_reads_answer_probabilities_off_the_next_token(
+    tiny_model, tiny_tokenizer
+):
+    """P(first answer) from one unpadded forward equals the batched, left-padded one; the
+    score is P(positive) * P(film review)."""
+    from fpo.evaluation.lm_judge import (
+        SENTIMENT_ANSWERS,
+        SENTIMENT_QUESTION,
+        TOPIC_ANSWERS,
+        TOPIC_QUESTION,
+        InstructLMJudge,
+    )
+
+    judge = InstructLMJudge(model=tiny_model, tokenizer=tiny_tokenizer, batch_size=2)
+    texts = ["short", "a much longer text that needs no padding at all"]
+
+    def by_hand(question, answers, text):
+        ids = torch.tensor([judge._prompt_ids(question, text)])
+        with torch.no_grad():
+            log_probs = tiny_model(input_ids=ids).logits[0, -1].log_softmax(-1)
+        first, second = (
+            log_probs[judge._first_ids(spellings)].logsumexp(-1) for spellings in answers
+        )
+        return torch.sigmoid(first - second).item()
+
+    sentiment = judge.answer_probability(SENTIMENT_QUESTION, SENTIMENT_ANSWERS, texts)
+    topic = judge.answer_probability(TOPIC_QUESTION, TOPIC_ANSWERS, texts)
+    for text, s, t in zip(texts, sentiment, topic, strict=True):
+        assert s == pytest.approx(by_hand(SENTIMENT_QUESTION, SENTIMENT_ANSWERS, text), abs=1e-5)
+        assert t == pytest.approx(by_hand(TOPIC_QUESTION, TOPIC_ANSWERS, text), abs=1e-5)
+    products = [s * t for s, t in zip(sentiment, topic, strict=True)]
+    assert judge.score(["", ""], texts) == pytest.approx(products)
+    alone = InstructLMJudge(model=tiny_model, tokenizer=tiny_tokenizer, ask_topic=False)
+    assert alone.score_texts(texts) == pytest.approx(sentiment, abs=1e-6)
+    assert judge.positive_threshold == 0.5 and is_pairwise(judge) is False
+
+
+def test_instruct_lm_judge_names_a_missing_package():
+    from fpo.evaluation.lm_judge import InstructLMJudge
+
+    with pytest.raises(UserError, match="'no_such_gguf_package' is not installed"):
+        InstructLMJudge(package="no_such_gguf_package")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import string
 from pathlib import Path
 
 import pytest
@@ -19,7 +21,16 @@ from fpo.review_data.build import (
     main,
     select_pair,
 )
-from fpo.review_data.prompts import SLOTS, TEMPLATES, num_distinct_prompts, template_slots
+from fpo.review_data.new_templates import main as new_templates_main
+from fpo.review_data.new_templates import new_template_rows
+from fpo.review_data.prompts import (
+    HELDOUT_SLOTS,
+    HELDOUT_TEMPLATES,
+    SLOTS,
+    TEMPLATES,
+    num_distinct_prompts,
+    template_slots,
+)
 
 PROMPTS = ["I watched it and", "The film is", "A"]
 ROW_KEYS = {"prompt_id", "prompt", "chosen", "rejected", "score_chosen", "score_rejected"}
@@ -80,6 +91,45 @@ def test_prompts_are_vader_neutral_and_end_without_space():
     # every template is used in a sample this size
     heads = {t.split("{")[0] for t in TEMPLATES if not t.startswith("{")}
     assert all(any(p.startswith(h) for p in prompts) for h in heads)
+
+
+DATA = Path(__file__).resolve().parents[2] / "data" / "sentiment"
+
+
+def _template_pattern(template: str) -> re.Pattern:
+    """A regex matching exactly the prompts of ``template`` (any slot values)."""
+    parts = [re.escape(text) + ("(.+)" if name else "") for text, name, _, _ in
+             string.Formatter().parse(template)]  # fmt: skip
+    return re.compile("".join(parts) + r"\Z")
+
+
+def test_new_template_test_set_shares_no_template_or_title_with_train():
+    """data/sentiment/test_new_templates.jsonl: remade by its command, every prompt from a
+    held-out template, and neither its templates nor its titles occur in train.jsonl."""
+    rows = [json.loads(line) for line in (DATA / "test_new_templates.jsonl").open()]
+    assert rows == new_template_rows(100, seed=0) and len(rows) >= 60
+    new = [row["prompt"] for row in rows]
+    train = [json.loads(line)["prompt"] for line in (DATA / "train.jsonl").open()]
+    held_out = [_template_pattern(t) for t in HELDOUT_TEMPLATES]
+    seen = [_template_pattern(t) for t in TEMPLATES]
+    assert all(any(p.match(prompt) for p in held_out) for prompt in new)
+    assert all(any(p.match(prompt) for p in seen) for prompt in train)  # the check can match
+    assert not any(p.match(prompt) for p in held_out for prompt in train)
+    assert not any(p.match(prompt) for p in seen for prompt in new)
+    titles = {t for t in HELDOUT_SLOTS["title"] if any(t in prompt for prompt in new)}
+    assert len(titles) > 20
+    assert not any(title in prompt for title in titles for prompt in train)
+    assert not set(HELDOUT_SLOTS["title"]) & set(SLOTS["title"])
+    assert VaderJudge().score_texts(new) == [0.0] * len(new)
+
+
+def test_new_templates_cli_writes_prompt_rows(tmp_path):
+    out = tmp_path / "new.jsonl"
+    new_templates_main(["--out", str(out), "--prompts", "7", "--seed", "3"])
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert rows == new_template_rows(7, seed=3)
+    assert [row["prompt_id"] for row in rows] == [f"new-{i:05d}" for i in range(7)]
+    assert make_prompts(7, 3, HELDOUT_TEMPLATES, HELDOUT_SLOTS) == [r["prompt"] for r in rows]
 
 
 def test_prompt_space_size_is_counted_from_slots():

@@ -15,7 +15,10 @@
 4. optionally (``evaluation.validation.prompts_file``), step 1 again on the *validation*
    prompts, for model selection: ``<out>/validation/`` and the scalars as ``val/sampled/*``
    (e.g. ``optimized_metric=val/sampled/policy_judge_mean``). The test numbers above are
-   never used to choose anything.
+   never used to choose anything;
+5. optionally (``evaluation.ood_test.prompts_file``), step 1 again on a second test set
+   (prompts from templates and titles train never used): ``<out>/ood_test/`` and the
+   scalars as ``eval/ood_test/*``.
 """
 
 from __future__ import annotations
@@ -124,16 +127,17 @@ def copy_to_latest(out_dir: Path, latest_dir: str | Path) -> None:
 
 def scalars_of(result: dict[str, Any], prefix: str = "eval") -> dict[str, float]:
     """``<prefix>/<key>`` for the numbers of the summary, ``<prefix>/judges/<name>/<key>``
-    per judge."""
+    per judge and ``<prefix>/degeneration/<policy|reference>/<metric>``."""
     scalars = {
         f"{prefix}/{k}": float(v)
         for k, v in result.items()
         if isinstance(v, int | float) and not isinstance(v, bool)
     }
-    for name, block in (result.get("judges") or {}).items():
-        for key, value in block.items():
-            if isinstance(value, int | float) and not isinstance(value, bool):
-                scalars[f"{prefix}/judges/{name}/{key}"] = float(value)
+    for group in ("judges", "degeneration"):
+        for name, block in (result.get(group) or {}).items():
+            for key, value in block.items():
+                if isinstance(value, int | float) and not isinstance(value, bool):
+                    scalars[f"{prefix}/{group}/{name}/{key}"] = float(value)
     return scalars
 
 
@@ -174,7 +178,16 @@ def check_validation_prompts(settings: dict[str, Any]) -> None:
         )
 
 
-def validation_scalars(
+# Further prompt sets, each evaluated like the test prompts when ``evaluation.<key>.
+# prompts_file`` is set: key -> (scalar prefix, plot title). Files go to ``<out>/<key>/``.
+PROMPT_SETS = {
+    "validation": (VALIDATION_PREFIX, "validation prompts (model selection)"),
+    "ood_test": ("eval/ood_test", "test prompts from templates train never used"),
+}
+
+
+def prompt_set_scalars(
+    key: str,
     policy: nn.Module,
     reference: nn.Module,
     tokenizer: Any,
@@ -182,22 +195,24 @@ def validation_scalars(
     settings: dict[str, Any],
     out: Path,
 ) -> dict[str, float]:
-    """Judge scores, win rate and KL on ``evaluation.validation.prompts_file`` (model
-    selection), written to ``<out>/validation/``; returns them as ``val/sampled/*``."""
-    validation = settings.get("validation") or {}
-    if not validation.get("prompts_file"):
+    """Judge scores, win rate, KL and degeneration on ``evaluation.<key>.prompts_file``
+    (`PROMPT_SETS`), written to ``<out>/<key>/``; returns them under the set's prefix
+    (``val/sampled/*`` for model selection, ``eval/ood_test/*``). ``{}`` when unset."""
+    chosen = settings.get(key) or {}
+    if not chosen.get("prompts_file"):
         return {}
+    prefix, title = PROMPT_SETS[key]
     result = sample_and_judge(
         policy,
         reference,
         tokenizer,
         judges,
         settings,
-        validation["prompts_file"],
-        validation.get("num_prompts"),
+        chosen["prompts_file"],
+        chosen.get("num_prompts"),
     )
-    write_evaluation(result, out / "validation", title="validation prompts (model selection)")
-    return scalars_of(result, VALIDATION_PREFIX)
+    write_evaluation(result, out / key, title=title)
+    return scalars_of(result, prefix)
 
 
 def evaluate_experiment(
@@ -276,13 +291,16 @@ def evaluate_experiment(
         "sampling_and_judging": round(sampled - started, 2),
         "heldout_pairs": round(time.perf_counter() - sampled, 2),
     }
-    validated = time.perf_counter()
-    selection = validation_scalars(policy, reference, experiment.tokenizer, judges, settings, out)
-    if selection:
-        result["seconds"]["validation"] = round(time.perf_counter() - validated, 2)
-        result["validation"] = {
-            k.removeprefix(f"{VALIDATION_PREFIX}/"): v for k, v in selection.items()
-        }
+    other_sets: dict[str, float] = {}  # validation (val/sampled/*), ood_test (eval/ood_test/*)
+    for key, (prefix, _) in PROMPT_SETS.items():
+        began = time.perf_counter()
+        found = prompt_set_scalars(
+            key, policy, reference, experiment.tokenizer, judges, settings, out
+        )
+        if found:
+            result["seconds"][key] = round(time.perf_counter() - began, 2)
+            result[key] = {k.removeprefix(f"{prefix}/"): v for k, v in found.items()}
+            other_sets.update(found)
     del reference
     summary_path = write_evaluation(result, out)
     summary = json.loads(summary_path.read_text())
@@ -300,7 +318,7 @@ def evaluate_experiment(
     print(format_summary(result), flush=True)
     if settings.get("latest_dir"):
         copy_to_latest(summary_path.parent, settings["latest_dir"])
-    scalars = {**scalars_of(result), **selection}
+    scalars = {**scalars_of(result), **other_sets}
     for logger in loggers:
         logger.log_metrics(scalars)
     log_evaluation_to_wandb(loggers, summary, rows, summary.get("plot"), summary.get("generations"))

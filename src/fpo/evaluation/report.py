@@ -79,8 +79,9 @@ def write_evaluation(
     """Write ``summary.json``, ``generations.jsonl`` and ``judge_vs_kl.png`` into ``out_dir``.
 
     ``summary.json`` is ``result`` with ``generations`` replaced by the absolute path of
-    ``generations.jsonl`` (one JSON object per prompt) and ``plot`` added. Returns the path
-    of ``summary.json``.
+    ``generations.jsonl`` (one JSON object per prompt and sample, with its KL log-ratio and
+    every judge's scores: `fpo.evaluation.sentiment.sample_rows`) and ``plot`` added.
+    Returns the path of ``summary.json``.
     """
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)

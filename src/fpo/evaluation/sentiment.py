@@ -22,6 +22,7 @@ from typing import Any
 from torch import nn
 
 from fpo.errors import UserError
+from fpo.evaluation.degeneration import degeneration_metrics
 from fpo.evaluation.judges import is_pairwise
 from fpo.evaluation.sampling import num_batches, sample_for_scoring
 from fpo.evaluation.scoring import kl_log_ratios
@@ -96,6 +97,52 @@ def judge_block(
     return block, policy_scores, reference_scores
 
 
+def _unique_name(name: str, key: str, taken: Mapping[str, Any]) -> str:
+    """``name``, refused when another pointwise judge already has it (its per-sample scores
+    in ``generations.jsonl`` are keyed by judge name)."""
+    if name in taken:
+        raise UserError(
+            f"evaluation.judges.{key}: another judge is also named {name!r}; per-sample "
+            "scores are keyed by judge name, so give each judge its own name."
+        )
+    return name
+
+
+def sample_rows(
+    prompts: list[str],
+    groups: list[int],
+    ours: list[str],
+    theirs: list[str],
+    ratios: list[float],
+    scores: Mapping[str, tuple[list[float], list[float]]],
+) -> list[dict[str, Any]]:
+    """One row per (prompt, sample), prompt-major, every list being ``[N]`` aligned.
+
+    A row: ``prompt_index``, ``prompt``, ``sample`` (0-based within its prompt),
+    ``policy`` and ``reference`` (the two completions paired for the win rate),
+    ``kl_log_ratio`` (``log pi(y|x) - log pi_ref(y|x)`` of the policy's completion; their
+    mean over all rows is ``kl``), and ``policy_scores`` / ``reference_scores``: ``{judge
+    name: score}`` for every pointwise judge. The summary's means, win rates and KL are
+    functions of these rows alone.
+    """
+    rows, seen = [], dict[int, int]()
+    for i, group in enumerate(groups):
+        seen[group] = seen.get(group, -1) + 1
+        rows.append(
+            {
+                "prompt_index": group,
+                "prompt": prompts[i],
+                "sample": seen[group],
+                "policy": ours[i],
+                "reference": theirs[i],
+                "kl_log_ratio": ratios[i],
+                "policy_scores": {name: pair[0][i] for name, pair in scores.items()},
+                "reference_scores": {name: pair[1][i] for name, pair in scores.items()},
+            }
+        )
+    return rows
+
+
 def evaluate_sentiment(
     policy: nn.Module,
     reference: nn.Module,
@@ -123,10 +170,11 @@ def evaluate_sentiment(
         (policy sample ``s`` vs reference sample ``s`` of the same prompt, ties count half)
         and ``kl`` (the mean of `fpo.evaluation.scoring.kl_log_ratios`, nats per
         completion), each with a ``*_stderr`` over prompts; mean completion lengths and EOS
-        fractions; counts, ``seed`` and ``settings``; and ``generations``: per prompt, the
-        first sample of each model with its score (``{"prompt", "policy", "reference", ...}``).
-        ``judges``: per judge name, its block (`judge_block`); the top-level judge keys are
-        the first judge's.
+        fractions; counts, ``seed`` and ``settings``; ``degeneration``: the policy's and
+        the reference's completions' `fpo.evaluation.degeneration.degeneration_metrics`;
+        and ``generations``: every sample (`sample_rows`). ``judges``: per judge, its block
+        (`judge_block`) under its configured key; the top-level judge keys are the first
+        judge's.
     """
     judges = _as_named(judge)
     if not prompts:
@@ -142,14 +190,16 @@ def evaluate_sentiment(
     groups = ours.prompt_index
     sample_prompts = [prompts[p] for p in groups]
     blocks, per_sample = {}, {}
-    for name, each in judges.items():
-        blocks[name], ours_scores, theirs_scores = judge_block(
+    for key, each in judges.items():
+        blocks[key], ours_scores, theirs_scores = judge_block(
             each, sample_prompts, ours.texts, theirs.texts, groups
         )
         if ours_scores is not None:
-            per_sample[name] = (ours_scores, theirs_scores)
+            per_sample[_unique_name(blocks[key]["judge"], key, per_sample)] = (
+                ours_scores,
+                theirs_scores,
+            )
     main = next(iter(judges))
-    policy_scores, reference_scores = per_sample[main]
 
     result: dict[str, Any] = {
         key: value for key, value in blocks[main].items() if key not in ("judge", "failed")
@@ -165,7 +215,6 @@ def evaluate_sentiment(
             values, groups
         )
 
-    first = range(0, len(ours.texts), num_samples)  # prompt-major: sample 0 of each prompt
     result.update(
         num_prompts=len(prompts),
         num_samples=num_samples,
@@ -183,21 +232,13 @@ def evaluate_sentiment(
             "reference_seed": ref_seed,
             "kl": "mean over policy samples of log pi(y|x) - log pi_ref(y|x), nats",
         },
-        generations=[
-            {
-                "prompt": prompts[p],
-                "policy": ours.texts[i],
-                "reference": theirs.texts[i],
-                "policy_score": policy_scores[i],
-                "reference_score": reference_scores[i],
-                "log_ratio": ratios[i],
-                "judge_scores": {
-                    name: {"policy": scores[0][i], "reference": scores[1][i]}
-                    for name, scores in per_sample.items()
-                },
-            }
-            for p, i in enumerate(first)
-        ],
+        degeneration={
+            "policy": degeneration_metrics(sample_prompts, ours.texts),
+            "reference": degeneration_metrics(sample_prompts, theirs.texts),
+        },
+        generations=sample_rows(
+            sample_prompts, groups, ours.texts, theirs.texts, ratios, per_sample
+        ),
         judges=blocks,
     )
     return result

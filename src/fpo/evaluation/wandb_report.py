@@ -66,9 +66,15 @@ def log_evaluation_to_wandb(
     if generations_path and Path(generations_path).is_file():
         lines = Path(generations_path).read_text(encoding="utf-8").splitlines()[:max_generations]
         rows = [json.loads(line) for line in lines]
-        columns = ["prompt", "policy", "reference", "policy_score", "reference_score"]
+        judge = summary.get("settings", {}).get("judge")
+        columns = ["prompt", "sample", "policy", "reference", "kl_log_ratio"]
         payload["eval/generations"] = wandb.Table(
-            columns=columns, data=[[row.get(c) for c in columns] for row in rows]
+            columns=[*columns, "policy_score", "reference_score"],
+            data=[
+                [row.get(c) for c in columns]
+                + [row["policy_scores"].get(judge), row["reference_scores"].get(judge)]
+                for row in rows
+            ],
         )
     if plot_path and Path(plot_path).is_file():
         payload["eval/frontier"] = wandb.Image(str(plot_path))

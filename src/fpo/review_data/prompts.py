@@ -82,32 +82,73 @@ SLOTS: dict[str, tuple[str, ...]] = {
 }
 
 
+# A second test set (`fpo.review_data.new_templates`): templates and titles that no prompt
+# of `make_prompt_splits` can have (train, test and validation use TEMPLATES and
+# SLOTS["title"] only), so it measures what the policy learnt beyond train's phrasings.
+HELDOUT_TEMPLATES: tuple[str, ...] = (
+    "Last {day}, the {venue} showed {title}, and my first reaction was that",
+    "{title} runs just under two hours. Watching it, I found the pacing",
+    "Someone at work told me to see {title}, a {genre} picture from {year}. Now that I have, I",
+    "Here is what I thought of {title}: the ending",
+    "Out of ten, I would give {title} ({year})",
+    "Of all the {genre} films released in {year}, {title}",
+    "In {title}, a {character} leaves home, and the screenplay",
+    "When the lights came up after {title} at the {venue}, I",
+    "My {person} chose {title} for our {day} movie night. Afterwards we both said the film",
+    "A few words on {title}, the new {genre} release: the cast",
+    "Five minutes into {title}, I already knew this film",
+    "Compared with other {genre} films, {title}",
+    "Watching {title} on a {day} evening, I paid attention to the camera work, which",
+    "Should you see {title}? As someone who has seen it, I think it",
+)
+HELDOUT_TITLE_FIRST: tuple[str, ...] = (
+    "Marble", "Cedar", "Harvest", "Slate", "Ivory", "Coral", "Timber", "Canvas", "Falcon",
+    "Willow", "Basalt", "Pine",
+)  # fmt: skip
+HELDOUT_TITLE_SECOND: tuple[str, ...] = (
+    "Valley", "Street", "Island", "Market", "Canal", "Orbit", "Quarry", "Ferry", "Depot",
+    "Meadow", "Pier", "Junction",
+)  # fmt: skip
+HELDOUT_SLOTS: dict[str, tuple[str, ...]] = {
+    **SLOTS,
+    "title": tuple(f"The {a} {b}" for a in HELDOUT_TITLE_FIRST for b in HELDOUT_TITLE_SECOND),
+}
+
+
 def template_slots(template: str) -> list[str]:
     """The slot names of a template, in order of first appearance."""
     names = [name for _, name, _, _ in string.Formatter().parse(template) if name]
     return list(dict.fromkeys(names))
 
 
-def num_distinct_prompts() -> int:
+def num_distinct_prompts(
+    templates: tuple[str, ...] = TEMPLATES, slots: dict[str, tuple[str, ...]] = SLOTS
+) -> int:
     """Size of the prompt space: sum over templates of the product of their slot sizes."""
-    return sum(math.prod(len(SLOTS[name]) for name in template_slots(t)) for t in TEMPLATES)
+    return sum(math.prod(len(slots[name]) for name in template_slots(t)) for t in templates)
 
 
-def make_prompts(n: int, seed: int = 0) -> list[str]:
+def make_prompts(
+    n: int,
+    seed: int = 0,
+    templates: tuple[str, ...] = TEMPLATES,
+    slots: dict[str, tuple[str, ...]] = SLOTS,
+) -> list[str]:
     """``n`` distinct prompts, a deterministic function of ``(n, seed)``.
 
     Each draw picks a template uniformly, then each of its slots uniformly; duplicates are
     redrawn. Prefixes agree: ``make_prompts(n, s) == make_prompts(n + m, s)[:n]``.
+    ``HELDOUT_TEMPLATES`` and ``HELDOUT_SLOTS`` give the second test set's prompts.
     """
-    capacity = num_distinct_prompts()
+    capacity = num_distinct_prompts(templates, slots)
     if not 0 <= n <= capacity // 2:  # keep rejection sampling fast
         raise UserError(f"make_prompts: n={n} must be between 0 and {capacity // 2}")
     rng = random.Random(seed)
     seen: set[str] = set()
     prompts: list[str] = []
     while len(prompts) < n:
-        template = rng.choice(TEMPLATES)
-        prompt = template.format(**{k: rng.choice(SLOTS[k]) for k in template_slots(template)})
+        template = rng.choice(templates)
+        prompt = template.format(**{k: rng.choice(slots[k]) for k in template_slots(template)})
         if prompt not in seen:
             seen.add(prompt)
             prompts.append(prompt)
