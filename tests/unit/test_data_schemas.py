@@ -306,7 +306,7 @@ def test_tokenized_splits_are_cached_by_content_and_settings(tmp_path, monkeypat
 def test_hh_rlhf_config_loads_a_hub_subset(monkeypatch, tmp_path):
     from hydra.utils import instantiate
 
-    from helpers import compose_train
+    from fpo.testing import compose_train
 
     calls = []
 
