@@ -22,9 +22,9 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
+from fpo.builder import build_run_parts
 from fpo.commands.common import CONFIG_DIR, run_hydra, user_errors
 from fpo.errors import UserError
-from fpo.builder import build_run_parts
 from fpo.reference.build import build_reference_cache
 from fpo.reference.store import MANIFEST, cache_info, format_cache_info
 
@@ -62,14 +62,12 @@ def build(cfg: DictConfig) -> tuple[Path, dict[str, dict]]:
     datamodule = experiment.datamodule
     results = build_reference_cache(
         make_trainer,
-        experiment.policy,
-        experiment.sae,
+        experiment.cache_reference(),
         datamodule,
         settings,
         batch_size=int(cfg.cache.get("batch_size") or datamodule.eval_batch_size),
         shard_size=int(cfg.cache.shard_size),
         overwrite=bool(cfg.cache.overwrite),
-        logits_chunk_size=cfg.get("logits_chunk_size"),
     )
     return settings.root, results
 

@@ -1,8 +1,9 @@
 """What a run's reference cache is: where it lives, what it stores, what it is tied to.
 
 ``fpo-cache`` and ``fpo-train reference=cached`` both derive :class:`CacheSettings` with
-:func:`cache_settings` and fingerprint a split with :meth:`CacheSettings.components`, so
-they cannot drift apart. The components of one split, in message order, each a string:
+:func:`cache_settings` (through ``fpo.builder.RunParts.cache_settings``) and fingerprint a
+split with :meth:`CacheSettings.components`, so they cannot drift apart. The components
+of one split, in message order, each a string:
 
 ==================  =====================================================================
 data                sorted example ids of the split's valid rows (order-free)
@@ -33,8 +34,6 @@ from typing import Any
 
 import torch
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
-from omegaconf.errors import OmegaConfBaseException
 from torch import nn
 
 from fpo.errors import UserError
@@ -100,23 +99,20 @@ class CacheSettings:
         }
 
 
-def cache_settings(cfg: DictConfig, *, k: int, hook_name: str | None) -> CacheSettings:
-    """:class:`CacheSettings` from a composed fpo-train / fpo-cache config; ``k``: pooled SAE
-    features stored per row (0: log-probs only; the caller checked ``1 <= k <= d_sae``),
-    ``hook_name``: the resolved hook the SAE reads (ignored when ``k == 0``)."""
-    try:
-        root = Path(str(cfg.reference.path)).expanduser()
-    except OmegaConfBaseException as err:
-        raise UserError(
-            f"reference.path cannot be resolved outside a Hydra run ({err}); set "
-            "reference.path=FOLDER explicitly."
-        ) from err
+def cache_settings(
+    root: Path, *, k: int, hook_name: str | None, values_dtype: str, precision: str
+) -> CacheSettings:
+    """:class:`CacheSettings` of the cache folder ``root``: ``k`` pooled SAE features stored
+    per row (0: log-probs only; the caller checked ``1 <= k <= d_sae``), ``hook_name`` the
+    resolved hook the SAE reads (ignored when ``k == 0``), ``values_dtype`` (aliases
+    accepted, :func:`normalize_values_dtype`) and the Lightning ``precision``; the rebuild
+    command comes from the Hydra job's overrides (:func:`rebuild_command`)."""
     return CacheSettings(
         root=root,
         k=int(k),
-        values_dtype=normalize_values_dtype(cfg.reference.get("values_dtype", "float32")),
+        values_dtype=normalize_values_dtype(values_dtype),
         hook_name=hook_name if k > 0 else None,
-        precision=str(cfg.trainer.get("precision", "32-true")),
+        precision=precision,
         rebuild_command=rebuild_command(root),
     )
 
