@@ -434,11 +434,12 @@ SMOKE = ("experiment=smoke", "objective=fpo")
 
 
 def run(module: str, tmp: Path, *overrides: str) -> subprocess.CompletedProcess:
-    """``python -m fpo.<module>`` with logs and caches under ``tmp`` (nothing in the repo)."""
+    """``python -m fpo.commands.<module>`` with logs and caches under ``tmp`` (nothing in the
+    repo)."""
     env = {**os.environ, "FPO_ROOT": str(ROOT), "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
     paths = (f"paths.log_dir={tmp / 'logs'}", f"paths.cache_dir={tmp / 'cache'}")
     return subprocess.run(
-        [sys.executable, "-m", f"fpo.{module}", *SMOKE, *paths, *overrides],
+        [sys.executable, "-m", f"fpo.commands.{module}", *SMOKE, *paths, *overrides],
         cwd=ROOT,
         env=env,
         capture_output=True,
