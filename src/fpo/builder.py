@@ -152,7 +152,9 @@ def check_reference_dtype(
         )
 
 
-def apply_global_batch_size(trainer: L.Trainer, global_batch_size: int | None, batch_size: int):
+def apply_global_batch_size(
+    trainer: L.Trainer, global_batch_size: int | None, batch_size: int
+) -> None:
     """Set gradient accumulation so per-device ``batch_size`` x devices x accumulation =
     ``global_batch_size`` (nothing when it is unset)."""
     if not global_batch_size:
@@ -161,7 +163,8 @@ def apply_global_batch_size(trainer: L.Trainer, global_batch_size: int | None, b
     if global_batch_size % per_step:
         raise UserError(
             f"global_batch_size={global_batch_size} is not a multiple of data.batch_size="
-            f"{batch_size} x {trainer.num_devices * trainer.num_nodes} device(s); change one."
+            f"{batch_size} x {trainer.num_devices * trainer.num_nodes} device(s); change one "
+            "of them."
         )
     trainer.accumulate_grad_batches = accumulation = global_batch_size // per_step
     log.info(
