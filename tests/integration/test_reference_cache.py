@@ -107,6 +107,13 @@ def build(root, model, tokenizer, sae, k, dm=None, extra_callbacks=(), **kwargs)
     )
 
 
+def test_a_reference_with_another_k_than_the_cache_is_refused(tmp_path, tiny_tokenizer):
+    reference = reference_for(build_tiny_model(seed=0), make_sae(), K)
+    with pytest.raises(ValueError, match=f"keeps k={K} features, the cache 0"):
+        build_reference_cache(make_trainer, reference, make_dm(tiny_tokenizer),
+                              make_settings(tmp_path, 0), batch_size=4)  # fmt: skip
+
+
 IDS = (
     PreferenceDataModule(train_source=str(FIXTURE), tokenizer=build_tiny_tokenizer())
     .dataset("train", wrapped=False)

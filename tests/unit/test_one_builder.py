@@ -88,6 +88,7 @@ def test_each_part_is_constructed_at_one_call_site_in_the_builder(part):
 
 def test_benchmarks_and_tests_assemble_modules_and_references_through_the_builder():
     outside = sorted((ROOT / "benchmarks").rglob("*.py")) + sorted((ROOT / "tests").rglob("*.py"))
+    outside.remove(Path(__file__).resolve())  # below: the module's own refusal, by hand
     for part in ("the online reference", "the Lightning module"):
         sites = construction_sites(outside, PARTS[part])
         assert not sites, f"{part} built by hand at {sites}: use fpo.builder"
@@ -117,6 +118,27 @@ def test_no_function_below_the_entry_points_takes_the_hydra_config():
     assert not found, f"typed settings instead of the Hydra config: {found}"
 
 
+def test_nothing_below_the_entry_points_imports_one():
+    """The route from a command to the loss never comes back to the command: no library
+    module imports an entry point (``fpo.commands.<name>``; ``common`` is shared helpers,
+    ``__main__`` shims are entry points themselves)."""
+    found = []
+    for path in src_files():
+        if SRC / "commands" in path.parents or path.name == "__main__.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            elif isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            else:
+                continue
+            for name in names:
+                if name.startswith("fpo.commands.") and name != "fpo.commands.common":
+                    found.append(f"{path.relative_to(ROOT)}: {name}")
+    assert not found, found
+
+
 def test_the_scans_see_what_they_look_for(tmp_path):
     """The scans find a second construction and a config parameter where they are added."""
     extra = tmp_path / "extra.py"
@@ -129,3 +151,16 @@ def test_the_scans_see_what_they_look_for(tmp_path):
     for part in (*parts, "the model (cfg.model.loader)"):
         assert len(construction_sites([extra], PARTS[part])) == 1, part
     assert list(config_parameters(extra)) == [("reference_of", "cfg")]
+
+
+def test_the_module_takes_a_built_objective_not_its_config():
+    from functools import partial
+
+    import torch
+
+    from fpo.models.tiny import build_tiny_model
+    from fpo.module import FPOLightningModule
+
+    optimizer = partial(torch.optim.SGD, lr=0.0)
+    with pytest.raises(TypeError, match="Objective, not dict"):
+        FPOLightningModule(build_tiny_model(), objective={"margin": "simpo"}, optimizer=optimizer)

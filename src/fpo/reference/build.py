@@ -261,18 +261,16 @@ def build_reference_cache(
     overwrite: bool = False,
 ) -> dict[str, dict[str, Any]]:
     """Build (or resume, or keep as they are if complete) the caches of every split of
-    ``datamodule`` (a ``PreferenceDataModule``) with ``reference`` (built by
-    ``fpo.builder``: the initial policy, with the SAE when ``settings.k > 0``);
-    ``batch_size`` pairs per predict batch, at least ``shard_size`` rows per shard.
-    ``make_trainer``: ``callbacks -> Trainer``, built only if there is work, with
-    ``use_distributed_sampler=False`` (batches are dealt out here).
+    ``datamodule`` (a ``PreferenceDataModule``) with ``reference`` (``fpo.builder``'s: the
+    initial policy, and the SAE when ``settings.k > 0``); ``batch_size`` pairs per predict
+    batch, at least ``shard_size`` rows per shard. ``make_trainer``: ``callbacks ->
+    Trainer``, built only if there is work, ``use_distributed_sampler=False``.
 
     Returns ``{split: {"manifest", "computed": pairs computed now, "seconds"}}`` of the
     splits built, on global rank 0 (other ranks: ``{}``)."""
     if reference.k != settings.k:
         raise ValueError(f"the reference keeps k={reference.k} features, the cache {settings.k}")
-    fingerprints = settings.model_fingerprints(reference.model, reference.sae)
-    builds = []
+    fingerprints, builds = settings.model_fingerprints(reference.model, reference.sae), []
     for split in datamodule.splits:
         path = settings.split_path(split)
         components = settings.components(datamodule, split, fingerprints)

@@ -102,11 +102,9 @@ class CacheSettings:
 def cache_settings(
     root: Path, *, k: int, hook_name: str | None, values_dtype: str, precision: str
 ) -> CacheSettings:
-    """:class:`CacheSettings` of the cache folder ``root``: ``k`` pooled SAE features stored
-    per row (0: log-probs only; the caller checked ``1 <= k <= d_sae``), ``hook_name`` the
-    resolved hook the SAE reads (ignored when ``k == 0``), ``values_dtype`` (aliases
-    accepted, :func:`normalize_values_dtype`) and the Lightning ``precision``; the rebuild
-    command comes from the Hydra job's overrides (:func:`rebuild_command`)."""
+    """:class:`CacheSettings` of the folder ``root``: ``k`` pooled SAE features per row (0:
+    log-probs only; the caller checked ``1 <= k <= d_sae``) read at ``hook_name``, stored as
+    ``values_dtype`` (:func:`normalize_values_dtype`), computed under ``precision``."""
     return CacheSettings(
         root=root,
         k=int(k),
