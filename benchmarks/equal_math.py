@@ -81,22 +81,16 @@ def _two_losses(model, loss_fn, spec: dict) -> list[float]:
 
 def ours(kind: str, model, tokenizer, rows: list[dict], spec: dict) -> list[float]:
     """Our module's mean loss over ``rows`` (one batch), before and after one update."""
+    from fpo.builder import assemble_module, frozen_copy, online_reference
     from fpo.data.collate import PreferenceCollator
-    from fpo.module import FPOLightningModule
-    from fpo.reference.base import OnlineReference
+    from fpo.objective import build_objective
 
-    preset = objective_preset(kind)
+    objective = build_objective(objective_preset(kind))
     reference = None
     if kind == "dpo":
-        import copy
-
-        reference = OnlineReference(copy.deepcopy(model))
-    module = FPOLightningModule(
-        model,
-        objective=preset,
-        optimizer=partial(torch.optim.SGD, lr=spec["check_lr"]),
-        reference=reference,
-    )
+        reference = online_reference(frozen_copy(model), objective)
+    optimizer = partial(torch.optim.SGD, lr=spec["check_lr"])
+    module = assemble_module(model, objective, optimizer, reference=reference)
     collate = PreferenceCollator(tokenizer.pad_token_id)
     batch = _to(collate([our_item(r) for r in rows]), spec["device"])
     return _two_losses(model, lambda: module.preference_step(batch)[0].losses.mean(), spec)

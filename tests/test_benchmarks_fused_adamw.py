@@ -7,15 +7,17 @@ from functools import partial
 
 import torch
 
+from fpo.builder import assemble_module
 from fpo.models.tiny import load_tiny
-from fpo.module import FPOLightningModule, fused_kwargs
+from fpo.module import fused_kwargs
+from fpo.objective import build_objective
 
-SIMPO = {"name": "simpo", "margin": "simpo", "beta": 2.0, "gamma_beta_ratio": 0.5}
+SIMPO = build_objective({"name": "simpo", "margin": "simpo", "beta": 2.0, "gamma_beta_ratio": 0.5})
 
 
 def _module(factory):
     model, _ = load_tiny()
-    return FPOLightningModule(model, objective=SIMPO, optimizer=factory)
+    return assemble_module(model, SIMPO, factory)
 
 
 def test_adamw_is_fused_by_default():

@@ -77,7 +77,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 def _comparable(config: Mapping) -> dict[str, Any]:
-    cfg = OmegaConf.create(dict(config))
+    """``{dotted key: value}`` of ``config``, interpolations left as written."""
+    cfg = config if isinstance(config, DictConfig) else OmegaConf.create(dict(config))
     flat: dict[str, Any] = {}
 
     def walk(node: Any, prefix: str) -> None:
@@ -107,16 +108,16 @@ def last_checkpoints(root: Path) -> Iterable[Path]:
     return root.glob("**/checkpoints/last.ckpt") if root.is_dir() else []
 
 
-def find_last_checkpoint(cfg: DictConfig) -> Path:
-    """The newest ``last.ckpt`` under ``<paths.log_dir>/<task_name>`` whose run's saved config
-    (``.hydra/config.yaml``) equals ``cfg`` up to ``RESUME_IGNORED_KEYS``."""
-    root = Path(cfg.paths.log_dir) / str(cfg.task_name)
+def find_last_checkpoint(config: Mapping, runs_root: Path) -> Path:
+    """The newest ``last.ckpt`` under ``runs_root`` (``<paths.log_dir>/<task_name>``) whose
+    run's saved config (``.hydra/config.yaml``) equals ``config`` (the run's composed
+    config as a mapping, interpolations unresolved) up to ``RESUME_IGNORED_KEYS``."""
     matches, near = [], []
-    for ckpt in last_checkpoints(root):
+    for ckpt in last_checkpoints(runs_root):
         saved = ckpt.parent.parent / ".hydra" / "config.yaml"
         if not saved.is_file():
             continue
-        diff = config_differences(cfg, OmegaConf.load(saved))
+        diff = config_differences(config, OmegaConf.load(saved))
         (near if diff else matches).append((ckpt.stat().st_mtime, ckpt, diff))
     if matches:
         return max(matches)[1]
@@ -128,20 +129,20 @@ def find_last_checkpoint(cfg: DictConfig) -> Path:
             f"{' ...' if len(diff) > 8 else ''}."
         )
     raise UserError(
-        f"ckpt_path=last: no last.ckpt of an earlier run with this config under {root}."
+        f"ckpt_path=last: no last.ckpt of an earlier run with this config under {runs_root}."
         f"{hint} Rerun the exact command of the interrupted run plus ckpt_path=last, pass "
         "ckpt_path=<file.ckpt>, or drop ckpt_path to start from scratch."
     )
 
 
-def resolve_ckpt_path(cfg: DictConfig) -> str | None:
-    """``cfg.ckpt_path`` as a file to resume from: ``None`` (start fresh), ``last`` (see
-    :func:`find_last_checkpoint`) or a path that must exist."""
-    value = cfg.get("ckpt_path")
+def resolve_ckpt_path(value: str | None, config: Mapping, runs_root: Path) -> str | None:
+    """``ckpt_path`` ``value`` as a file to resume from: ``None`` (start fresh), ``last``
+    (:func:`find_last_checkpoint` of ``config`` under ``runs_root``) or a path that must
+    exist."""
     if value in (None, ""):
         return None
     if str(value) == "last":
-        path = find_last_checkpoint(cfg)
+        path = find_last_checkpoint(config, runs_root)
         log.info("ckpt_path=last: resuming from %s", path)
         return str(path)
     path = Path(str(value)).expanduser()

@@ -10,7 +10,7 @@ per-row log-probs, pooled SAE features) -> objective -> metrics.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 
 import lightning as L
 import torch
@@ -25,7 +25,7 @@ from fpo.forward import ResponseStats, StatsRequest, response_stats
 from fpo.logprobs import response_positions
 from fpo.models.hf import split_causal_lm
 from fpo.nonfinite import NonFiniteGuard
-from fpo.objective import Objective, build_objective
+from fpo.objective import Objective
 from fpo.packing import Packing, check_packable
 from fpo.reference.base import ReferenceSource
 from fpo.sae import match_sae_dtype, reconstruction_report, resolve_hook_module
@@ -68,12 +68,11 @@ def fused_kwargs(factory: Callable, params: list[Tensor]) -> dict:
 class FPOLightningModule(L.LightningModule):
     """Preference optimisation of ``policy`` with a composed objective (``fpo.objective``).
 
-    Build it from a config with :func:`fpo.builder.build_run_parts`; direct use:
+    Built by `fpo.builder` (from a config, or `fpo.builder.assemble_module` from parts).
 
     Args:
         policy: a Hugging Face causal LM (trained).
-        objective: an :class:`~fpo.objective.Objective` or its config mapping
-            (``{"name": ..., "margin": dpo|ln_dpo|simpo, "beta": ..., "constraints": ...}``).
+        objective: an :class:`~fpo.objective.Objective`, validated by the builder.
         optimizer: ``params -> Optimizer`` (a Hydra ``_partial_``).
         scheduler: ``optimizer -> LRScheduler`` partial, stepped every optimizer step;
             if it takes ``num_training_steps`` the trainer's estimate is passed.
@@ -97,7 +96,7 @@ class FPOLightningModule(L.LightningModule):
     def __init__(
         self,
         policy: nn.Module,
-        objective: Mapping,
+        objective: Objective,
         optimizer: Callable,
         scheduler: Callable | None = None,
         reference: ReferenceSource | None = None,
@@ -110,11 +109,13 @@ class FPOLightningModule(L.LightningModule):
         packing: Packing | None = None,
     ) -> None:
         super().__init__()
-        self.objective: Objective = build_objective(objective)
-        needs = self.objective.needs
+        if not isinstance(objective, Objective):  # parsed and validated by fpo.builder
+            raise TypeError(f"objective must be an Objective, not {type(objective).__name__}")
+        self.objective, needs = objective, objective.needs
         if needs.reference and reference is None:
-            raise UserError(f"objective={self.objective.name} needs a reference (reference=...).")
-        self.objective.validate(sae=sae, cached_reference=False)
+            raise UserError(f"objective={objective.name} needs a reference (reference=...).")
+        if needs.features and (sae is None or not hook_name):
+            raise ValueError(f"objective={objective.name}: the feature term needs an SAE and hook.")
         # from_pretrained returns eval mode and Lightning keeps the modes it is given.
         self.policy = policy.train()
         self.parts = split_causal_lm(policy)
@@ -122,8 +123,6 @@ class FPOLightningModule(L.LightningModule):
         self.sae = sae if needs.features else None
         self.hook_name = hook_name if needs.features else None
         if self.sae is not None:
-            if not self.hook_name:
-                raise ValueError("FPOLightningModule: an SAE needs its resolved hook_name.")
             self.sae.requires_grad_(False).eval()
             resolve_hook_module(policy, self.hook_name)  # fail at start-up, not at step 1
         self.optimizer_factory = optimizer

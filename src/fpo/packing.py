@@ -64,13 +64,6 @@ class PackedRows(NamedTuple):
         return x.flatten(0, 1)[self.slot[positions.rows, positions.cols]]
 
 
-def packing_from_config(model_cfg) -> Packing | None:
-    """``Packing`` from a ``model`` config's ``packed`` / ``pack_length`` (``None``: padded)."""
-    if not model_cfg.get("packed", False):
-        return None
-    return Packing(model_cfg.get("pack_length"))
-
-
 def check_packable(model: nn.Module) -> None:
     """Refuse a model whose attention implementation is not known to honour packing."""
     config = getattr(model, "config", None)

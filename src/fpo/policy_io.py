@@ -28,13 +28,13 @@ log = logging.getLogger("fpo.policy_io")
 POLICY_DIR = "policy"
 
 
-def should_save_policy(cfg: Any) -> bool:
-    """``save_policy``: true, false, or ``auto`` (when an ``evaluation`` block is set)."""
-    value = cfg.get("save_policy", "auto")
+def should_save_policy(value: bool | str, has_evaluation: bool) -> bool:
+    """``save_policy`` ``value``: true, false, or ``auto`` (when the run has an
+    ``evaluation`` block: ``has_evaluation``)."""
     if isinstance(value, str):
         if value != "auto":
             raise UserError(f"save_policy={value!r}: choose true, false or auto.")
-        return bool(cfg.get("evaluation"))
+        return has_evaluation
     return bool(value)
 
 

@@ -8,11 +8,12 @@ A Hydra multirun (``fpo-train -m ...``) gets, from this module:
   hash of them (:func:`derive_sweep_name`). Running the same command again therefore
   finds the same folder. ``hydra.*`` overrides (launcher, sweeper settings),
   ``paths.log_dir``/``paths.root_dir`` and ``sweep.*`` do not enter the name.
-- **Per-job status.** :func:`run_job` wraps each job: ``<job dir>/job_status.json`` says
-  ``running``, ``finished`` (with the optimized metric and final metrics) or ``failed``
-  (with the error). A failing job (bad config, non-finite loss or metric, out of memory,
-  any exception) is recorded and returns NaN, so the launcher goes on with the other jobs
-  and Optuna marks the trial failed.
+- **Per-job status.** :func:`sweep_job` is the context each job runs in (``fpo-train``
+  enters it, then trains): ``<job dir>/job_status.json`` says ``running``, ``finished``
+  (with the optimized metric and final metrics) or ``failed`` (with the error). A failing
+  job (bad config, non-finite loss or metric, out of memory, any exception) is recorded
+  and returns NaN, so the launcher goes on with the other jobs and Optuna marks the trial
+  failed.
 - **Skip and resume.** With ``sweep.resume=true`` (default) a job whose status is
   ``finished`` is skipped (its recorded metric is returned) and a job that was interrupted
   resumes from ``<job dir>/checkpoints/last.ckpt`` when the run has the ``last_checkpoint``
@@ -22,7 +23,7 @@ A Hydra multirun (``fpo-train -m ...``) gets, from this module:
   metric, folder and error; rewritten after each job and at the end. When any job failed,
   the sweep exits with status 1 after all jobs ran.
 
-Outside multirun mode :func:`run_job` just calls the job.
+Outside multirun mode :func:`sweep_job` records nothing and lets errors through.
 """
 
 from __future__ import annotations
@@ -37,8 +38,9 @@ import re
 import sys
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -148,46 +150,80 @@ def _finite(value: Any) -> bool:
     return value is None or (isinstance(value, int | float) and math.isfinite(value))
 
 
-def _has_last_checkpoint(cfg: DictConfig) -> bool:
-    """Resume needs last.ckpt: the run's ``last_checkpoint`` callback (callbacks/checkpoint)."""
-    return bool((cfg.get("callbacks") or {}).get("last_checkpoint"))
+@dataclass(frozen=True)
+class JobSettings:
+    """What the bookkeeping reads of one job's config.
+
+    job_dir: the job's output folder (``paths.output_dir``).
+    optimized_metric: the metric the job returns (``optimized_metric``), for messages.
+    resume: skip a finished job, resume an interrupted one (``sweep.resume``).
+    keep_last_checkpoint: keep a finished job's ``last.ckpt`` (``sweep.keep_last_checkpoint``).
+    ckpt_path_given: the job names its own ``ckpt_path`` (then it is not replaced).
+    has_last_checkpoint: the run has the ``last_checkpoint`` callback, which resume needs.
+    """
+
+    job_dir: Path
+    optimized_metric: str | None = None
+    resume: bool = True
+    keep_last_checkpoint: bool = True
+    ckpt_path_given: bool = False
+    has_last_checkpoint: bool = False
 
 
-def run_job(cfg: DictConfig, job: Callable[[DictConfig], float | None]) -> float | None:
-    """Run ``job(cfg)``; in multirun mode record its status, skip or resume it, never raise.
+@dataclass
+class Job:
+    """One job as :func:`sweep_job` found it; the caller sets ``value``.
 
-    ``job`` returns the value of ``optimized_metric`` and writes ``<job dir>/metrics.json``.
+    skip: the job finished in an earlier run of the sweep (``value`` is its metric).
+    resume_from: the ``last.ckpt`` an interrupted job resumes from (``None``: start fresh).
+    value: the job's optimized metric (NaN when it failed).
+    """
+
+    skip: bool = False
+    resume_from: Path | None = None
+    value: float | None = None
+
+
+@contextmanager
+def sweep_job(settings: JobSettings) -> Iterator[Job]:
+    """Around one job: in multirun mode record its status, say whether to skip or resume it,
+    and never let it raise (a failure is recorded and the value becomes NaN).
+
+    The caller runs the job in the ``with`` body unless ``job.skip``, resuming from
+    ``job.resume_from`` if set, and puts its optimized metric in ``job.value``; the job
+    writes ``<job dir>/metrics.json``. Outside multirun mode nothing is recorded.
     """
     if not in_multirun():
-        return job(cfg)
+        yield Job()
+        return
     hydra_cfg = HydraConfig.get()
-    job_dir = Path(cfg.paths.output_dir)
+    job_dir = settings.job_dir
     sweep_dir = Path(hydra_cfg.sweep.dir)
-    resume = bool(cfg.get("sweep", {}).get("resume", True))
     previous = read_status(job_dir) or {}
-    if resume and previous.get("status") == "finished":
+    if settings.resume and previous.get("status") == "finished":
         log.info("job %s finished in an earlier run of this sweep: skipped", job_dir.name)
-        return previous.get("value")
+        yield Job(skip=True, value=previous.get("value"))
+        return
 
     status: dict[str, Any] = {
         "status": "running",
         "num": hydra_cfg.job.num,
         "dir": str(job_dir),
         "overrides": list(hydra_cfg.overrides.task),
-        "optimized_metric": cfg.get("optimized_metric"),
+        "optimized_metric": settings.optimized_metric,
         "attempts": int(previous.get("attempts", 0)) + 1,
         "started": time.time(),
         "resumed_from": None,
     }
-    has_checkpoints = _has_last_checkpoint(cfg)
+    job = Job()
     last = job_dir / "checkpoints" / "last.ckpt"
-    if resume and previous.get("status") == "running" and cfg.get("ckpt_path") is None:
+    interrupted = previous.get("status") == "running"
+    if settings.resume and interrupted and not settings.ckpt_path_given:
         if last.exists():
-            with open_dict(cfg):
-                cfg.ckpt_path = str(last)
+            job.resume_from = last
             status["resumed_from"] = str(last)
             log.info("job %s was interrupted: resuming from %s", job_dir.name, last)
-        elif not has_checkpoints:
+        elif not settings.has_last_checkpoint:
             log.info("job %s reruns from the start (no last_checkpoint callback)", job_dir.name)
     # Under SLURM with one task per GPU (hydra/launcher=slurm) every rank runs this job;
     # rank 0 keeps the books.
@@ -196,19 +232,18 @@ def run_job(cfg: DictConfig, job: Callable[[DictConfig], float | None]) -> float
         job_dir.mkdir(parents=True, exist_ok=True)
         _write_json(job_dir / STATUS_FILE, status)
 
-    value: float | None = float("nan")
     try:
         with _single_run_command_for_ddp(job_dir, status["overrides"]):
-            value = job(cfg)
+            yield job
         metrics = _read_metrics(job_dir)
         bad = {k: v for k, v in metrics.items() if not _finite(v)}
-        if not _finite(value) or bad:
+        if not _finite(job.value) or bad:
             raise FloatingPointError(
-                f"non-finite result: {cfg.get('optimized_metric')}={value}"
+                f"non-finite result: {settings.optimized_metric}={job.value}"
                 + (f"; metrics {sorted(bad)}" if bad else "")
             )
-        status.update(status="finished", value=value, metrics=metrics)
-        if writer and not cfg.get("sweep", {}).get("keep_last_checkpoint", True):
+        status.update(status="finished", value=job.value, metrics=metrics)
+        if writer and not settings.keep_last_checkpoint:
             last.unlink(missing_ok=True)  # only needed to resume an unfinished job
     except Exception as error:  # recorded; the sweep goes on
         cause = error.__cause__ if isinstance(error, InstantiationException) else None
@@ -220,14 +255,13 @@ def run_job(cfg: DictConfig, job: Callable[[DictConfig], float | None]) -> float
             metrics=_read_metrics(job_dir),
         )
         log.error("job %s failed: %s: %s", job_dir.name, type(error).__name__, error)
-        value = float("nan")
+        job.value = float("nan")
         gc.collect()
         _empty_cuda_cache()
     status["seconds"] = time.time() - status["started"]
     if writer:
         _write_json(job_dir / STATUS_FILE, status)
         write_summary(sweep_dir)
-    return value
 
 
 @contextmanager

@@ -35,11 +35,11 @@ def test_fit_frees_the_optimizer_state_after_the_last_checkpoint_saved_it(tmp_pa
 def test_fpo_train_evaluates_on_the_training_device(tmp_path, monkeypatch):
     seen = {}
 
-    def record(experiment, policy, loggers, device=None, **kwargs):
+    def record(policy, reference, run, loggers, device=None):
         seen["device"] = device
         return {}
 
-    monkeypatch.setattr(after_fit, "evaluate_experiment", record)
+    monkeypatch.setattr(after_fit, "evaluate_run", record)
     cfg = compose_train(
         *SMOKE, f"paths.output_dir={tmp_path}", "evaluation=smoke", "trainer.max_epochs=1"
     )
@@ -67,9 +67,10 @@ def test_evaluation_moves_policy_reference_and_sae_to_the_device(tmp_path, monke
     monkeypatch.setattr(after_fit, "sample_and_judge", sample_and_judge)
     monkeypatch.setattr(after_fit, "heldout_pair_metrics", heldout_pair_metrics)
     cfg = compose_train(*SMOKE, f"paths.output_dir={tmp_path}", "evaluation=smoke")
-    experiment = build_run_parts(cfg)
+    parts = build_run_parts(cfg)
+    run, reference = parts.evaluation_inputs(), parts.load_reference_model()
     with pytest.raises(Stop):
-        after_fit.evaluate_experiment(experiment, experiment.policy, [], device="meta")
+        after_fit.evaluate_run(parts.policy, reference, run, [], device="meta")
     assert seen == {name: torch.device("meta") for name in ("policy", "reference", "sae")}
 
 

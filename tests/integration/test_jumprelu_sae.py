@@ -71,7 +71,7 @@ def test_fpo_loss_with_a_jumprelu_sae_equals_the_formula(
     torch.manual_seed(0)
     policy, reference = perturbed_pair(build_tiny_model())
     batch = fixture_batch(tiny_tokenizer, fixtures_dir)
-    module = make_module(objective, policy, reference, sae, HOOK, 12)
+    module = make_module(objective, policy, reference, sae, HOOK)
     result, _ = module.preference_step(batch)
     with torch.no_grad():
         ref_stats = naive_response_stats(reference, batch)

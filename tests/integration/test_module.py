@@ -12,7 +12,7 @@ import lightning as L
 import pytest
 import torch
 
-from fpo.module import FPOLightningModule
+from fpo.builder import StepSettings, assemble_module, frozen_copy, online_reference
 from fpo.reference.base import OnlineReference
 from fpo.sae import build_random_sae
 from fpo.testing import PRESETS, fixture_datamodule, preset
@@ -30,15 +30,15 @@ def make_module(name, model, lr=1e-3, chunk=None, optimizer=torch.optim.AdamW):
     sae = build_random_sae(d_in=32, d_sae=64, k=8, hook_name=HOOK)
     reference = None
     if needs.reference:
-        reference = OnlineReference(copy.deepcopy(model), sae=sae, hook_name=HOOK, k=16)
-    return FPOLightningModule(
+        reference = online_reference(frozen_copy(model), objective, sae=sae, hook_name=HOOK)
+    return assemble_module(
         model,
-        objective=objective,
-        optimizer=partial(optimizer, lr=lr),
+        objective,
+        partial(optimizer, lr=lr),
         reference=reference,
-        sae=sae if needs.features else None,
+        sae=sae,
         hook_name=HOOK,
-        logits_chunk_size=chunk,
+        step=StepSettings(logits_chunk_size=chunk),
     )
 
 

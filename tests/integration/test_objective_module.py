@@ -16,10 +16,9 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.loggers import Logger
 
+from fpo.builder import assemble_module, online_reference
 from fpo.models.tiny import build_tiny_model, load_tiny
-from fpo.module import FPOLightningModule
 from fpo.objective import Objective
-from fpo.reference.base import OnlineReference
 from fpo.sae import build_random_sae
 from fpo.testing import PRESETS, fixture_datamodule, preset
 
@@ -44,18 +43,14 @@ def perturbed_pair(model):
     return model.eval(), reference.eval()
 
 
-def make_module(objective, policy, reference_model, sae, hook, k):
-    needs = objective.needs
+def make_module(objective, policy, reference_model, sae, hook):
+    """The module of ``objective`` with ``reference_model`` (used as given) as reference."""
     reference = None
-    if needs.reference:
-        reference = OnlineReference(reference_model, sae=sae, hook_name=hook, k=k)
-    return FPOLightningModule(
-        policy,
-        objective=objective,
-        optimizer=partial(torch.optim.SGD, lr=0.0),
-        reference=reference,
-        sae=sae if needs.features else None,
-        hook_name=hook if needs.features else None,
+    if objective.needs.reference:
+        reference = online_reference(reference_model, objective, sae=sae, hook_name=hook)
+    optimizer = partial(torch.optim.SGD, lr=0.0)
+    return assemble_module(
+        policy, objective, optimizer, reference=reference, sae=sae, hook_name=hook
     )
 
 
@@ -82,7 +77,7 @@ def test_presets_give_the_pinned_losses(name, tiny_tokenizer, fixtures_dir):
     batch = fixture_batch(tiny_tokenizer, fixtures_dir)
     sae = build_random_sae(d_in=32, d_sae=64, k=8, hook_name="blocks.1.hook_resid_post")
     objective = preset(name, "objective.constraints.features.k=16")
-    module = make_module(objective, policy, reference, sae, "blocks.1.hook_resid_post", 16)
+    module = make_module(objective, policy, reference, sae, "blocks.1.hook_resid_post")
     result, _ = module.preference_step(batch)
     torch.testing.assert_close(result.losses, torch.tensor(PINNED[name]), atol=2e-6, rtol=0)
 
@@ -185,7 +180,7 @@ def test_module_loss_equals_formula_from_the_models_own_logits(
     assert len(set(lengths.tolist())) > 2, "the check needs responses of different lengths"
     hook = f"blocks.{HOOK_LAYER}.hook_resid_post"
     sae = build_random_sae(d_in=32, d_sae=48, k=10, hook_name=hook)
-    module = make_module(objective, policy, reference_model, sae, hook, 12)
+    module = make_module(objective, policy, reference_model, sae, hook)
     result, _ = module.preference_step(batch)
     with torch.no_grad():
         expected = naive_loss(
@@ -232,11 +227,12 @@ def test_train_metrics_aggregate_one_optimizer_step_only(tiny_tokenizer, fixture
     torch.manual_seed(0)
     policy, reference_model = perturbed_pair(build_tiny_model())
     datamodule = fixture_datamodule(tiny_tokenizer, fixtures_dir, batch_size=1, shuffle=False)
-    module = FPOLightningModule(
+    objective = preset("dpo")
+    module = assemble_module(
         policy.train(),
-        objective=preset("dpo"),
-        optimizer=partial(torch.optim.SGD, lr=1e-2),
-        reference=OnlineReference(reference_model),
+        objective,
+        partial(torch.optim.SGD, lr=1e-2),
+        reference=online_reference(reference_model, objective),
     )
     capture, logger = MicroBatchLosses(), RecordingLogger()
     trainer = L.Trainer(

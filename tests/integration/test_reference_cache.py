@@ -26,7 +26,7 @@ from omegaconf import OmegaConf
 import fpo.builder
 import fpo.commands.cache
 import fpo.reference.settings
-from fpo.builder import RunParts
+from fpo.builder import RunParts, assemble_module, online_reference
 from fpo.data import PreferenceDataModule
 from fpo.errors import UserError
 from fpo.forward import forward_response_positions
@@ -34,8 +34,7 @@ from fpo.hashing import hash_state_dict
 from fpo.logprobs import response_positions, segment_mean
 from fpo.models.hf import split_causal_lm
 from fpo.models.tiny import build_tiny_model, build_tiny_tokenizer
-from fpo.module import FPOLightningModule
-from fpo.reference.base import BatchReference, OnlineReference
+from fpo.reference.base import BatchReference
 from fpo.reference.build import build_reference_cache
 from fpo.reference.settings import CacheSettings
 from fpo.reference.store import ReferenceCache, attach_reference_cache
@@ -68,8 +67,15 @@ def make_dm(tokenizer, source=FIXTURE, max_length=128, batch_size=2, shuffle=Fal
     )
 
 
-def online_reference(model, sae=None, k=0):
-    return OnlineReference(model, sae, HOOK if sae is not None else None, k=k)
+def objective_for(name, k=K):
+    return preset(name, f"objective.constraints.features.k={k}")
+
+
+def reference_for(model, sae=None, k=0):
+    """The online reference run on ``model`` as given: FPO's with the top ``k`` features of
+    ``sae``, or DPO's (log-probs only) when ``k`` is 0."""
+    objective = objective_for("fpo", k) if k else objective_for("dpo")
+    return online_reference(model, objective, sae=sae, hook_name=HOOK)
 
 
 def make_settings(root: Path, k: int) -> CacheSettings:
@@ -93,13 +99,19 @@ def build(root, model, tokenizer, sae, k, dm=None, extra_callbacks=(), **kwargs)
     dm = dm or make_dm(tokenizer)
     return build_reference_cache(
         partial(make_trainer, extra=extra_callbacks),
-        copy.deepcopy(model),
-        sae if k else None,
+        reference_for(copy.deepcopy(model), sae, k),
         dm,
         make_settings(root, k),
         batch_size=kwargs.pop("batch_size", 4),
         **kwargs,
     )
+
+
+def test_a_reference_with_another_k_than_the_cache_is_refused(tmp_path, tiny_tokenizer):
+    reference = reference_for(build_tiny_model(seed=0), make_sae(), K)
+    with pytest.raises(ValueError, match=f"keeps k={K} features, the cache 0"):
+        build_reference_cache(make_trainer, reference, make_dm(tiny_tokenizer),
+                              make_settings(tmp_path, 0), batch_size=4)  # fmt: skip
 
 
 IDS = (
@@ -136,15 +148,14 @@ def pooled_features(model, sae, batch) -> torch.Tensor:
 
 
 def module_for(name, policy, reference, sae=None, k=K, lr=1e-2):
-    objective = preset(name, f"objective.constraints.features.k={k}")
-    features = objective.needs.features
-    return FPOLightningModule(
+    optimizer = partial(torch.optim.AdamW, lr=lr)
+    return assemble_module(
         policy,
-        objective=objective,
-        optimizer=partial(torch.optim.AdamW, lr=lr),
+        objective_for(name, k),
+        optimizer,
         reference=reference,
-        sae=sae if features else None,
-        hook_name=HOOK if features else None,
+        sae=sae,
+        hook_name=HOOK,
         sae_report_batches=0,
     )
 
@@ -191,7 +202,7 @@ def test_dpo_from_cache_equals_dpo_online(tmp_path, tiny_tokenizer, stored_k):
     dm_cached = make_dm(tiny_tokenizer, shuffle=True)
     attach_reference_cache(make_settings(tmp_path, 0), dm_cached, reference, None)
     cached = module_for("dpo", copy.deepcopy(reference), BatchReference())
-    online = module_for("dpo", copy.deepcopy(reference), online_reference(copy.deepcopy(reference)))
+    online = module_for("dpo", copy.deepcopy(reference), reference_for(copy.deepcopy(reference)))
     n_policy = sum(p.numel() for p in reference.parameters())
     assert sum(p.numel() for p in cached.parameters()) == n_policy  # no reference model
 
@@ -213,7 +224,7 @@ def test_fpo_from_cache_equals_online_and_the_feature_formula(tmp_path, tiny_tok
     dm = make_dm(tiny_tokenizer, batch_size=4)
     attach_reference_cache(make_settings(tmp_path, k), dm, reference, sae)
     cached = module_for("fpo", policy, BatchReference(), sae, k=k)
-    online = module_for("fpo", policy, online_reference(reference, sae, k), sae, k=k)
+    online = module_for("fpo", policy, reference_for(reference, sae, k), sae, k=k)
     union_larger_than_k = 0
     for batch in dm.val_dataloader():
         result, stats = cached.preference_step(batch)
@@ -246,7 +257,7 @@ def test_shuffled_and_filtered_rows_join_to_their_own_values(built, tmp_path, ti
     reference, sae = build_tiny_model(seed=0), make_sae()
     dm = make_dm(tiny_tokenizer, source=source)
     attach_reference_cache(make_settings(root, K), dm, reference, sae)
-    reference = online_reference(reference, sae, K)
+    reference = reference_for(reference, sae, K)
     assert len(dm.val_dataset) == 5
     for batch in dm.val_dataloader():
         expected = reference.stats(batch, response_positions(batch["labels"]), features=True,

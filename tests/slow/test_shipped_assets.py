@@ -32,10 +32,10 @@ import torch
 from omegaconf import OmegaConf
 from sae_lens import SAE
 
+from fpo.builder import online_reference
 from fpo.data import PreferenceDataModule
 from fpo.logprobs import response_positions
 from fpo.models.gemma3_gguf import load_gemma3_270m
-from fpo.reference.base import OnlineReference
 from fpo.reference.build import build_reference_cache
 from fpo.reference.settings import CacheSettings
 from fpo.reference.store import ReferenceCache
@@ -43,7 +43,7 @@ from fpo.sae import check_sae_fits_model, load_sae, resolve_hook_module, sae_hoo
 from fpo.sae_maker import cli, corpus
 from fpo.sae_maker.activations import collect_activations
 from fpo.sae_maker.trainer import evaluate_sae
-from fpo.testing import compose_train
+from fpo.testing import compose_train, preset
 
 pytestmark = pytest.mark.slow
 
@@ -244,16 +244,18 @@ def test_reference_cache_of_sentiment_pairs_equals_the_online_reference(gemma, s
     k = min(int(fpo_k), int(sae.cfg.d_sae))
     settings = CacheSettings(tmp_path, k, "float32", sae_hook_name(sae), "32-true", "fpo-cache")
     datamodule = sentiment_datamodule(tokenizer)
+    objective = preset("fpo", f"objective.constraints.features.k={k}")
+    online = online_reference(
+        model, objective, sae=sae, hook_name=sae_hook_name(sae), logits_chunk_size=256
+    )
     results = build_reference_cache(
-        predict_trainer, model, sae, datamodule, settings, batch_size=CACHE_PAIRS,
-        logits_chunk_size=256,
-    )  # fmt: skip
+        predict_trainer, online, datamodule, settings, batch_size=CACHE_PAIRS
+    )
     assert list(results) == ["train"] and results["train"]["computed"] == CACHE_PAIRS
     cache = ReferenceCache.open(settings.split_path("train"))
     assert len(cache) == CACHE_PAIRS and cache.k == k == 50
 
     # Each pair alone (no padding), against the cache's values computed in one padded batch.
-    online = OnlineReference(model, sae, sae_hook_name(sae), k=k, logits_chunk_size=256)
     dataset = datamodule.dataset("train", wrapped=False)
     for index in range(CACHE_PAIRS):
         batch = datamodule.collator([dataset[index]])

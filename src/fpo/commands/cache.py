@@ -62,14 +62,12 @@ def build(cfg: DictConfig) -> tuple[Path, dict[str, dict]]:
     datamodule = experiment.datamodule
     results = build_reference_cache(
         make_trainer,
-        experiment.policy,
-        experiment.sae,
+        experiment.cache_reference(),
         datamodule,
         settings,
         batch_size=int(cfg.cache.get("batch_size") or datamodule.eval_batch_size),
         shard_size=int(cfg.cache.shard_size),
         overwrite=bool(cfg.cache.overwrite),
-        logits_chunk_size=cfg.step.logits_chunk_size,
     )
     return settings.root, results
 

@@ -27,10 +27,10 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from fpo.builder import build_run_parts, instantiate_all
+from fpo.builder import build_run_parts
 from fpo.commands.common import CONFIG_DIR, run_hydra, user_errors
 from fpo.errors import UserError
-from fpo.evaluation.after_fit import evaluate_experiment
+from fpo.evaluation.after_fit import evaluate_run
 from fpo.policy_io import POLICY_DIR, load_policy_weights
 
 log = logging.getLogger("fpo.eval")
@@ -79,18 +79,12 @@ def run_config(cfg: DictConfig, run_dir: Path, keys: list[tuple[str, bool]]) -> 
     return run_cfg
 
 
-def eval_loggers(run_cfg: DictConfig, out_dir: Path, run_dir: Path | None) -> list:
-    """The run's loggers, writing under ``out_dir``; W&B: job type ``eval``, and the group
-    of the run's sweep (``<task>/<sweep folder>``) when the run is a multirun job."""
-    loggers = OmegaConf.to_container(run_cfg.get("logger") or {}, resolve=True)
-    for spec in loggers.values():
-        if isinstance(spec, dict) and "save_dir" in spec:
-            spec["save_dir"] = str(out_dir)
-        if isinstance(spec, dict) and spec.get("_target_", "").endswith("wandb_logger"):
-            spec["job_type"] = "eval"
-            if run_dir is not None and run_dir.parent.parent.name == "multiruns":
-                spec["group"] = spec.get("group") or f"{run_cfg.task_name}/{run_dir.parent.name}"
-    return instantiate_all(OmegaConf.create(loggers))
+def wandb_group(run_cfg: DictConfig, run_dir: Path | None) -> str:
+    """The W&B group of the run's sweep (``<task>/<sweep folder>``) when the run is a
+    multirun job, else ``""`` (the logger's own)."""
+    if run_dir is not None and run_dir.parent.parent.name == "multiruns":
+        return f"{run_cfg.task_name}/{run_dir.parent.name}"
+    return ""
 
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
@@ -116,16 +110,16 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     if not run_cfg.get("evaluation"):
         raise UserError("no evaluation block: add evaluation=sentiment (or another option).")
     L.seed_everything(run_cfg.seed, workers=True)
-    experiment = build_run_parts(run_cfg)
+    parts = build_run_parts(run_cfg)
     if weights is not None:
-        load_policy_weights(experiment.policy, weights)
+        load_policy_weights(parts.policy, weights)
         log.info("policy weights from %s", weights)
     else:
         log.info("no run given: evaluating the initial model against itself")
-    loggers = eval_loggers(run_cfg, out_dir, run_dir)
-    scalars = evaluate_experiment(
-        experiment, experiment.policy, loggers, out_dir=out_dir, device=eval_device(cfg)
-    )
+    # The run's loggers, writing under out_dir; W&B: job type eval, the run's sweep group.
+    loggers = parts.build_loggers(out_dir, "eval", wandb_group(run_cfg, run_dir))
+    run, device = parts.evaluation_inputs(out_dir), eval_device(cfg)
+    scalars = evaluate_run(parts.policy, parts.load_reference_model(), run, loggers, device)
     for logger in loggers:
         logger.finalize("success")
     finish_wandb()

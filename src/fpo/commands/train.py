@@ -14,25 +14,27 @@ from pathlib import Path
 import hydra
 import lightning as L
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
-from fpo.builder import RunParts, build_run_parts
+from fpo.builder import RunParts, build_training
 from fpo.checkpoints import resolve_ckpt_path
 from fpo.commands.common import CONFIG_DIR, run_hydra, user_errors
 from fpo.errors import UserError
 from fpo.policy_io import POLICY_DIR, save_policy, should_save_policy
-from fpo.sweep import run_job
+from fpo.sweep import JobSettings, sweep_job
 
 log = logging.getLogger("fpo.train")
 
 
-def evaluate(experiment: RunParts, loggers: list, device: torch.device) -> dict[str, float]:
+def evaluate(parts: RunParts, loggers: list, device: torch.device) -> dict[str, float]:
     """Evaluate the trained policy against a fresh load of the initial weights, on the
-    training ``device`` (the code ``fpo-eval`` runs too:
-    `fpo.evaluation.after_fit.evaluate_experiment`)."""
-    from fpo.evaluation.after_fit import evaluate_experiment
+    training ``device`` (the code ``fpo-eval`` runs too: `fpo.evaluation.after_fit`)."""
+    from fpo.evaluation import after_fit
 
-    return evaluate_experiment(experiment, experiment.policy, loggers, device=device)
+    run = parts.evaluation_inputs()
+    return after_fit.evaluate_run(
+        parts.policy, parts.load_reference_model(), run, loggers, device=device
+    )
 
 
 def reset_peak_memory() -> None:
@@ -61,59 +63,79 @@ def train(cfg: DictConfig) -> dict[str, float]:
     """Fit one run; returns the final callback metrics as floats (also in metrics.json)."""
     started = time.perf_counter()
     reset_peak_memory()
-    ckpt_path = resolve_ckpt_path(cfg)  # ckpt_path=last: this config's newest last.ckpt
+    # ckpt_path=last: the newest last.ckpt of an earlier run of this config
+    runs_root = Path(cfg.paths.log_dir) / str(cfg.task_name)
+    config = OmegaConf.to_container(cfg, resolve=False)
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), config, runs_root)
     L.seed_everything(cfg.seed, workers=True)
-    experiment = build_run_parts(cfg)
-    module = experiment.build_module()
-    loggers = experiment.build_loggers()
-    trainer = experiment.build_trainer(loggers)
+    run = build_training(cfg)
+    trainer, parts = run.trainer, run.parts
     config = OmegaConf.to_container(cfg, resolve=True)
-    for logger in loggers:
+    for logger in run.loggers:
         logger.log_hyperparams(config)
     fit_started, fit_cpu_started = time.perf_counter(), time.process_time()
-    trainer.fit(module, datamodule=experiment.datamodule, ckpt_path=ckpt_path)
+    trainer.fit(run.module, datamodule=parts.datamodule, ckpt_path=ckpt_path)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     metrics["run/fit_seconds"] = time.perf_counter() - fit_started
     # CPU time of this process (all its threads): unlike wall time, barely moved by other
     # jobs on a shared machine; compare it between runs on the same thread count.
     metrics["run/fit_cpu_seconds"] = time.process_time() - fit_cpu_started
     metrics["run/peak_memory_gb"] = peak_memory_gb()
-    if trainer.is_global_zero and should_save_policy(cfg):
-        save_policy(
-            experiment.policy, experiment.tokenizer, Path(cfg.paths.output_dir) / POLICY_DIR
-        )
-    if cfg.get("evaluation") and trainer.is_global_zero:
-        metrics.update(evaluate(experiment, loggers, trainer.strategy.root_device))
+    output_dir, has_evaluation = Path(cfg.paths.output_dir), bool(cfg.get("evaluation"))
+    save = cfg.get("save_policy", "auto")
+    if trainer.is_global_zero and should_save_policy(save, has_evaluation):
+        save_policy(parts.policy, parts.tokenizer, output_dir / POLICY_DIR)
+    if has_evaluation and trainer.is_global_zero:
+        metrics.update(evaluate(parts, run.loggers, trainer.strategy.root_device))
     metrics["run/wall_seconds"] = time.perf_counter() - started
     if trainer.is_global_zero:
-        output_dir = Path(cfg.paths.output_dir)
         (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
         log.info("final metrics written to %s", output_dir / "metrics.json")
     return metrics
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
-def hydra_main(cfg: DictConfig) -> float | None:
-    """Hydra entry point; returns ``cfg.optimized_metric`` for sweepers."""
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    # The frozen reference and SAE stay in eval mode on purpose.
-    warnings.filterwarnings("ignore", message=r"Found .* module\(s\) in eval mode")
-    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
-    torch.set_float32_matmul_precision("high")
-    with user_errors():
-        # In multirun mode: status per job, skip finished / resume interrupted (fpo.sweep).
-        return run_job(cfg, train_and_select)
-
-
-def train_and_select(cfg: DictConfig) -> float | None:
-    """Train; return the value of ``cfg.optimized_metric``."""
-    metrics = train(cfg)
+def selected_metric(cfg: DictConfig, metrics: dict[str, float]) -> float | None:
+    """The value of ``cfg.optimized_metric`` in ``metrics`` (``None`` when unset)."""
     name = cfg.get("optimized_metric")
     if name and name not in metrics:
         raise UserError(
             f"optimized_metric={name!r} was not logged; logged metrics: {sorted(metrics)}."
         )
     return metrics.get(name) if name else None
+
+
+def job_settings(cfg: DictConfig) -> JobSettings:
+    """What `fpo.sweep.sweep_job` reads of this job's config."""
+    sweep = cfg.get("sweep") or {}
+    return JobSettings(
+        job_dir=Path(cfg.paths.output_dir),
+        optimized_metric=cfg.get("optimized_metric"),
+        resume=bool(sweep.get("resume", True)),
+        keep_last_checkpoint=bool(sweep.get("keep_last_checkpoint", True)),
+        ckpt_path_given=cfg.get("ckpt_path") is not None,
+        has_last_checkpoint=bool((cfg.get("callbacks") or {}).get("last_checkpoint")),
+    )
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+def hydra_main(cfg: DictConfig) -> float | None:
+    """Hydra entry point; returns ``cfg.optimized_metric`` for sweepers.
+
+    In multirun mode `fpo.sweep.sweep_job` keeps each job's status, skips a finished job
+    and resumes an interrupted one; then `train` runs the job.
+    """
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # The frozen reference and SAE stay in eval mode on purpose.
+    warnings.filterwarnings("ignore", message=r"Found .* module\(s\) in eval mode")
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+    torch.set_float32_matmul_precision("high")
+    with user_errors(), sweep_job(job_settings(cfg)) as job:
+        if not job.skip:
+            if job.resume_from is not None:
+                with open_dict(cfg):
+                    cfg.ckpt_path = str(job.resume_from)
+            job.value = selected_metric(cfg, train(cfg))
+    return job.value
 
 
 def main() -> None:

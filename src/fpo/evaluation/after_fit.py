@@ -1,7 +1,9 @@
 """Evaluate a run's policy against its reference (the initial weights): the one code path.
 
 ``fpo-train`` (after fit, when the config has an ``evaluation`` block) and ``fpo-eval``
-(a finished run, or the initial model by itself) both call `evaluate_experiment`:
+(a finished run, or the initial model by itself) both call `evaluate_run` with the
+policy, a fresh load of the initial weights and the run's :class:`EvaluationInputs`, all
+three from ``fpo.builder`` (``RunParts.load_reference_model``, ``RunParts.evaluation_inputs``):
 
 1. fresh samples from policy and reference on the held-out *test* prompts
    (``evaluation.prompts_file``), scored by every judge of ``evaluation.judges`` (win rate,
@@ -27,12 +29,12 @@ import json
 import logging
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -43,9 +45,39 @@ from fpo.evaluation.heldout import DEFAULT_DRIFT_K, heldout_pair_metrics
 from fpo.evaluation.report import format_summary, write_evaluation
 from fpo.evaluation.sentiment import evaluate_sentiment
 from fpo.evaluation.wandb_report import log_evaluation_to_wandb
-from fpo.packing import packing_from_config
+from fpo.objective import Objective
+from fpo.packing import Packing
 
 log = logging.getLogger("fpo.evaluation")
+
+
+@dataclass(frozen=True)
+class EvaluationInputs:
+    """What the evaluation of a run needs besides the two models (built by ``fpo.builder``).
+
+    settings: the run's ``evaluation`` block as a plain dict.
+    out_dir: where the files go.
+    tokenizer, datamodule: the run's (held-out pairs are tokenized like its data).
+    objective: the run's objective (its implicit reward, its feature term's ``k``).
+    sae, hook_name: the run's frozen SAE and hook for feature drift (``None``: no SAE).
+    sae_label: the SAE's path, id or target, for the feature report.
+    packing: the run's packed trunk forward (`fpo.packing`), or ``None``.
+    """
+
+    settings: dict[str, Any]
+    out_dir: Path
+    tokenizer: Any
+    datamodule: Any
+    objective: Objective
+    sae: nn.Module | None = None
+    hook_name: str | None = None
+    sae_label: str | None = None
+    packing: Packing | None = None
+
+
+def heldout_pairs_file(settings: dict[str, Any]) -> str | None:
+    """The held-out pairs of ``evaluation`` settings (default: the prompts file)."""
+    return settings.get("pairs_file", settings["prompts_file"])
 
 
 def read_prompts(path: str | Path, limit: int | None) -> list[str]:
@@ -95,21 +127,6 @@ def heldout_loader(datamodule: Any, source: str, max_pairs: int | None, batch_si
         datamodule.on_bad_row,
     )
     return DataLoader(built.dataset, batch_size=batch_size, collate_fn=datamodule.collator)
-
-
-def run_sae(experiment: Any) -> tuple[nn.Module | None, str | None]:
-    """The run's SAE and hook: the experiment's, else built from ``cfg.sae`` (feature drift is
-    measured for every objective); ``(None, None)`` when the config has no SAE."""
-    if experiment.sae is not None:
-        return experiment.sae, experiment.hook_name
-    if not experiment.cfg.get("sae"):
-        return None, None
-    from fpo.builder import build_sae
-    from fpo.sae import check_sae_fits_model, sae_hook_name
-
-    sae = build_sae(experiment.cfg.sae, experiment.policy)
-    check_sae_fits_model(sae, experiment.policy)
-    return sae.requires_grad_(False).eval(), sae_hook_name(sae)
 
 
 def copy_to_latest(out_dir: Path, latest_dir: str | Path) -> None:
@@ -215,41 +232,36 @@ def prompt_set_scalars(
     return scalars_of(result, prefix)
 
 
-def evaluate_experiment(
-    experiment: Any,
+def evaluate_run(
     policy: nn.Module,
+    reference: nn.Module,
+    run: EvaluationInputs,
     loggers: list,
-    out_dir: str | Path | None = None,
-    reference: nn.Module | None = None,
     device: torch.device | str | None = None,
 ) -> dict[str, float]:
-    """Evaluate ``policy`` against the run's initial weights (module docstring).
+    """Evaluate ``policy`` against ``reference``, the run's initial weights (module
+    docstring).
 
     Args:
-        experiment: `fpo.builder.RunParts` of the run (config, tokenizer, data, SAE).
-        out_dir: where the files go (default ``<cfg.paths.output_dir>/evaluation``).
-        reference: the reference model (default: a fresh load of ``cfg.model.loader``).
+        run: the run's settings, data, objective and SAE (`EvaluationInputs`).
         device: where the policy, the reference and the SAE run (default: the policy's
             device). fpo-train passes the training device: Lightning's teardown leaves the
             policy on the CPU after fit.
 
     Returns the ``eval/*`` scalars (also sent to ``loggers``).
     """
-    cfg: DictConfig = experiment.cfg
-    settings = OmegaConf.to_container(cfg.evaluation, resolve=True)
-    out = Path(out_dir or Path(cfg.paths.output_dir) / "evaluation")
+    settings, out = run.settings, run.out_dir
     started = time.perf_counter()
     check_validation_prompts(settings)
     judges = build_judges(settings.get("judges"))
     device = torch.device(device) if device is not None else next(policy.parameters()).device
     policy.to(device)
-    reference = reference if reference is not None else instantiate(cfg.model.loader)[0]
     reference.to(device)
     chunk = settings.get("logits_chunk_size", 256)
     result = sample_and_judge(
         policy,
         reference,
-        experiment.tokenizer,
+        run.tokenizer,
         judges,
         settings,
         settings["prompts_file"],
@@ -257,14 +269,14 @@ def evaluate_experiment(
     )
     sampled = time.perf_counter()
     rows, shift = None, None
-    pairs_file = settings.get("pairs_file", settings["prompts_file"])
+    pairs_file = heldout_pairs_file(settings)
     if pairs_file:
-        sae, hook_name = run_sae(experiment)
+        sae, hook_name = run.sae, run.hook_name
         if sae is not None:
             sae.to(device)
-        k = experiment.objective.constraints.features.k or DEFAULT_DRIFT_K
+        k = run.objective.constraints.features.k or DEFAULT_DRIFT_K
         loader = heldout_loader(
-            experiment.datamodule,
+            run.datamodule,
             pairs_file,
             settings.get("num_pairs"),
             settings.get("pairs_batch_size", 8),
@@ -273,13 +285,13 @@ def evaluate_experiment(
             policy,
             reference,
             loader,
-            experiment.objective,
+            run.objective,
             sae=sae,
             hook_name=hook_name,
-            drift_k=k if experiment.objective.feature_k else DEFAULT_DRIFT_K,
+            drift_k=k if run.objective.feature_k else DEFAULT_DRIFT_K,
             logits_chunk_size=chunk,
             contexts=settings.get("feature_contexts", 3),
-            packing=packing_from_config(cfg.model),
+            packing=run.packing,
         )
         result.update(metrics)
         result["settings"]["pairs_file"] = str(pairs_file)
@@ -294,9 +306,7 @@ def evaluate_experiment(
     other_sets: dict[str, float] = {}  # validation (val/sampled/*), ood_test (eval/ood_test/*)
     for key, (prefix, _) in PROMPT_SETS.items():
         began = time.perf_counter()
-        found = prompt_set_scalars(
-            key, policy, reference, experiment.tokenizer, judges, settings, out
-        )
+        found = prompt_set_scalars(key, policy, reference, run.tokenizer, judges, settings, out)
         if found:
             result["seconds"][key] = round(time.perf_counter() - began, 2)
             result[key] = {k.removeprefix(f"{prefix}/"): v for k, v in found.items()}
@@ -305,10 +315,9 @@ def evaluate_experiment(
     summary_path = write_evaluation(result, out)
     summary = json.loads(summary_path.read_text())
     if shift is not None:
-        rows = feature_rows(shift, experiment.tokenizer, settings.get("feature_report_top", 10))
-        loader = cfg.sae.loader
+        rows = feature_rows(shift, run.tokenizer, settings.get("feature_report_top", 10))
         meta = {
-            "sae": loader.get("path") or loader.get("sae_id") or loader.get("_target_"),
+            "sae": run.sae_label,
             "hook_name": hook_name,
             "responses": shift.count,
             "pairs_file": pairs_file,

@@ -31,7 +31,6 @@ from typing import Any
 import lightning as L
 import pyarrow as pa
 import torch
-from torch import nn
 from torch.utils.data import DataLoader
 
 from fpo.atomic import atomic_save_bytes
@@ -250,25 +249,25 @@ def is_complete(path: Path, components: dict[str, str]) -> bool:
 
 def build_reference_cache(
     make_trainer: Callable[[list], L.Trainer],
-    policy: nn.Module,
-    sae: nn.Module | None,
+    reference: OnlineReference,
     datamodule: Any,
     settings: CacheSettings,
     *,
     batch_size: int,
     shard_size: int = 1024,
     overwrite: bool = False,
-    logits_chunk_size: int | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Build (or resume, or keep as they are if complete) the caches of every split of
-    ``datamodule`` (a ``PreferenceDataModule``) with the reference ``policy`` (the initial
-    policy) and ``sae`` (``k > 0``); ``batch_size`` pairs per predict batch, at least
-    ``shard_size`` rows per shard. ``make_trainer``: ``callbacks -> Trainer``, built only if
-    there is work, with ``use_distributed_sampler=False`` (batches are dealt out here).
+    ``datamodule`` (a ``PreferenceDataModule``) with ``reference`` (``fpo.builder``'s: the
+    initial policy, and the SAE when ``settings.k > 0``); ``batch_size`` pairs per predict
+    batch, at least ``shard_size`` rows per shard. ``make_trainer``: ``callbacks ->
+    Trainer``, built only if there is work, ``use_distributed_sampler=False``.
 
     Returns ``{split: {"manifest", "computed": pairs computed now, "seconds"}}`` of the
     splits built, on global rank 0 (other ranks: ``{}``)."""
-    fingerprints, builds = settings.model_fingerprints(policy, sae), []
+    if reference.k != settings.k:
+        raise ValueError(f"the reference keeps k={reference.k} features, the cache {settings.k}")
+    fingerprints, builds = settings.model_fingerprints(reference.model, reference.sae), []
     for split in datamodule.splits:
         path = settings.split_path(split)
         components = settings.components(datamodule, split, fingerprints)
@@ -279,8 +278,6 @@ def build_reference_cache(
         builds.append(SplitBuild(split, path, dataset, components))
     if not builds:
         return {}
-    sae = sae if settings.k > 0 else None
-    reference = OnlineReference(policy, sae, settings.hook_name, settings.k, logits_chunk_size)
     writer_kwargs = {"k": settings.k, "values_dtype": settings.values_dtype}
     writer_kwargs |= {"shard_size": shard_size, "overwrite": overwrite}
     predictor = CachePredictor(reference, builds, datamodule.collator, batch_size, writer_kwargs)

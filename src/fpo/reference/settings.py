@@ -1,8 +1,9 @@
 """What a run's reference cache is: where it lives, what it stores, what it is tied to.
 
 ``fpo-cache`` and ``fpo-train reference=cached`` both derive :class:`CacheSettings` with
-:func:`cache_settings` and fingerprint a split with :meth:`CacheSettings.components`, so
-they cannot drift apart. The components of one split, in message order, each a string:
+:func:`cache_settings` (through ``fpo.builder.RunParts.cache_settings``) and fingerprint a
+split with :meth:`CacheSettings.components`, so they cannot drift apart. The components
+of one split, in message order, each a string:
 
 ==================  =====================================================================
 data                sorted example ids of the split's valid rows (order-free)
@@ -31,8 +32,6 @@ from pathlib import Path
 from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
-from omegaconf.errors import OmegaConfBaseException
 from torch import nn
 
 from fpo.errors import UserError
@@ -95,23 +94,18 @@ class CacheSettings:
         }
 
 
-def cache_settings(cfg: DictConfig, *, k: int, hook_name: str | None) -> CacheSettings:
-    """:class:`CacheSettings` from a composed fpo-train / fpo-cache config; ``k``: pooled SAE
-    features stored per row (0: log-probs only; the caller checked ``1 <= k <= d_sae``),
-    ``hook_name``: the resolved hook the SAE reads (ignored when ``k == 0``)."""
-    try:
-        root = Path(str(cfg.reference.path)).expanduser()
-    except OmegaConfBaseException as err:
-        raise UserError(
-            f"reference.path cannot be resolved outside a Hydra run ({err}); set "
-            "reference.path=FOLDER explicitly."
-        ) from err
+def cache_settings(
+    root: Path, *, k: int, hook_name: str | None, values_dtype: str, precision: str
+) -> CacheSettings:
+    """:class:`CacheSettings` of the folder ``root``: ``k`` pooled SAE features per row (0:
+    log-probs only; the caller checked ``1 <= k <= d_sae``) read at ``hook_name``, stored as
+    ``values_dtype`` (:func:`normalize_values_dtype`), computed under ``precision``."""
     return CacheSettings(
         root=root,
         k=int(k),
-        values_dtype=normalize_values_dtype(cfg.reference.get("values_dtype", "float32")),
+        values_dtype=normalize_values_dtype(values_dtype),
         hook_name=hook_name if k > 0 else None,
-        precision=str(cfg.trainer.get("precision", "32-true")),
+        precision=precision,
         rebuild_command=rebuild_command(root),
     )
 
