@@ -1,15 +1,9 @@
 """The one builder: every part of a run is constructed here, from its composed Hydra config.
 
 This module and the entry points (``fpo.commands``) are the only code that reads the Hydra
-config; what they call receives typed values. Each part has one constructor here: the
-objective (parsed, then validated against the SAE and reference source) and the data in
-:func:`build_run_parts`; policy and tokenizer in :func:`load_model` (evaluation's reference
-is a second load); the SAE and its hook in :func:`load_run_sae`; the reference in
-:meth:`RunParts.build_reference` (online: :func:`online_reference` on a :func:`frozen_copy`;
-cached: the verified offline cache joined to the data) and fpo-cache's in
-:meth:`RunParts.cache_reference`; the module in :func:`assemble_module`; the step settings
-in :func:`step_settings`; trainer and loggers in ``RunParts.build_*``; evaluation's inputs
-in :meth:`RunParts.evaluation_inputs`. ``fpo-train`` calls :func:`build_training`::
+config; what they call receives typed values. Each part has exactly one constructor here
+(objective, policy, SAE and hook, reference, module, step settings, trainer, loggers,
+evaluation inputs). ``fpo-train`` calls :func:`build_training`::
 
     parts = build_run_parts(cfg)          # objective, policy, tokenizer, SAE, hook, data
     module = parts.build_module()         # + reference (online model or offline cache)
