@@ -1,4 +1,4 @@
-"""Pure preference-optimisation losses: DPO, SimPO, TDPO-1/2 and FPO (DESIGN.md section 3).
+"""Pure preference-optimisation losses: DPO, SimPO, TDPO-1/2 and FPO.
 
 No model and no Lightning here: every function takes per-pair tensors of shape ``[B]``
 (w = chosen, l = rejected) and returns a :class:`PreferenceLoss` of per-pair losses and
@@ -8,7 +8,7 @@ minus optional constraint penalties (:func:`preference_loss`)::
     loss = -log sigmoid(beta * [margin - sum_j alpha_j * (P_l - sg(P_w))] - gamma)
 
 The four named losses below are the published objectives as instances of it (their
-signatures are part of DESIGN.md section 3); ``fpo.objective`` composes new ones from config.
+keyword names are a stable interface); ``fpo.objective`` composes new ones from config.
 ``sg`` below is stop-gradient (``Tensor.detach``).
 """
 

@@ -1,4 +1,4 @@
-"""Objectives as a margin plus optional constraint terms, from config (DESIGN.md section 3).
+"""Objectives as a margin plus optional constraint terms, from config (formulas: `fpo.losses`).
 
 An objective is ``-logsig(beta * [margin - constraints] - gamma)`` (the pure formula is
 :func:`fpo.losses.preference_loss`). Its parts, each declaring what it needs:

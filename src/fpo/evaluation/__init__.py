@@ -1,6 +1,6 @@
 """Evaluation of a trained policy against its reference on held-out prompts.
 
-The reward-vs-KL frontier of DESIGN.md section 8: fresh samples from the policy and from
+The reward-vs-KL frontier (docs/results.md): fresh samples from the policy and from
 the reference, scored by a judge (mean score, win rate), and a Monte-Carlo estimate of
 ``KL(policy || reference)`` from the policy's own samples.
 

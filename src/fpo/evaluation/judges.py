@@ -6,7 +6,7 @@ better). A *pairwise* judge has ``name`` and ``compare(prompts, first, second) -
 the judge failed on. `win_rate` works with either kind.
 
 - `VaderJudge`: VADER's compound score (the judge that *labelled* the sentiment pairs).
-- `AfinnJudge`: the AFINN-165 lexicon, a judge that did *not* label them (DESIGN.md 10).
+- `AfinnJudge`: the AFINN-165 lexicon, a judge that did *not* label them.
 - `RewardModelJudge`: any local Hugging Face sequence-classification model.
 - `LLMPairwiseJudge` (`fpo.evaluation.llm_judge`): an OpenAI-compatible chat endpoint.
 - `InstructLMJudge` (`fpo.evaluation.lm_judge`): a small local instruct model (SmolLM2,
