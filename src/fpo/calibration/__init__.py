@@ -2,7 +2,7 @@
 KL(policy || reference) at a target (``fpo-calibrate``).
 
 - `fpo.calibration.search`: the search alone (:func:`calibrate` over any measure function);
-- `fpo.calibration.plan`: the knob (``configs/calibration/knobs.yaml`` or ``--knob``), its
+- `fpo.calibration.plan`: the knob (``configs/calibration_knobs.yaml`` or ``--knob``), its
   range and the runs' folder, checked on the composed config;
 - `fpo.calibration.runs`: one resumable ``fpo-train`` job per knob value, read back;
 - `fpo.calibration.report`: ``calibration.json`` and ``calibration.md``.

@@ -1,5 +1,5 @@
 """What one ``fpo-calibrate`` command calibrates: the objective's knob (from
-``configs/calibration/knobs.yaml`` or ``--knob``), its search range and the folder of its runs,
+``configs/calibration_knobs.yaml`` or ``--knob``), its search range and the folder of its runs,
 all checked on the composed training config before any run starts."""
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from fpo.commands.common import CONFIG_DIR
 from fpo.errors import UserError
 from fpo.sweep import derive_sweep_name
 
-KNOBS_FILE = Path(CONFIG_DIR) / "calibration" / "knobs.yaml"
+KNOBS_FILE = Path(CONFIG_DIR) / "calibration_knobs.yaml"
 #: Without --low/--high the range is the knob's configured value divided and multiplied by this.
 SPAN = 10.0
 #: Where a run's validation KL and score are (``evaluation.validation.prompts_file``).

@@ -7,7 +7,7 @@ of a matched-KL comparison.
         evaluation.validation.prompts_file=tests/fixtures/plain_pairs.jsonl --target-kl 0.3
 
 Every other argument is an ``fpo-train`` override. The knob is the objective's entry in
-``configs/calibration/knobs.yaml`` unless ``--knob KEY``; each knob value is one resumable
+``configs/calibration_knobs.yaml`` unless ``--knob KEY``; each knob value is one resumable
 ``fpo-train`` job in ``logs/<task>/calibration/<objective>/<overrides>/<knob>=<value>/run``
 (run the same command again after an interruption: finished runs are read, an interrupted
 one resumes from its last.ckpt). Writes ``calibration.json`` and ``calibration.md`` beside
