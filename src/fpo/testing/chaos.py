@@ -77,12 +77,15 @@ class Report:
     seed: int
     kills: list[Kill] = field(default_factory=list)
     differences: list[str] = field(default_factory=list)
+    litter: list[str] = field(default_factory=list)  # temp files of killed writes, left over
 
     def __str__(self) -> str:
         lines = [f"chaos {self.what}, seed {self.seed}: {len(self.kills)} kills"]
         lines += [f"  kill {i + 1}: {kill}" for i, kill in enumerate(self.kills)]
         lines.append("  result: " + ("equal to the uninterrupted run" if self.ok else "DIFFERS"))
         lines += [f"    {d}" for d in self.differences[:20]]
+        if self.litter:
+            lines.append(f"  temp files of killed writes left after the restarts: {self.litter}")
         return "\n".join(lines)
 
     @property
@@ -176,12 +179,21 @@ def sweep_results(log_dir: Path) -> dict[str, object]:
     return {str(f.relative_to(sweep_dir)): stable(_json(f, log_dir)) for f in files}
 
 
+def _is_temp(path: Path) -> bool:
+    """A killed atomic write's temp file (`fpo.atomic`: ``.NAME.tmp-PID``)."""
+    return path.name.startswith(".") and ".tmp-" in path.name
+
+
+def litter(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob(".*.tmp-*"))
+
+
 def cache_files(cache_dir: Path) -> dict[str, bytes]:
-    """Every file of the reference caches below ``cache_dir`` (shards and manifests)."""
+    """Every file of the reference caches below ``cache_dir`` (shards and manifests), temp
+    files of killed writes aside (reported as `Report.litter`)."""
     root = cache_dir / "reference"
-    return {
-        str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
-    }
+    files = sorted(p for p in root.rglob("*") if p.is_file() and not _is_temp(p))
+    return {str(p.relative_to(root)): p.read_bytes() for p in files}
 
 
 # ----------------------------------------------------------------------------- the sweep
@@ -256,6 +268,7 @@ def chaos_sweep(work: Path, runs: int, seed: int) -> Report:
     _run("fpo.commands.train", args, None)
     expected, actual = sweep_results(reference), sweep_results(chaotic)
     report.differences = differences(expected, actual, "sweep")
+    report.litter = litter(chaotic)
     return report
 
 
@@ -290,6 +303,7 @@ def chaos_cache(work: Path, runs: int, seed: int) -> Report:
         report.kills.append(kill)
     _run("fpo.commands.cache", args(chaotic), None)
     expected, actual = cache_files(reference / "cache"), cache_files(chaotic / "cache")
+    report.litter = litter(chaotic / "cache")
     for name in sorted(expected.keys() | actual.keys()):
         if expected.get(name) != actual.get(name):
             state = (
