@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import random
 from collections.abc import Iterable, Mapping
@@ -25,7 +26,7 @@ import numpy as np
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from fpo.atomic import atomic_save_bytes
 from fpo.errors import UserError
@@ -46,6 +47,27 @@ RESUME_IGNORED_KEYS = (
 FROZEN_PREFIXES = ("reference.", "sae.")
 
 
+def plain_containers(value: Any) -> Any:
+    """``value`` with every OmegaConf container in it (at any depth) as plain dicts and lists.
+
+    Hyperparameters instantiated from a Hydra config (``data.columns``, ``data.load_kwargs``)
+    arrive as ``DictConfig``; pickled as such, the checkpoint could not be loaded with
+    ``weights_only=True`` and a run could not resume from it.
+    """
+    if isinstance(value, DictConfig | ListConfig):
+        return OmegaConf.to_container(value, resolve=True)
+    if isinstance(value, dict):
+        items = {k: plain_containers(v) for k, v in value.items()}
+        if any(items[k] is not v for k, v in value.items()):
+            value = copy.copy(value)  # the same dict type (Lightning's AttributeDict...)
+            value.update(items)
+    elif isinstance(value, list):
+        items = [plain_containers(v) for v in value]
+        if any(a is not b for a, b in zip(items, value, strict=True)):
+            value = items
+    return value
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning's torch checkpoint IO, written atomically in place and loaded weights-only."""
 
@@ -54,7 +76,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     ) -> None:
         if storage_options is not None:
             raise TypeError("AtomicCheckpointIO takes no storage_options")
-        atomic_save_bytes(Path(path), lambda f: torch.save(checkpoint, f))
+        plain = plain_containers(checkpoint)
+        atomic_save_bytes(Path(path), lambda f: torch.save(plain, f))
 
     def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: Any = None):
         path = Path(path)
@@ -228,7 +251,14 @@ def restore_rng_states(states: Mapping[str, Any]) -> None:
 class LastCheckpoint(ModelCheckpoint):
     """``<dirpath>/last.ckpt``: the full training state (weights, optimizer, scheduler, loop
     and data positions, RNG), replaced atomically every ``every_n_train_steps`` optimizer
-    steps and once more when training ends. ``ckpt_path=last`` resumes from it."""
+    steps and once more when training ends. ``ckpt_path=last`` resumes from it.
+
+    The one written when training ends also holds the run's final metrics (the trainer's
+    ``callback_metrics``, under ``FINAL_METRICS``): a run killed after training (during the
+    evaluation, say) and resumed from it has nothing left to train, and gets them back.
+    """
+
+    FINAL_METRICS = "fpo_final_metrics"
 
     def __init__(self, dirpath: str, every_n_train_steps: int = 100) -> None:
         if int(every_n_train_steps) < 1:
@@ -243,7 +273,26 @@ class LastCheckpoint(ModelCheckpoint):
             enable_version_counter=False,
         )
 
+    _final_metrics: dict[str, torch.Tensor] | None = None
+
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
-        if self._last_global_step_saved != trainer.global_step:
-            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        # Always (also when the last step was just saved): after the last validation.
+        self._final_metrics = dict(trainer.callback_metrics)
+        self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
         super().on_train_end(trainer, pl_module)
+
+    def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
+        # Resumed from a finished run's last.ckpt, Lightning skips the fit loop (and
+        # on_train_end) and has logged nothing: the metrics are the checkpoint's.
+        for name, value in (self._final_metrics or {}).items():
+            trainer.callback_metrics.setdefault(name, value)
+
+    def on_save_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict) -> None:
+        if self._final_metrics is not None:
+            checkpoint[self.FINAL_METRICS] = {
+                k: v.detach().cpu() if isinstance(v, torch.Tensor) else torch.tensor(v)
+                for k, v in self._final_metrics.items()
+            }
+
+    def on_load_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict) -> None:
+        self._final_metrics = checkpoint.get(self.FINAL_METRICS)

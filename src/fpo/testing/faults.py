@@ -4,7 +4,8 @@ OOM kill would, at a chosen point.
 - In a training run: ``+callbacks.kill._target_=fpo.testing.faults.SigkillAfterStep
   +callbacks.kill.step=N``.
 - At the N-th atomic rename (`fpo.atomic`) of any command:
-  ``python -m fpo.testing.faults N fpo.commands.cache HYDRA_ARGS...``.
+  ``python -m fpo.testing.faults N fpo.commands.cache HYDRA_ARGS...``; ``N:NAME`` counts only
+  the renames onto files named NAME (``2:last.ckpt``: the second checkpoint write).
 """
 
 from __future__ import annotations
@@ -28,9 +29,10 @@ class SigkillAfterStep(Callback):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
-def sigkill_at_atomic_replace(n: int) -> None:
-    """SIGKILL this process at the ``n``-th atomic rename (``fpo.atomic``): that file's temp
-    copy is fully written and fsynced, but never renamed into place."""
+def sigkill_at_atomic_replace(n: int, name: str | None = None) -> None:
+    """SIGKILL this process at the ``n``-th atomic rename (``fpo.atomic``), of any file or
+    only of files named ``name``: that file's temp copy is fully written and fsynced, but
+    never renamed into place."""
     import fpo.atomic
 
     real_replace, calls = fpo.atomic.os.replace, [0]
@@ -41,7 +43,7 @@ def sigkill_at_atomic_replace(n: int) -> None:
 
         @staticmethod
         def replace(src, dst):
-            calls[0] += 1
+            calls[0] += name is None or os.path.basename(dst) == name
             if calls[0] == n:
                 os.kill(os.getpid(), signal.SIGKILL)
             real_replace(src, dst)
@@ -50,10 +52,11 @@ def sigkill_at_atomic_replace(n: int) -> None:
 
 
 if __name__ == "__main__":
-    # python -m fpo.testing.faults N MODULE ARGS...: MODULE killed at the N-th atomic rename
+    # python -m fpo.testing.faults N[:NAME] MODULE ARGS...: killed at the N-th atomic rename
     import runpy
 
-    sigkill_at_atomic_replace(int(sys.argv[1]))
+    count, _, file_name = sys.argv[1].partition(":")
+    sigkill_at_atomic_replace(int(count), file_name or None)
     module = sys.argv[2]
     sys.argv = [module, *sys.argv[3:]]
     runpy.run_module(module, run_name="__main__", alter_sys=True)
