@@ -18,8 +18,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from fpo.builder import RunParts, build_run_parts
 from fpo.checkpoints import resolve_ckpt_path
+from fpo.commands.card import card_values
 from fpo.commands.common import CONFIG_DIR, run_hydra, user_errors
 from fpo.errors import UserError
+from fpo.model_card import refresh_card_evaluation
 from fpo.policy_io import POLICY_DIR, save_policy, should_save_policy
 from fpo.sweep import run_job
 
@@ -80,10 +82,14 @@ def train(cfg: DictConfig) -> dict[str, float]:
     metrics["run/peak_memory_gb"] = peak_memory_gb()
     if trainer.is_global_zero and should_save_policy(cfg):
         save_policy(
-            experiment.policy, experiment.tokenizer, Path(cfg.paths.output_dir) / POLICY_DIR
+            experiment.policy,
+            experiment.tokenizer,
+            Path(cfg.paths.output_dir) / POLICY_DIR,
+            card=card_values(cfg, experiment, trainer),
         )
     if cfg.get("evaluation") and trainer.is_global_zero:
         metrics.update(evaluate(experiment, loggers, trainer.strategy.root_device))
+        refresh_card_evaluation(Path(cfg.paths.output_dir) / POLICY_DIR)  # the card reports it
     metrics["run/wall_seconds"] = time.perf_counter() - started
     if trainer.is_global_zero:
         output_dir = Path(cfg.paths.output_dir)
