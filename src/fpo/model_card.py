@@ -54,7 +54,7 @@ class TrainingValues:
     ``sae``/``hook``: the feature term's SAE and hook (``None`` without that term)."""
 
     optimizer: str
-    learning_rate: float
+    learning_rate: float | None
     weight_decay: float | None
     scheduler: str | None
     warmup_steps: int | None
@@ -166,6 +166,10 @@ def _yes(flag: bool) -> str:
     return "yes" if flag else "no"
 
 
+def _or(value: Any, default: str) -> Any:
+    return default if value is None else value
+
+
 def training_section(training: TrainingValues, model: str, base_model: str | None) -> str:
     """The hyperparameters that matter to reproduce or judge the run."""
     schedule = training.scheduler or "none (constant)"
@@ -178,7 +182,7 @@ def training_section(training: TrainingValues, model: str, base_model: str | Non
     rows: list[tuple[str, Any]] = [
         ("model", f"`{model}`" + (f" (`{base_model}`)" if base_model else "")),
         ("optimizer", training.optimizer),
-        ("learning rate", training.learning_rate),
+        ("learning rate", _or(training.learning_rate, "the optimizer's default")),
     ]
     if training.weight_decay is not None:
         rows.append(("weight decay", training.weight_decay))
@@ -261,7 +265,7 @@ def evaluation_section(summary: dict[str, Any] | None) -> str:
     ]
     if pairs:
         shown = ", ".join(f"{label} {_pm(summary, key)}" for label, key in pairs)
-        lines.append(f"Held-out pairs ({summary.get('heldout_pairs')}): {shown}.")
+        lines.append(f"\nHeld-out pairs ({summary.get('heldout_pairs')}): {shown}.")
     return "\n".join(lines)
 
 

@@ -114,11 +114,11 @@ def test_tdpo_and_simpo_terms():
     assert "| gamma_beta_ratio | 0.5 |" in simpo and "| constraint terms | none |" in simpo
 
 
-def test_hub_ids_are_owner_slash_name_and_not_local(tmp_path):
+def test_hub_ids_are_owner_slash_name_and_not_local(tmp_path, monkeypatch):
     assert hub_id("Anthropic/hh-rlhf") == "Anthropic/hh-rlhf"
-    (tmp_path / "a").mkdir()
-    (tmp_path / "a" / "b").mkdir()
-    for local in ("data/train.jsonl", "./x/y", "/abs/path", "plain", str(tmp_path / "a/b")):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models" / "mine").mkdir(parents=True)  # an owner/name that is a local folder
+    for local in ("data/train.jsonl", "./x/y", "/abs/path", "plain", "models/mine"):
         assert hub_id(local) is None, local
 
 

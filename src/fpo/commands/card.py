@@ -37,7 +37,7 @@ def card_values(cfg: DictConfig, experiment: Any, trainer: Any) -> CardValues:
         base_model=base_model(cfg.model),
         training=TrainingValues(
             optimizer=_short(optimizer._target_),
-            learning_rate=float(optimizer.lr),
+            learning_rate=optimizer.get("lr"),
             weight_decay=optimizer.get("weight_decay"),
             scheduler=_short(scheduler._target_) if scheduler else None,
             warmup_steps=scheduler.get("num_warmup_steps") if scheduler else None,
