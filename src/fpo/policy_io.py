@@ -6,7 +6,9 @@ format and of resume checkpoints. It is written when ``save_policy`` is true, or
 (the default) and the run has an ``evaluation`` block, i.e. when the run may be evaluated
 again. ``fpo-eval`` loads it *into a fresh load of the run's own model* (``cfg.model.loader``),
 so the tokenizer, generation config and dtype are the run's; a Lightning checkpoint
-(``ckpt_path=``, ``state_dict`` keys ``policy.*``) works too.
+(``ckpt_path=``, ``state_dict`` keys ``policy.*``) works too. A model card (``README.md``,
+`fpo.model_card`) goes beside the weights, so the folder can be published as it is
+(``fpo-push``).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from torch import nn
 
 from fpo.checkpoints import AtomicCheckpointIO
 from fpo.errors import UserError
+from fpo.model_card import CardValues, write_model_card
 
 log = logging.getLogger("fpo.policy_io")
 POLICY_DIR = "policy"
@@ -38,13 +41,19 @@ def should_save_policy(value: bool | str, has_evaluation: bool) -> bool:
     return bool(value)
 
 
-def save_policy(policy: nn.Module, tokenizer: Any, folder: str | os.PathLike) -> Path:
-    """``save_pretrained`` of the policy (safetensors) and its tokenizer into ``folder``."""
+def save_policy(
+    policy: nn.Module, tokenizer: Any, folder: str | os.PathLike, card: CardValues | None = None
+) -> Path:
+    """``save_pretrained`` of the policy (safetensors) and its tokenizer into ``folder``, and
+    the model card ``README.md`` from ``card`` (not evaluated yet: the evaluation block is
+    filled in by `fpo.model_card.refresh_card_evaluation`)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     policy.save_pretrained(folder)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
+    if card is not None:
+        write_model_card(folder, card)
     log.info("final policy weights saved to %s", folder)
     return folder
 

@@ -18,8 +18,10 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from fpo.builder import RunParts, build_training
 from fpo.checkpoints import resolve_ckpt_path
+from fpo.commands.card import card_values
 from fpo.commands.common import CONFIG_DIR, run_hydra, user_errors
 from fpo.errors import UserError
+from fpo.model_card import refresh_card_evaluation
 from fpo.policy_io import POLICY_DIR, save_policy, should_save_policy
 from fpo.sweep import JobSettings, sweep_job
 
@@ -83,10 +85,14 @@ def train(cfg: DictConfig) -> dict[str, float]:
     metrics["run/peak_memory_gb"] = peak_memory_gb()
     output_dir, has_evaluation = Path(cfg.paths.output_dir), bool(cfg.get("evaluation"))
     save = cfg.get("save_policy", "auto")
-    if trainer.is_global_zero and should_save_policy(save, has_evaluation):
-        save_policy(parts.policy, parts.tokenizer, output_dir / POLICY_DIR)
+    saved = trainer.is_global_zero and should_save_policy(save, has_evaluation)
+    if saved:
+        card = card_values(cfg, parts, trainer)
+        save_policy(parts.policy, parts.tokenizer, output_dir / POLICY_DIR, card=card)
     if has_evaluation and trainer.is_global_zero:
         metrics.update(evaluate(parts, run.loggers, trainer.strategy.root_device))
+        if saved:  # the card reports the evaluation
+            refresh_card_evaluation(output_dir / POLICY_DIR)
     metrics["run/wall_seconds"] = time.perf_counter() - started
     if trainer.is_global_zero:
         (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
