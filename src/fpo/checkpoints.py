@@ -4,8 +4,9 @@
   checkpoint to a temporary name in the same folder, fsyncs it and renames it over the
   target, so a kill or a full disk never leaves a truncated ``last.ckpt``: the previous one
   stays. It loads with ``torch.load(weights_only=True)`` (no pickled code).
-* :func:`resolve_ckpt_path` turns ``ckpt_path=last`` into the newest ``last.ckpt`` of an
-  earlier run of the same config (or says why there is none); a path must exist.
+* :func:`resolve_ckpt_path` turns ``ckpt_path=last`` into the run folder's own
+  ``last.ckpt`` or else the newest ``last.ckpt`` of an earlier run of the same config (or
+  says why there is none); a path must exist.
 * :func:`check_policy_state` compares a checkpoint's weights with the module's: every policy
   weight present with its shape, nothing unknown. Only the frozen reference and SAE, which
   ``FPOLightningModule.on_save_checkpoint`` strips, may be absent.
@@ -158,14 +159,19 @@ def find_last_checkpoint(config: Mapping, runs_root: Path) -> Path:
     )
 
 
-def resolve_ckpt_path(value: str | None, config: Mapping, runs_root: Path) -> str | None:
+def resolve_ckpt_path(
+    value: str | None, config: Mapping, runs_root: Path, own_dir: Path | None = None
+) -> str | None:
     """``ckpt_path`` ``value`` as a file to resume from: ``None`` (start fresh), ``last``
-    (:func:`find_last_checkpoint` of ``config`` under ``runs_root``) or a path that must
-    exist."""
+    or a path that must exist. ``last`` is the run's own ``<own_dir>/checkpoints/last.ckpt``
+    when there is one (a run restarted in its folder, e.g. with ``hydra.run.dir=<dir>``),
+    else :func:`find_last_checkpoint` of ``config`` under ``runs_root``."""
     if value in (None, ""):
         return None
     if str(value) == "last":
-        path = find_last_checkpoint(config, runs_root)
+        own = own_dir / "checkpoints" / "last.ckpt" if own_dir is not None else None
+        path = own if own is not None and own.is_file() else None
+        path = path or find_last_checkpoint(config, runs_root)
         log.info("ckpt_path=last: resuming from %s", path)
         return str(path)
     path = Path(str(value)).expanduser()
@@ -251,7 +257,8 @@ def restore_rng_states(states: Mapping[str, Any]) -> None:
 class LastCheckpoint(ModelCheckpoint):
     """``<dirpath>/last.ckpt``: the full training state (weights, optimizer, scheduler, loop
     and data positions, RNG), replaced atomically every ``every_n_train_steps`` optimizer
-    steps and once more when training ends. ``ckpt_path=last`` resumes from it.
+    steps, once more when training ends, and after the step in which a SIGTERM came (see
+    `fpo.interrupts`). ``ckpt_path=last`` resumes from it.
 
     The one written when training ends also holds the run's final metrics (the trainer's
     ``callback_metrics``, under ``FINAL_METRICS``): a run killed after training (during the
@@ -274,6 +281,13 @@ class LastCheckpoint(ModelCheckpoint):
         )
 
     _final_metrics: dict[str, torch.Tensor] | None = None
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, *args: Any, **kwargs: Any) -> None:
+        super().on_train_batch_end(trainer, pl_module, *args, **kwargs)
+        # SIGTERM (or Ctrl-C, fpo.interrupts): Lightning stops after this step; save it
+        # here, where the periodic saves happen, so that a resume continues exactly.
+        if trainer.received_sigterm and self._last_global_step_saved != trainer.global_step:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         # Always (also when the last step was just saved): after the last validation.

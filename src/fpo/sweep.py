@@ -10,7 +10,8 @@ A Hydra multirun (``fpo-train -m ...``) gets, from this module:
   ``paths.log_dir``/``paths.root_dir`` and ``sweep.*`` do not enter the name.
 - **Per-job status.** :func:`sweep_job` is the context each job runs in (``fpo-train``
   enters it, then trains): ``<job dir>/job_status.json`` says ``running``, ``finished``
-  (with the optimized metric and final metrics) or ``failed`` (with the error). A failing
+  (with the optimized metric and final metrics), ``interrupted`` (SIGTERM or SIGINT: the
+  sweep stops, exit 143/130, and resumes the job) or ``failed`` (with the error). A failing
   job (bad config, non-finite loss or metric, out of memory, any exception) is recorded
   and returns NaN, so the launcher goes on with the other jobs and Optuna marks the trial
   failed.
@@ -52,6 +53,8 @@ from omegaconf import DictConfig, open_dict, read_write
 
 from fpo.atomic import atomic_save_bytes
 from fpo.errors import UserError
+from fpo.folders import ensure_writable, refuse
+from fpo.interrupts import Interrupted
 
 log = logging.getLogger("fpo.sweep")
 
@@ -109,7 +112,10 @@ class SweepCallback(Callback):
                 quoted = value.replace("\\", "\\\\").replace("'", "\\'")
                 config.hydra.overrides.hydra.append(f"hydra.sweep.dir='{quoted}'")
             sweep_dir = Path(str(config.hydra.sweep.dir))
-        sweep_dir.mkdir(parents=True, exist_ok=True)  # the Optuna study's SQLite file lives here
+        try:  # the Optuna study's SQLite file lives here
+            ensure_writable(sweep_dir, "paths.log_dir or hydra.sweep.dir")
+        except UserError as error:
+            refuse(error)
         log.info("sweep folder: %s (run the same command again to resume it)", sweep_dir)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
@@ -217,7 +223,7 @@ def sweep_job(settings: JobSettings) -> Iterator[Job]:
     }
     job = Job()
     last = job_dir / "checkpoints" / "last.ckpt"
-    interrupted = previous.get("status") == "running"
+    interrupted = previous.get("status") in ("running", "interrupted")
     if settings.resume and interrupted and not settings.ckpt_path_given:
         if last.exists():
             job.resume_from = last
@@ -245,6 +251,13 @@ def sweep_job(settings: JobSettings) -> Iterator[Job]:
         status.update(status="finished", value=job.value, metrics=metrics)
         if writer and not settings.keep_last_checkpoint:
             last.unlink(missing_ok=True)  # only needed to resume an unfinished job
+    except Interrupted:  # SIGTERM/SIGINT: resumable, and the whole sweep stops
+        status.update(status="interrupted", metrics=_read_metrics(job_dir))
+        status["seconds"] = time.time() - status["started"]
+        if writer:
+            _write_json(job_dir / STATUS_FILE, status)
+            write_summary(sweep_dir)
+        raise
     except Exception as error:  # recorded; the sweep goes on
         cause = error.__cause__ if isinstance(error, InstantiationException) else None
         shown = cause if isinstance(cause, UserError) else error

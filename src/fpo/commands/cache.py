@@ -25,8 +25,10 @@ from omegaconf import DictConfig
 from fpo.builder import build_run_parts
 from fpo.commands.common import CONFIG_DIR, run_hydra, user_errors
 from fpo.errors import UserError
+from fpo.folders import ensure_writable
 from fpo.reference.build import build_reference_cache
 from fpo.reference.store import MANIFEST, cache_info, format_cache_info
+from fpo.run_lock import folder_lock
 
 log = logging.getLogger("fpo.cache")
 INFO_FLAG = "--info"
@@ -44,6 +46,7 @@ def info_text(path: str | os.PathLike) -> str:
 
 def build(cfg: DictConfig) -> tuple[Path, dict[str, dict]]:
     """Build the reference cache of every split; ``(root folder, per-split results)``."""
+    ensure_writable(cfg.paths.cache_dir, "paths.cache_dir")  # before any model loads
     experiment = build_run_parts(cfg)  # refuses objectives the cache cannot serve (TDPO)
     if not experiment.objective.needs.reference:
         raise UserError(
@@ -60,15 +63,16 @@ def build(cfg: DictConfig) -> tuple[Path, dict[str, dict]]:
         )
 
     datamodule = experiment.datamodule
-    results = build_reference_cache(
-        make_trainer,
-        experiment.cache_reference(),
-        datamodule,
-        settings,
-        batch_size=int(cfg.cache.get("batch_size") or datamodule.eval_batch_size),
-        shard_size=int(cfg.cache.shard_size),
-        overwrite=bool(cfg.cache.overwrite),
-    )
+    with folder_lock(settings.root, "paths.cache_dir"):  # one builder per cache
+        results = build_reference_cache(
+            make_trainer,
+            experiment.cache_reference(),
+            datamodule,
+            settings,
+            batch_size=int(cfg.cache.get("batch_size") or datamodule.eval_batch_size),
+            shard_size=int(cfg.cache.shard_size),
+            overwrite=bool(cfg.cache.overwrite),
+        )
     return settings.root, results
 
 

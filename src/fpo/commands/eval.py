@@ -31,6 +31,7 @@ from fpo.builder import build_run_parts
 from fpo.commands.common import CONFIG_DIR, run_hydra, user_errors
 from fpo.errors import UserError
 from fpo.evaluation.after_fit import evaluate_run
+from fpo.folders import ensure_writable
 from fpo.policy_io import POLICY_DIR, load_policy_weights
 
 log = logging.getLogger("fpo.eval")
@@ -109,6 +110,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         out_dir = Path(cfg.out_dir or Path(cfg.paths.output_dir) / "evaluation")
     if not run_cfg.get("evaluation"):
         raise UserError("no evaluation block: add evaluation=sentiment (or another option).")
+    ensure_writable(out_dir, "out_dir")  # before any model loads
     L.seed_everything(run_cfg.seed, workers=True)
     parts = build_run_parts(run_cfg)
     if weights is not None:

@@ -21,9 +21,11 @@ from fpo.checkpoints import resolve_ckpt_path
 from fpo.commands.card import card_values
 from fpo.commands.common import CONFIG_DIR, run_hydra, user_errors
 from fpo.errors import UserError
+from fpo.interrupts import Interrupted, report, stop_on_signals
 from fpo.model_card import refresh_card_evaluation
 from fpo.policy_io import POLICY_DIR, save_policy, should_save_policy
-from fpo.sweep import JobSettings, sweep_job
+from fpo.run_lock import folder_lock
+from fpo.sweep import JobSettings, in_multirun, sweep_job
 
 log = logging.getLogger("fpo.train")
 
@@ -68,7 +70,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     # ckpt_path=last: the newest last.ckpt of an earlier run of this config
     runs_root = Path(cfg.paths.log_dir) / str(cfg.task_name)
     config = OmegaConf.to_container(cfg, resolve=False)
-    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), config, runs_root)
+    output_dir = Path(cfg.paths.output_dir)
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), config, runs_root, own_dir=output_dir)
     L.seed_everything(cfg.seed, workers=True)
     run = build_training(cfg)
     trainer, parts = run.trainer, run.parts
@@ -76,14 +79,20 @@ def train(cfg: DictConfig) -> dict[str, float]:
     for logger in run.loggers:
         logger.log_hyperparams(config)
     fit_started, fit_cpu_started = time.perf_counter(), time.process_time()
-    trainer.fit(run.module, datamodule=parts.datamodule, ckpt_path=ckpt_path)
+    try:
+        with stop_on_signals():  # SIGTERM/SIGINT: last.ckpt saved, exit 143/130
+            trainer.fit(run.module, datamodule=parts.datamodule, ckpt_path=ckpt_path)
+    except Interrupted as stop:
+        if trainer.is_global_zero:
+            report(stop.signum, output_dir / "checkpoints" / "last.ckpt", in_multirun())
+        raise
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     metrics["run/fit_seconds"] = time.perf_counter() - fit_started
     # CPU time of this process (all its threads): unlike wall time, barely moved by other
     # jobs on a shared machine; compare it between runs on the same thread count.
     metrics["run/fit_cpu_seconds"] = time.process_time() - fit_cpu_started
     metrics["run/peak_memory_gb"] = peak_memory_gb()
-    output_dir, has_evaluation = Path(cfg.paths.output_dir), bool(cfg.get("evaluation"))
+    has_evaluation = bool(cfg.get("evaluation"))
     save = cfg.get("save_policy", "auto")
     saved = trainer.is_global_zero and should_save_policy(save, has_evaluation)
     if saved:
@@ -135,7 +144,10 @@ def hydra_main(cfg: DictConfig) -> float | None:
     warnings.filterwarnings("ignore", message=r"Found .* module\(s\) in eval mode")
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
     torch.set_float32_matmul_precision("high")
-    with user_errors(), sweep_job(job_settings(cfg)) as job:
+    settings = job_settings(cfg)
+    # One process per run folder (each job's own folder in a multirun).
+    lock = folder_lock(settings.job_dir, "paths.output_dir")
+    with user_errors(), lock, sweep_job(settings) as job:
         if not job.skip:
             if job.resume_from is not None:
                 with open_dict(cfg):

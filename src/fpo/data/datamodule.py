@@ -19,6 +19,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from lightning.pytorch import LightningDataModule
+from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset
 
 from fpo.data.collate import PreferenceCollator
@@ -116,6 +117,11 @@ class PreferenceDataModule(LightningDataModule):
         check_plain_template(plain_template)
         sources = {"train_source": train_source, "val_source": val_source}
         in_memory = [key for key, value in sources.items() if not isinstance(value, str | None)]
+        # Plain values: checkpoints hold these and are loaded weights-only (no DictConfig).
+        load_kwargs, columns = (
+            OmegaConf.to_container(v) if isinstance(v, DictConfig) else v
+            for v in (load_kwargs, columns)
+        )
         self.save_hyperparameters(ignore=["tokenizer", *in_memory])
         hub = {"subset": subset, "load_kwargs": dict(load_kwargs or {})}
         self.specs = {

@@ -3,6 +3,8 @@ OOM kill would, at a chosen point.
 
 - In a training run: ``+callbacks.kill._target_=fpo.testing.faults.SigkillAfterStep
   +callbacks.kill.step=N``.
+- A signal (SIGTERM, SIGINT) after step N: ``+callbacks.stop._target_=
+  fpo.testing.faults.SignalAfterStep +callbacks.stop.step=N +callbacks.stop.name=SIGINT``.
 - At the N-th atomic rename (`fpo.atomic`) of any command:
   ``python -m fpo.testing.faults N fpo.commands.cache HYDRA_ARGS...``; ``N:NAME`` counts only
   the renames onto files named NAME (``2:last.ckpt``: the second checkpoint write).
@@ -27,6 +29,20 @@ class SigkillAfterStep(Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step >= self.step:
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+class SignalAfterStep(Callback):
+    """Send this process the signal ``name`` (``SIGTERM``, ``SIGINT``) right after optimizer
+    step ``step``, as a scheduler or a Ctrl-C would (a run resumed after that step gets
+    none)."""
+
+    def __init__(self, step: int, name: str = "SIGTERM") -> None:
+        self.step, self.signum, self.sent = int(step), signal.Signals[name], False
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step and not self.sent:
+            self.sent = True
+            os.kill(os.getpid(), self.signum)
 
 
 def sigkill_at_atomic_replace(n: int, name: str | None = None) -> None:
