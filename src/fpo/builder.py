@@ -9,8 +9,7 @@ evaluation inputs). ``fpo-train`` calls :func:`build_training`::
     module = parts.build_module()         # + reference (online model or offline cache)
     trainer = parts.build_trainer(parts.build_loggers())
 
-Sizes come from the loaded model, not from hand-copied config keys: the random SAE reads
-the model's hidden size and last layer, and ``check_sae_fits_model`` compares ``d_in``.
+Sizes come from the loaded model (the random SAE reads its hidden size and last layer).
 """
 
 from __future__ import annotations
@@ -176,13 +175,17 @@ def load_model(loader: DictConfig) -> tuple[nn.Module, Any]:
     return instantiate(loader)
 
 
+def parse_objective(node: DictConfig) -> Objective:
+    """``cfg.objective`` as an :class:`Objective`, checked against its schema only."""
+    return build_objective(node)
+
+
 def load_run_sae(sae_cfg: DictConfig, model: nn.Module) -> tuple[nn.Module, str]:
     """The frozen SAE of ``cfg.sae.loader``, checked against ``model``, and its resolved
     hook. A loader that takes a ``model`` (the random SAE) gets it, to read sizes and
     layers."""
-    loader = sae_cfg.loader
-    takes_model = "model" in inspect.signature(get_object(loader._target_)).parameters
-    sae = instantiate(loader, **({"model": model} if takes_model else {}))
+    takes_model = "model" in inspect.signature(get_object(sae_cfg.loader._target_)).parameters
+    sae = instantiate(sae_cfg.loader, **({"model": model} if takes_model else {}))
     check_sae_fits_model(sae, model)
     return sae.requires_grad_(False).eval(), sae_hook_name(sae)
 
@@ -368,7 +371,7 @@ def build_run_parts(cfg: DictConfig) -> RunParts:
     source = cfg.reference.source
     if source not in REFERENCE_SOURCES:
         raise UserError(f"reference.source={source!r}: choose online or cached.")
-    objective = build_objective(cfg.objective)
+    objective = parse_objective(cfg.objective)
     policy, tokenizer = load_model(cfg.model.loader)
     sae = hook_name = None
     if objective.needs.features and cfg.get("sae"):  # no SAE: validate() names the key

@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from fpo.calibration.plan import SPAN, VAL_KL, VAL_SCORE, Knob, load_knobs, make_plan
+from fpo.calibration.knobs import SPAN, VAL_KL, VAL_SCORE, Knob, load_knobs
 from fpo.calibration.report import build_report, markdown
 from fpo.calibration.runs import Runner, format_knob
 from fpo.calibration.search import Tolerance, calibrate_target
+from fpo.commands.calibrate_plan import make_plan
 from fpo.errors import UserError
 from fpo.sweep import STATUS_FILE
 from fpo.testing import PRESETS, compose_train

@@ -20,7 +20,12 @@ BUILDER = SRC / "builder.py"
 #: Where the composed Hydra config may be read: the entry points and the builder.
 CONFIG_READERS = (SRC / "commands", BUILDER)
 #: Hydra calls these with its own config (the callback interface), not ours.
-HYDRA_CALLBACKS = {("sweep.py", "on_multirun_start"), ("sweep.py", "on_multirun_end")}
+HYDRA_CALLBACKS = {
+    ("sweep.py", "on_multirun_start"),
+    ("sweep.py", "on_multirun_end"),
+    ("folders.py", "on_run_start"),
+    ("folders.py", "run_dir_key"),  # reads hydra.run.dir / hydra.sweep.dir of that config
+}
 
 
 def calls(paths: list[Path]) -> Iterator[tuple[Path, ast.Call]]:
@@ -55,7 +60,9 @@ PARTS: dict[str, Callable[[ast.Call], bool]] = {
         name_of(call) == "validate" and any(k.arg == "cached_reference" for k in call.keywords)
     ),
     "the packing settings": lambda call: name_of(call) == "Packing",
-    "the model (cfg.model.loader)": instantiates("loader"),
+    "the model (cfg.model.loader)": lambda call: (
+        instantiates("loader")(call) and "sae" not in first_argument(call)
+    ),
     "the SAE (cfg.sae)": instantiates("sae"),
     "the data module (cfg.data)": instantiates("data"),
     "the optimizer (cfg.optimizer)": instantiates("optimizer"),

@@ -10,7 +10,6 @@ be bit-identical, gradients included.
 from __future__ import annotations
 
 import ast
-import copy
 from functools import partial
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import pytest
 import torch
 
 from fpo import losses
+from fpo.builder import StepSettings, assemble_module, frozen_copy, online_reference
 from fpo.evaluation import scoring_batch, sequence_logprob
 from fpo.forward import StatsRequest, forward_response_positions, response_stats
 from fpo.logprobs import (
@@ -28,17 +28,18 @@ from fpo.logprobs import (
     sequence_logps,
 )
 from fpo.models.hf import split_causal_lm
-from fpo.module import FPOLightningModule
 from fpo.objective import build_objective
 from fpo.packing import Packing
-from fpo.reference.base import OnlineReference
 from fpo.sae import build_random_sae, resolve_hook_module
 
 ROOT = Path(__file__).resolve().parents[2]
+#: A judge's own language model reads its next-token distribution over label words: not a
+#: response statistic of the policy or the reference.
+NOT_RESPONSE_STATISTICS = {ROOT / "src" / "fpo" / "evaluation" / "lm_judge.py"}
 SOURCES = [
-    *(ROOT / "src").rglob("*.py"),
-    *(ROOT / "benchmarks").rglob("*.py"),
-    *(ROOT / "scripts").rglob("*.py"),
+    path
+    for path in (*(ROOT / "src").rglob("*.py"), *(ROOT / "benchmarks").rglob("*.py"))
+    if path not in NOT_RESPONSE_STATISTICS
 ]
 #: What computes statistics, and the one file allowed to call it.
 ENGINE = {
@@ -63,6 +64,8 @@ OBJECTIVES = {
     "tdpo": {"margin": "dpo", "beta": 0.1, "constraints": {"token_kl": {"alpha": 0.5}}},
     "fpo": {"margin": "ln_dpo", "constraints": {"features": {"alpha": 0.5, "k": 8}}},
 }
+#: An objective whose online reference keeps the top 8 pooled features.
+FEATURES_K8 = build_objective(OBJECTIVES["fpo"])
 
 
 def called_names(path: Path) -> set[str]:
@@ -206,23 +209,21 @@ def batch_of_pairs() -> dict:
 
 def make_module(model, name, chunk, checkpoint, packing):
     torch.manual_seed(3)
-    reference = copy.deepcopy(model)
+    reference = frozen_copy(model)
     with torch.no_grad():
         for parameter in model.parameters():
             parameter.add_(0.05 * torch.randn_like(parameter))
     objective = build_objective(OBJECTIVES[name])
     sae = build_random_sae(d_in=32, d_sae=64, k=8, hook_name=HOOK)
-    needs = objective.needs
     online = None
-    if needs.reference:
-        online = OnlineReference(
-            reference, sae if needs.features else None, HOOK if needs.features else None, 8,
-            chunk, packing,
+    if objective.needs.reference:
+        online = online_reference(
+            reference, objective, sae=sae, hook_name=HOOK, logits_chunk_size=chunk,
+            packing=packing,
         )  # fmt: skip
-    return FPOLightningModule(
-        model, objective, partial(torch.optim.SGD, lr=0.0), reference=online,
-        sae=sae if needs.features else None, hook_name=HOOK if needs.features else None,
-        logits_chunk_size=chunk, checkpoint_logits=checkpoint, packing=packing,
+    return assemble_module(
+        model, objective, partial(torch.optim.SGD, lr=0.0), reference=online, sae=sae,
+        hook_name=HOOK, step=StepSettings(chunk, checkpoint, "stop", packing),
     )  # fmt: skip
 
 
@@ -253,7 +254,9 @@ def test_training_step_is_bit_identical_to_the_old_path(tiny_model, name, settin
 @pytest.mark.parametrize("chunk", [None, 3])
 def test_online_reference_is_bit_identical_to_the_old_path(tiny_model, features, chunk):
     sae = build_random_sae(d_in=32, d_sae=64, k=8, hook_name=HOOK)
-    reference = OnlineReference(tiny_model, sae, HOOK, 8, chunk)
+    reference = online_reference(
+        tiny_model, FEATURES_K8, sae=sae, hook_name=HOOK, logits_chunk_size=chunk
+    )
     batch = batch_of_pairs()
     positions = response_positions(batch["labels"])
     new = reference.stats(batch, positions, features=features, token_kl=False)

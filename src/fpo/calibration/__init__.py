@@ -2,13 +2,13 @@
 KL(policy || reference) at a target (``fpo-calibrate``).
 
 - `fpo.calibration.search`: the search alone (:func:`calibrate` over any measure function);
-- `fpo.calibration.plan`: the knob (``configs/calibration_knobs.yaml`` or ``--knob``), its
+- `fpo.calibration.knobs`: the knob (``configs/calibration_knobs.yaml`` or ``--knob``), its
   range and the runs' folder, checked on the composed config;
 - `fpo.calibration.runs`: one resumable ``fpo-train`` job per knob value, read back;
 - `fpo.calibration.report`: ``calibration.json`` and ``calibration.md``.
 """
 
-from fpo.calibration.plan import Knob, Plan, load_knobs, make_plan
+from fpo.calibration.knobs import Knob, Plan, load_knobs
 from fpo.calibration.runs import Point, Runner
 from fpo.calibration.search import (
     Calibration,
@@ -31,5 +31,4 @@ __all__ = [
     "calibrate",
     "calibrate_target",
     "load_knobs",
-    "make_plan",
 ]

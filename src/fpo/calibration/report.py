@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from fpo.calibration.plan import VAL_KL, VAL_SCORE, Plan
+from fpo.calibration.knobs import VAL_KL, VAL_SCORE, Plan
 from fpo.calibration.runs import Point, format_knob
 from fpo.calibration.search import Calibration, TargetCalibration, Tolerance
 

@@ -2,14 +2,14 @@
 after it, read back for its validation KL.
 
 ``<series_dir>/<knob>=<value>/run/`` is the job (``<series_dir>`` from
-`fpo.calibration.plan.make_plan`:
+`fpo.commands.calibrate_plan.make_plan`:
 ``logs/<task>/calibration/<objective>/<overrides slug and hash>``). It
 runs as a one-job ``fpo-train -m`` sweep with ``hydra.sweep.dir`` set to the value's folder,
 so the sweep machinery of `fpo.sweep` applies: a job whose ``job_status.json`` says
 ``finished`` is read and never rerun, an interrupted one resumes from its
 ``checkpoints/last.ckpt`` (when the run keeps one: ``callbacks`` ``default``/``throughput``),
 and a failed one runs again from the start. Only the validation keys of ``metrics.json``
-(:data:`~fpo.calibration.plan.VAL_KL`, :data:`~fpo.calibration.plan.VAL_SCORE`) are read:
+(:data:`~fpo.calibration.knobs.VAL_KL`, :data:`~fpo.calibration.knobs.VAL_SCORE`) are read:
 the test metrics the run also computes never enter a calibration.
 """
 
@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from fpo.calibration.plan import VAL_KL, VAL_SCORE
+from fpo.calibration.knobs import VAL_KL, VAL_SCORE
 from fpo.errors import UserError
 from fpo.sweep import STATUS_FILE, read_status
 

@@ -21,10 +21,10 @@ import shlex
 import sys
 from collections.abc import Sequence
 
-from fpo.calibration.plan import make_plan
 from fpo.calibration.report import build_report, markdown, write_report
 from fpo.calibration.runs import Runner
 from fpo.calibration.search import Tolerance, calibrate_target
+from fpo.commands.calibrate_plan import make_plan
 from fpo.commands.common import user_errors
 from fpo.errors import UserError
 

@@ -7,9 +7,10 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
+from fpo.builder import parse_objective
 from fpo.commands.common import CONFIG_DIR
 from fpo.data import PreferenceDataModule
-from fpo.objective import Objective, build_objective
+from fpo.objective import Objective
 
 #: The objective presets of ``configs/objective/``.
 PRESETS = ("dpo", "simpo", "tdpo1", "tdpo2", "fpo")
@@ -32,7 +33,7 @@ def compose_train(*overrides: str) -> DictConfig:
 
 def preset(name: str, *overrides: str) -> Objective:
     """The objective exactly as ``fpo-train objective=NAME OVERRIDES`` composes it."""
-    return build_objective(compose_train(f"objective={name}", *overrides).objective)
+    return parse_objective(compose_train(f"objective={name}", *overrides).objective)
 
 
 def fixture_datamodule(
