@@ -219,6 +219,10 @@ def test_nonfinite_skip_drops_the_step_counts_and_logs_it(tmp_path, poison):
         )
         assert changed == (step != BAD_STEP), step
     assert all(torch.isfinite(v).all() for v in policy_state(module).values())
+    # Pinned (docs/reliability.md): the skipped step still advances the learning-rate
+    # schedule and global_step, as a GradScaler's skipped step does.
+    assert trainer.global_step == 4
+    assert trainer.lr_scheduler_configs[0].scheduler.last_epoch == 4
 
 
 def test_unknown_nonfinite_mode_is_refused(tmp_path):
