@@ -36,6 +36,7 @@ from fpo.reference.base import BatchReference, OnlineReference, ReferenceSource
 from fpo.reference.settings import CacheSettings, cache_settings
 from fpo.reference.store import attach_reference_cache
 from fpo.sae import check_sae_fits_model, sae_hook_name
+from fpo.settings_check import check_settings
 
 log = logging.getLogger("fpo.builder")
 REFERENCE_SOURCES = ("online", "cached")
@@ -180,6 +181,7 @@ class RunParts:
 
 def build_run_parts(cfg: DictConfig) -> RunParts:
     """Validate the objective, load the model, SAE and data; resolve the hook once."""
+    check_settings(cfg)  # every numeric setting, before anything loads
     source = cfg.reference.source
     if source not in REFERENCE_SOURCES:
         raise UserError(f"reference.source={source!r}: choose online or cached.")

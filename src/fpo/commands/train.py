@@ -21,6 +21,7 @@ from fpo.checkpoints import resolve_ckpt_path
 from fpo.commands.common import CONFIG_DIR, run_hydra, user_errors
 from fpo.errors import UserError
 from fpo.policy_io import POLICY_DIR, save_policy, should_save_policy
+from fpo.settings_check import check_settings
 from fpo.sweep import run_job
 
 log = logging.getLogger("fpo.train")
@@ -59,6 +60,7 @@ def peak_memory_gb() -> float:
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit one run; returns the final callback metrics as floats (also in metrics.json)."""
+    check_settings(cfg)  # before seeding (seed) and resolving ckpt_path
     started = time.perf_counter()
     reset_peak_memory()
     ckpt_path = resolve_ckpt_path(cfg)  # ckpt_path=last: this config's newest last.ckpt
