@@ -8,11 +8,11 @@ value and what it allows, e.g. ``optimizer.lr=-1e-05: must be a finite number > 
 a model, an SAE or data is loaded. Booleans and strings are not numbers here (``true`` is
 not 1), and a float is not an integer (``data.batch_size=2.0`` is refused).
 
-The table covers the objective, optimizer, scheduler, step, data and cache settings and the
-trainer keys users set; a key absent from the config (``optimizer.eps`` unless given) is
-not checked. A trainer strategy's own arguments (``trainer.strategy.*``) are left to the
-strategy. ``tests/reliability/test_settings_check.py`` fails when a composed config holds
-a numeric key that has no rule here.
+The table covers the objective, optimizer, scheduler, step, data, cache and evaluation
+settings and the trainer keys users set; a key absent from the config (``optimizer.eps``
+unless given) is not checked. A trainer strategy's own arguments (``trainer.strategy.*``)
+are left to the strategy. ``tests/reliability/test_settings_check.py`` fails when a
+composed config holds a numeric key that has no rule here.
 """
 
 from __future__ import annotations
@@ -159,6 +159,18 @@ RULES: dict[str, Rule] = {
     "trainer.num_sanity_val_steps": number(-1, integer=True) | NULL,  # -1: all
     "trainer.num_nodes": COUNT,
     "trainer.devices": DEVICES,
+    "evaluation.num_prompts": COUNT | NULL,  # null: every prompt of the file
+    "evaluation.num_samples": COUNT,
+    "evaluation.max_new_tokens": COUNT,
+    "evaluation.batch_size": COUNT,
+    "evaluation.num_pairs": COUNT | NULL,
+    "evaluation.pairs_batch_size": COUNT,
+    "evaluation.feature_report_top": NON_NEGATIVE_INT,
+    "evaluation.feature_contexts": NON_NEGATIVE_INT,
+    "evaluation.logits_chunk_size": COUNT | NULL,
+    "evaluation.seed": SEED,
+    "evaluation.validation.num_prompts": COUNT | NULL,
+    "evaluation.ood_test.num_prompts": COUNT | NULL,
 }
 
 _ABSENT = object()

@@ -22,9 +22,11 @@ from fpo.settings_check import RULES, settings_problems
 from fpo.testing import PRESETS, compose_train, run_module
 
 #: The config nodes whose numbers are settings (``trainer.strategy``: the strategy's own).
-NODES = ("objective", "optimizer", "scheduler", "step", "data", "cache", "trainer")
+NODES = ("objective", "optimizer", "scheduler", "step", "data", "cache", "trainer", "evaluation")
 #: Null leaves of the configs that hold no number when set.
 NULL_TEXT_KEYS = {"data.subset", "data.val_source", "data.cache_dir"}
+NULL_TEXT_KEYS |= {f"evaluation.{split}.prompts_file" for split in ("validation", "ood_test")}
+NULL_TEXT_KEYS |= {"evaluation.latest_dir"}
 #: Keys no shipped config sets (Lightning's and AdamW's defaults apply) that count.
 INTEGER_KEYS_NOT_IN_CONFIGS = {"trainer.max_steps", "trainer.min_steps", "trainer.num_nodes"}
 INTEGER_KEYS_NOT_IN_CONFIGS |= {"scheduler.num_training_steps", "data.max_train_samples"}
@@ -55,7 +57,8 @@ def compose_all() -> list[DictConfig]:
     with every option of the groups that set numbers, one group at a time."""
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         configs = [compose(config_name="cache", overrides=[f"objective={p}"]) for p in PRESETS]
-        for group in ("experiment", "trainer", "data", "debug", "optimizer", "scheduler"):
+        groups = ("experiment", "trainer", "data", "debug", "optimizer", "scheduler", "evaluation")
+        for group in groups:
             configs += [compose("train", [f"{group}={name}"]) for name in options(group)]
     return configs
 
@@ -119,7 +122,9 @@ def test_every_shipped_config_passes(composed):
 
 @pytest.fixture(scope="module")
 def base() -> DictConfig:
-    return compose_train("experiment=smoke", "+cache.shard_size=8", "+cache.batch_size=null")
+    return compose_train(
+        "experiment=smoke", "evaluation=smoke", "+cache.shard_size=8", "+cache.batch_size=null"
+    )
 
 
 def bad_values(key: str, leaves: dict[str, set]) -> list:
