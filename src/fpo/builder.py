@@ -38,6 +38,7 @@ from fpo.reference.base import BatchReference, OnlineReference, ReferenceSource
 from fpo.reference.settings import CacheSettings, cache_settings
 from fpo.reference.store import attach_reference_cache
 from fpo.sae import check_sae_fits_model, sae_hook_name
+from fpo.settings_check import check_settings
 
 if TYPE_CHECKING:
     from fpo.evaluation.after_fit import EvaluationInputs
@@ -49,8 +50,7 @@ REFERENCE_SOURCES = ("online", "cached")
 # ------------------------------------------------------------------ typed parts
 @dataclass(frozen=True)
 class StepSettings:
-    """How a training step runs: LM-head chunk (``None``: all at once), logits recomputed
-    in backward, ``stop``/``skip`` on a non-finite step, packed trunk (``None``: padded)."""
+    """A training step's LM-head chunk, logits recompute, non-finite policy and packing."""
 
     logits_chunk_size: int | None = None
     checkpoint_logits: bool = False
@@ -368,6 +368,7 @@ class RunParts:
 
 def build_run_parts(cfg: DictConfig) -> RunParts:
     """Validate the objective, load the model, SAE and data; resolve the hook once."""
+    check_settings(cfg)  # every numeric setting, before anything loads
     source = cfg.reference.source
     if source not in REFERENCE_SOURCES:
         raise UserError(f"reference.source={source!r}: choose online or cached.")

@@ -14,6 +14,7 @@ the decision is reduced over ranks (one rank's bad batch skips the step everywhe
 from __future__ import annotations
 
 import logging
+import math
 
 import lightning as L
 import torch
@@ -36,6 +37,32 @@ def _where(module: L.LightningModule) -> str:
     )
 
 
+def _not_the_rows(module: L.LightningModule) -> str | None:
+    """The cause when it is no row: a non-finite objective setting (a module built without
+    :func:`fpo.settings_check.check_settings`) or a non-finite weight (an earlier update
+    diverged, e.g. from a huge learning rate). Every later step then fails the same way, so
+    the message must not point at the rows or at ``skip``. Runs only on the error path."""
+    objective = getattr(module, "objective", None)
+    numbers = {}
+    if objective is not None:
+        numbers = {"beta": objective.beta, "gamma_beta_ratio": objective.gamma_beta_ratio}
+        for term in ("token_kl", "features"):
+            numbers[f"constraints.{term}.alpha"] = getattr(objective.constraints, term).alpha
+    if bad := [f"objective.{key}={v}" for key, v in numbers.items() if not math.isfinite(v)]:
+        return (
+            f"Not finite: {', '.join(bad)}. Every step fails the same way, whatever the rows "
+            "(step.nonfinite=skip would skip them all): fix the setting."
+        )
+    if weight := next((n for n, p in module.named_parameters() if not p.isfinite().all()), None):
+        return (
+            f"The weight {weight} is no longer finite: an earlier update diverged, so every later "
+            "step fails too, whatever the rows (step.nonfinite=skip would skip them all). Lower "
+            "optimizer.lr or set trainer.gradient_clip_val, and start again from an earlier "
+            "checkpoint."
+        )
+    return None
+
+
 class NonFiniteGuard:
     """The per-run state of the check: ids of the current optimizer step, bad ids, count."""
 
@@ -56,9 +83,12 @@ class NonFiniteGuard:
         if self.mode == "stop":
             raise NonFiniteError(
                 f"the {split} loss is {loss.item()} at {_where(module)} for examples {ids}. "
-                "Nothing of this step was applied; last.ckpt holds the last good step. Lower "
-                "the learning rate, check these rows, or set step.nonfinite=skip to drop such "
-                "steps."
+                "Nothing of this step was applied; last.ckpt holds the last good step. "
+                + (
+                    _not_the_rows(module)
+                    or "Lower the learning rate, check these rows, or set step.nonfinite=skip "
+                    "to drop such steps."
+                )
             )
         log.warning("non-finite %s loss %s for examples %s: skipped", split, loss.item(), ids)
         if split == "train":
@@ -79,9 +109,12 @@ class NonFiniteGuard:
             if self.mode == "stop":
                 raise NonFiniteError(
                     f"non-finite gradient at {_where(module)}, from examples {ids}. The update "
-                    "was not applied; last.ckpt holds the last good step. Lower the learning "
-                    "rate, set trainer.gradient_clip_val, check these rows, or set "
-                    "step.nonfinite=skip to drop such steps."
+                    "was not applied; last.ckpt holds the last good step. "
+                    + (
+                        _not_the_rows(module)
+                        or "Lower the learning rate, set trainer.gradient_clip_val, check these "
+                        "rows, or set step.nonfinite=skip to drop such steps."
+                    )
                 )
             for p in params:
                 p.grad = None

@@ -79,7 +79,7 @@ def test_failing_job_is_recorded_and_the_others_finish(tmp_path):
 
 def test_non_finite_training_is_a_failed_job(tmp_path):
     result = run_module(
-        *train_args(tmp_path, "experiment=smoke", "objective=simpo", "optimizer.lr=inf")
+        *train_args(tmp_path, "experiment=smoke", "objective=simpo", "optimizer.lr=1e39")
     )
     assert result.returncode == 1, result.stderr[-3000:]
     (job,) = summary(only_sweep_dir(tmp_path))["jobs"]

@@ -25,6 +25,7 @@ from fpo.interrupts import Interrupted, report, stop_on_signals
 from fpo.model_card import refresh_card_evaluation
 from fpo.policy_io import POLICY_DIR, save_policy, should_save_policy
 from fpo.run_lock import folder_lock
+from fpo.settings_check import check_settings
 from fpo.sweep import JobSettings, in_multirun, sweep_job
 
 log = logging.getLogger("fpo.train")
@@ -65,6 +66,7 @@ def peak_memory_gb() -> float:
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit one run; returns the final callback metrics as floats (also in metrics.json)."""
+    check_settings(cfg)  # before seeding (seed) and resolving ckpt_path
     started = time.perf_counter()
     reset_peak_memory()
     # ckpt_path=last: the newest last.ckpt of an earlier run of this config

@@ -34,6 +34,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from fpo.atomic import atomic_save_bytes
+from fpo.cache_checksums import remove_changed_shards, shard_entry
 from fpo.errors import UserError
 from fpo.logprobs import response_positions
 from fpo.reference import store
@@ -59,7 +60,8 @@ class ReferenceCacheWriter:
     folder holding a manifest or shards of another fingerprint is refused, each differing
     component named, unless ``overwrite``: then each rank removes its share of the old files
     (of ranks equal to ``rank`` modulo ``world_size``; rank 0 also the manifest). Completed
-    shards of every rank are kept, so an interrupted build resumes."""
+    shards of every rank are kept, so an interrupted build resumes; those whose bytes differ
+    from a finished cache's manifest are removed, so their pairs are computed again."""
 
     def __init__(
         self,
@@ -84,15 +86,22 @@ class ReferenceCacheWriter:
         (self.path / "shards").mkdir(parents=True, exist_ok=True)
         if overwrite:  # this rank's share of the old files
             for file in (self.path / "shards").iterdir():
-                if (match := _SHARD.match(file.name)) and int(match[1]) % world_size == rank:
+                if self._mine(file.name):
                     file.unlink()
             if rank == 0:
                 (self.path / store.MANIFEST).unlink(missing_ok=True)
         else:
-            self._refuse_other_fingerprints()
+            self._refuse_other_fingerprints()  # then recompute changed shards, never bless them
+            if (self.path / store.MANIFEST).is_file():
+                remove_changed_shards(self.path, store.read_manifest(self.path), self._mine)
         mine = (self.path / "shards").glob(f"rank{rank}-*.arrow")
         self._next = 1 + max((int(file.stem.split("-")[1]) for file in mine), default=-1)
         self._pending, self._closed = [], False
+
+    def _mine(self, name: str) -> bool:
+        """Whether a shard (or its temp file) is this rank's share: of ranks equal to ours
+        modulo the world size."""
+        return bool((match := _SHARD.match(name)) and int(match[1]) % self.world_size == self.rank)
 
     def _refuse_other_fingerprints(self) -> None:
         found = []
@@ -158,8 +167,7 @@ class ReferenceCacheWriter:
         entries, ids = [], set()
         for file, table in store.shards(self.path):
             ids.update(table.column("example_id").to_pylist())
-            size = file.stat().st_size
-            entries.append({"file": f"shards/{file.name}", "rows": table.num_rows, "bytes": size})
+            entries.append(shard_entry(self.path, file, table.num_rows))
         if missing := [i for i in expected_ids if i not in ids]:
             raise UserError(
                 f"The reference cache at {self.path} lacks {len(missing)} expected example ids "

@@ -3,8 +3,8 @@
 A cache folder ``PATH`` (one per data split) holds ``PATH/shards/rank{r}-{n:05d}.arrow``,
 Arrow IPC files each written atomically by rank r alone, their schema metadata holding the
 fingerprint (so a partial build can be checked and resumed), and ``PATH/manifest.json``,
-written LAST by rank 0 (fingerprint, each shard's rows and bytes): without it the cache is
-incomplete and never loaded. Opening checks shard sizes and Arrow footers, no checksums.
+written LAST by rank 0 (fingerprint, each shard's rows, bytes and sha256): without it the
+cache is incomplete and never loaded. Opening checks each shard's size, sha256 and footer.
 
 One row per pair, keyed by the stable string ``example_id``; per side (chosen, rejected):
 ``sum_logps``, ``avg_logps`` (float32), ``n_tokens`` (int32) and, when ``k > 0``,
@@ -32,6 +32,7 @@ import pyarrow as pa
 import torch
 from torch import nn
 
+from fpo.cache_checksums import checksum_problem, note_unverified
 from fpo.errors import UserError
 from fpo.reference.settings import OVERWRITE_OVERRIDE, CacheSettings, differences, short
 
@@ -101,8 +102,8 @@ def read_manifest(path: Path, rebuild_command: str = _REBUILD) -> dict[str, Any]
 
 def open_shard(file: Path, entry: Mapping | None = None, schema=None, command=_REBUILD) -> pa.Table:
     """A shard as a memory-mapped table. With its manifest ``entry``, first checks that it
-    exists and has the recorded bytes, then the ``schema`` and the rows. A UserError names
-    the file when a check fails or the Arrow footer cannot be read."""
+    exists and has the recorded bytes, then the ``schema``, the rows and the sha256. A
+    UserError names the file when a check fails or the Arrow footer cannot be read."""
     size = file.stat().st_size if file.is_file() else None
     if size is None:
         problem = "is missing"
@@ -115,7 +116,7 @@ def open_shard(file: Path, entry: Mapping | None = None, schema=None, command=_R
             problem = f"cannot be read ({err})"
         else:
             same = not entry or (table.schema.equals(schema) and table.num_rows == entry["rows"])
-            problem = None if same else "is stale"
+            problem = checksum_problem(file, entry or {}) if same else "is stale"
     if problem:
         raise UserError(
             f"The reference cache at {file.parent.parent} is damaged: shard {file} {problem}. "
@@ -164,7 +165,7 @@ class ReferenceCache:
 
         Raises UserError on a missing folder, a missing manifest (interrupted build), any
         component differing from ``expected_components`` (each named), and a missing,
-        truncated or unreadable shard (the file named). With ``example_ids`` (the run's
+        truncated, changed or unreadable shard (the file named). With ``example_ids`` (the run's
         pairs), ``data`` may differ as long as every one of them is stored.
         """
         path = Path(path)
@@ -180,6 +181,7 @@ class ReferenceCache:
                 f"rebuild it with: {rebuild_command}"
             )
         manifest = read_manifest(path, rebuild_command)
+        note_unverified(path, manifest)
         expected = {name: str(value) for name, value in (expected_components or {}).items()}
         ignore = ("data",) if example_ids is not None else ()
         if expected.get("k") == "0" and int(manifest["k"]) > 0:
