@@ -112,29 +112,3 @@ def test_ddp_jobs_in_a_sweep_each_start_their_own_ranks(tmp_path):
     for job in jobs:  # rank 1 ran in the job's own folder, as a single run
         assert (sweep_dir / job["dir"] / "train_ddp_process_1.log").exists(), job["dir"]
 
-
-def test_ddp_run_preempted_mid_epoch_resumes_to_the_uninterrupted_result(tmp_path):
-    """Both DDP ranks get SIGTERM (a scheduler's pre-emption) after optimizer step 1, the
-    middle of epoch 0 (2 steps per epoch): last.ckpt is saved there and the run exits 143.
-    Resumed from it, both ranks continue from the same place in the shared batch order, so
-    every later step's loss and the final metrics equal an uninterrupted DDP run's."""
-    overrides = (*TRAIN, "objective=dpo", *DDP)
-    whole, stopped, resumed = tmp_path / "whole", tmp_path / "stopped", tmp_path / "resumed"
-    run("fpo.commands.train", tmp_path, whole, *overrides)
-    preempted = run_module(
-        "fpo.commands.train", f"paths.log_dir={tmp_path / 'logs'}", f"hydra.run.dir={stopped}",
-        *COMMON, *overrides, "+callbacks.stop._target_=fpo.testing.faults.SignalAfterStep",
-        "+callbacks.stop.step=1", "+callbacks.stop.name=SIGTERM",
-    )  # fmt: skip
-    assert preempted.returncode == 143, preempted.stderr[-4000:]
-    last = stopped / "checkpoints" / "last.ckpt"
-    run("fpo.commands.train", tmp_path, resumed, *overrides, f"ckpt_path={last}")
-
-    losses_whole, losses_resumed = step_losses(whole), step_losses(resumed)
-    assert sorted(losses_whole) == [0, 1, 2, 3]
-    assert sorted(losses_resumed) == [1, 2, 3], losses_resumed  # the steps after the stop
-    for step in (1, 2, 3):
-        assert math.isclose(losses_resumed[step], losses_whole[step], rel_tol=RTOL, abs_tol=ATOL)
-    final_whole, final_resumed = metrics(whole), metrics(resumed)
-    for name in ("val/loss", "val/rewards/accuracies", "val/rewards/margins"):
-        assert math.isclose(final_resumed[name], final_whole[name], rel_tol=RTOL, abs_tol=ATOL)

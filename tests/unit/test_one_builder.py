@@ -18,7 +18,9 @@ ROOT = Path(__file__).resolve().parents[2]
 SRC = ROOT / "src" / "fpo"
 BUILDER = SRC / "builder.py"
 #: Where the composed Hydra config may be read: the entry points and the builder.
-CONFIG_READERS = (SRC / "commands", BUILDER)
+#: The entry points, the builder, and the check the builder runs first on the raw config
+#: (every numeric setting, before anything loads).
+CONFIG_READERS = (SRC / "commands", BUILDER, SRC / "settings_check.py")
 #: Hydra calls these with its own config (the callback interface), not ours.
 HYDRA_CALLBACKS = {
     ("sweep.py", "on_multirun_start"),
