@@ -25,29 +25,31 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
+import torch
 
 from fpo.commands.cache import verify
+from fpo.logprobs import SequenceLogps
+from fpo.reference import SIDES, cache_rows
+from fpo.reference.base import ReferenceStats
 from fpo.reference.build import ReferenceCacheWriter
 from fpo.reference.store import ReferenceCache
 
 
 def build_split(path: Path, pairs: int, k: int, values_dtype: str, batch: int = 8) -> None:
     """A finished cache of ``pairs`` random pairs at ``path`` (shards of 1024 pairs)."""
-    rng = np.random.default_rng(0)
+    gen = torch.Generator().manual_seed(0)
     writer = ReferenceCacheWriter(path, {"data": "synthetic"}, k=k, values_dtype=values_dtype)
     for start in range(0, pairs, batch):
         n = min(batch, pairs - start)
-        sides = [
-            {
-                "sum_logps": -rng.uniform(1, 50, n).astype(np.float32),
-                "avg_logps": -rng.uniform(0, 5, n).astype(np.float32),
-                "n_tokens": rng.integers(1, 64, n),
-                "topk_indices": rng.integers(0, 16384, (n, k)),
-                "topk_values": rng.uniform(0, 5, (n, k)).astype(np.float32),
-            }
-            for _ in range(2)
-        ]
+        rows = 2 * n  # chosen then rejected, as the cache build gets them
+        total = -torch.rand(rows, generator=gen) * 50
+        stats = ReferenceStats(
+            SequenceLogps(total, total / 24, torch.randint(1, 64, (rows,), generator=gen)),
+            torch.randint(0, 16384, (rows, k), generator=gen),
+            torch.rand(rows, k, generator=gen) * 5,
+        )
+        layout = cache_rows(stats)
+        sides = [{name: value.numpy() for name, value in layout[side].items()} for side in SIDES]
         ids = [f"{start + i:016x}" for i in range(n)]
         writer.add(ids, *sides)
     writer.close()

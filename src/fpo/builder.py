@@ -288,12 +288,12 @@ class RunParts:
         if cfg.model.get("gradient_checkpointing"):
             self.policy.gradient_checkpointing_enable()
         if cfg.model.get("freeze_embeddings"):
-            # Token embeddings (and a tied LM head) stay fixed: for a 262k vocabulary this
-            # removes most of the optimizer state and the head's weight gradient.
+            # Frozen token embeddings (and tied head): no optimizer state for a 262k vocabulary
             self.policy.get_input_embeddings().requires_grad_(False)
             self.policy.get_output_embeddings().requires_grad_(False)
         optimizer = instantiate(cfg.optimizer)
-        scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") else None
+        scheduler = cfg.get("scheduler") or {}  # `~scheduler` leaves an experiment's values
+        scheduler = instantiate(scheduler) if "_target_" in scheduler else None
         return assemble_module(
             self.policy,
             self.objective,
