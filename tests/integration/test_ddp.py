@@ -111,4 +111,3 @@ def test_ddp_jobs_in_a_sweep_each_start_their_own_ranks(tmp_path):
     assert [job["status"] for job in jobs] == ["finished", "finished"]
     for job in jobs:  # rank 1 ran in the job's own folder, as a single run
         assert (sweep_dir / job["dir"] / "train_ddp_process_1.log").exists(), job["dir"]
-

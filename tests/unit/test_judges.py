@@ -351,7 +351,7 @@ def test_instruct_lm_judge_reads_answer_probabilities_off_the_next_token(
 ):
     """P(first answer) from one unpadded forward equals the batched, left-padded one; the
     score is P(positive) * P(film review)."""
-    from fpo.evaluation.lm_judge import (
+    from fpo.evaluation.instruct_judge import (
         SENTIMENT_ANSWERS,
         SENTIMENT_QUESTION,
         TOPIC_ANSWERS,
@@ -384,7 +384,7 @@ def test_instruct_lm_judge_reads_answer_probabilities_off_the_next_token(
 
 
 def test_instruct_lm_judge_names_a_missing_package():
-    from fpo.evaluation.lm_judge import InstructLMJudge
+    from fpo.evaluation.instruct_judge import InstructLMJudge
 
     with pytest.raises(UserError, match="'no_such_gguf_package' is not installed"):
         InstructLMJudge(package="no_such_gguf_package")

@@ -35,7 +35,7 @@ from fpo.sae import build_random_sae, resolve_hook_module
 ROOT = Path(__file__).resolve().parents[2]
 #: A judge's own language model reads its next-token distribution over label words: not a
 #: response statistic of the policy or the reference.
-NOT_RESPONSE_STATISTICS = {ROOT / "src" / "fpo" / "evaluation" / "lm_judge.py"}
+NOT_RESPONSE_STATISTICS = {ROOT / "src" / "fpo" / "evaluation" / "instruct_judge.py"}
 SOURCES = [
     path
     for path in (*(ROOT / "src").rglob("*.py"), *(ROOT / "benchmarks").rglob("*.py"))

@@ -36,7 +36,7 @@ from fpo.compare.bootstrap import (
     seed_mean,
 )
 from fpo.compare.runs import Run
-from fpo.compare.samples import RunScores, read_run_scores
+from fpo.compare.sample_scores import RunScores, read_run_scores
 from fpo.errors import UserError
 
 COLUMNS = [

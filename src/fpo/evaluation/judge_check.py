@@ -32,9 +32,9 @@ MARKERS = ("<!-- fpo-judge-check: start -->", "<!-- fpo-judge-check: end -->")
 KNOWN_JUDGES: dict[str, tuple[str, dict[str, Any]]] = {
     "vader": ("fpo.evaluation.judges.VaderJudge", {}),
     "afinn": ("fpo.evaluation.judges.AfinnJudge", {}),
-    "smollm2": ("fpo.evaluation.lm_judge.InstructLMJudge", {}),
+    "smollm2": ("fpo.evaluation.instruct_judge.InstructLMJudge", {}),
     "smollm2-sentiment": (
-        "fpo.evaluation.lm_judge.InstructLMJudge",
+        "fpo.evaluation.instruct_judge.InstructLMJudge",
         {"ask_topic": False, "name": "smollm2-135m-instruct-sentiment-only"},
     ),
 }

@@ -9,7 +9,7 @@ the judge failed on. `win_rate` works with either kind.
 - `AfinnJudge`: the AFINN-165 lexicon, a judge that did *not* label them.
 - `RewardModelJudge`: any local Hugging Face sequence-classification model.
 - `LLMPairwiseJudge` (`fpo.evaluation.llm_judge`): an OpenAI-compatible chat endpoint.
-- `InstructLMJudge` (`fpo.evaluation.lm_judge`): a small local instruct model (SmolLM2,
+- `InstructLMJudge` (`fpo.evaluation.instruct_judge`): a small local instruct model (SmolLM2,
   from PyPI) asked whether a text is a positive film review; not a lexicon.
 
 A pointwise judge may have ``positive_threshold``: the score above which it calls a text
