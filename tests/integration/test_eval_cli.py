@@ -237,3 +237,24 @@ def test_validation_prompts_give_selection_metrics_apart_from_test(tmp_path):
     )  # fmt: skip
     assert refused.returncode != 0
     assert "model selection needs prompts of its own" in refused.stderr
+
+
+def test_validation_only_samples_the_validation_prompts_alone(tmp_path):
+    """``evaluation.validation_only=true`` (fpo-calibrate's runs): ``val/sampled/*`` and
+    <run>/evaluation/validation as without it, and nothing of the test prompts, the test
+    pairs or the second test set; the test files are never opened (a missing one is fine)."""
+    validation = ROOT / "tests" / "fixtures" / "plain_pairs.jsonl"
+    result = run_module(
+        "fpo.commands.train", f"paths.log_dir={tmp_path}", "experiment=smoke", "objective=dpo",
+        "evaluation=smoke", f"evaluation.validation.prompts_file={validation}",
+        "evaluation.validation.num_prompts=3", "evaluation.validation_only=true",
+        f"evaluation.prompts_file={tmp_path / 'absent.jsonl'}",
+        f"evaluation.ood_test.prompts_file={NEW_TEMPLATES}",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run,) = [p.parent for p in tmp_path.glob("smoke/runs/*/metrics.json")]
+    metrics = json.loads((run / "metrics.json").read_text())
+    chosen = json.loads((run / "evaluation" / "validation" / "summary.json").read_text())
+    assert chosen["num_prompts"] == 3 and metrics["val/sampled/kl"] == chosen["kl"]
+    assert not [key for key in metrics if key.startswith("eval/")]
+    assert sorted(p.name for p in (run / "evaluation").iterdir()) == ["validation"]

@@ -53,6 +53,7 @@ def test_each_value_runs_once_in_its_folder_and_finished_runs_are_read(tmp_path)
     command = launched[0]
     assert command[1:5] == ["-m", "fpo.commands.train", "-m", "experiment=x"]
     assert "optimizer.lr=1e-07" in command and "hydra.sweep.subdir=run" in command
+    assert "++evaluation.validation_only=true" in command  # no test prompt is sampled
     assert f"hydra.sweep.dir='{tmp_path / 'optimizer.lr=1e-07'}'" in command
     # only the validation metrics enter: the test KL (100 + KL) never does
     assert runner.points[1e-7].val_kl == curve(1e-7) and runner.points[1e-7].val_score == 0.5

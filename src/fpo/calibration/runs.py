@@ -8,9 +8,10 @@ runs as a one-job ``fpo-train -m`` sweep with ``hydra.sweep.dir`` set to the val
 so the sweep machinery of `fpo.sweep` applies: a job whose ``job_status.json`` says
 ``finished`` is read and never rerun, an interrupted one resumes from its
 ``checkpoints/last.ckpt`` (when the run keeps one: ``callbacks`` ``default``/``throughput``),
-and a failed one runs again from the start. Only the validation keys of ``metrics.json``
-(:data:`~fpo.calibration.knobs.VAL_KL`, :data:`~fpo.calibration.knobs.VAL_SCORE`) are read:
-the test metrics the run also computes never enter a calibration.
+and a failed one runs again from the start. Each run evaluates its validation prompts only (:data:`VALIDATION_ONLY`), and only those
+keys of ``metrics.json`` (:data:`~fpo.calibration.knobs.VAL_KL`,
+:data:`~fpo.calibration.knobs.VAL_SCORE`) are read: no test metric is computed, let alone
+read, in a calibration.
 """
 
 from __future__ import annotations
@@ -27,6 +28,9 @@ from fpo.errors import UserError
 from fpo.sweep import STATUS_FILE, read_status
 
 RUN_SUBDIR = "run"
+# Each run samples its validation prompts only (no test prompts, test pairs or second test
+# set): a calibration reads nothing else, and it halves the evaluation's time.
+VALIDATION_ONLY = "evaluation.validation_only"
 
 
 @dataclass(frozen=True)
@@ -104,7 +108,7 @@ class Runner:
         folder = str(self.value_dir(value)).replace("\\", "\\\\").replace("'", "\\'")
         return [
             sys.executable, "-m", "fpo.commands.train", "-m", *self.overrides,
-            f"{self.knob}={format_knob(value)}",
+            f"{self.knob}={format_knob(value)}", f"++{VALIDATION_ONLY}=true",
             f"hydra.sweep.dir='{folder}'", f"hydra.sweep.subdir={RUN_SUBDIR}",
         ]  # fmt: skip
 

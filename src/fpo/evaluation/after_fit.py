@@ -232,6 +232,29 @@ def prompt_set_scalars(
     return scalars_of(result, prefix)
 
 
+def evaluate_validation_only(
+    policy: nn.Module,
+    reference: nn.Module,
+    run: EvaluationInputs,
+    judges: dict[str, Any],
+    loggers: list,
+) -> dict[str, float]:
+    """``evaluation.validation_only``: step 4 alone (the validation prompts, ``val/sampled/*``
+    and ``<out>/validation/``); no test prompt, test pair or second test set is touched. For
+    runs that only choose (e.g. ``fpo-calibrate``'s, which read the validation KL)."""
+    scalars = prompt_set_scalars(
+        "validation", policy, reference, run.tokenizer, judges, run.settings, run.out_dir
+    )
+    if not scalars:
+        raise UserError(
+            "evaluation.validation_only=true needs evaluation.validation.prompts_file: "
+            "there is nothing else to evaluate."
+        )
+    for logger in loggers:
+        logger.log_metrics(scalars)
+    return scalars
+
+
 def evaluate_run(
     policy: nn.Module,
     reference: nn.Module,
@@ -257,6 +280,8 @@ def evaluate_run(
     device = torch.device(device) if device is not None else next(policy.parameters()).device
     policy.to(device)
     reference.to(device)
+    if settings.get("validation_only"):
+        return evaluate_validation_only(policy, reference, run, judges, loggers)
     chunk = settings.get("logits_chunk_size", 256)
     result = sample_and_judge(
         policy,
