@@ -8,8 +8,8 @@ runs as a one-job ``fpo-train -m`` sweep with ``hydra.sweep.dir`` set to the val
 so the sweep machinery of `fpo.sweep` applies: a job whose ``job_status.json`` says
 ``finished`` is read and never rerun, an interrupted one resumes from its
 ``checkpoints/last.ckpt`` (when the run keeps one: ``callbacks`` ``default``/``throughput``),
-and a failed one runs again from the start. Each run evaluates its validation prompts only (:data:`VALIDATION_ONLY`), and only those
-keys of ``metrics.json`` (:data:`~fpo.calibration.knobs.VAL_KL`,
+and a failed one runs again from the start. Each run evaluates its validation prompts only
+(:data:`VALIDATION_ONLY`), and only those keys of ``metrics.json`` (:data:`~fpo.calibration.knobs.VAL_KL`,
 :data:`~fpo.calibration.knobs.VAL_SCORE`) are read: no test metric is computed, let alone
 read, in a calibration.
 """
