@@ -9,9 +9,9 @@ so the sweep machinery of `fpo.sweep` applies: a job whose ``job_status.json`` s
 ``finished`` is read and never rerun, an interrupted one resumes from its
 ``checkpoints/last.ckpt`` (when the run keeps one: ``callbacks`` ``default``/``throughput``),
 and a failed one runs again from the start. Each run evaluates its validation prompts only
-(:data:`VALIDATION_ONLY`), and only those keys of ``metrics.json`` (:data:`~fpo.calibration.knobs.VAL_KL`,
-:data:`~fpo.calibration.knobs.VAL_SCORE`) are read: no test metric is computed, let alone
-read, in a calibration.
+(:data:`VALIDATION_ONLY`), and only those keys of ``metrics.json``
+(:data:`~fpo.calibration.knobs.VAL_KL`, :data:`~fpo.calibration.knobs.VAL_SCORE`) are read:
+no test metric is computed, let alone read, in a calibration.
 """
 
 from __future__ import annotations
