@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: install test test-fast train smoke format lint clean study-calibrate
+.PHONY: install test test-fast train smoke format lint clean study-matched-kl
 
 $(BIN)/fpo-train: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -32,17 +32,12 @@ train: install  ## the main job: reference cache, FPO on gemma-3-270m, evaluatio
 	$(BIN)/fpo-cache $(MAIN_JOB)
 	$(BIN)/fpo-train $(MAIN_JOB)
 
-# Protocol 2 of docs/results.md, step 1: each objective's knob calibrated to 3 and 6 nats of
-# validation KL, in the protocol's search ranges (CPU hours; resumable: run it again and
-# finished runs are reused). Each fpo-calibrate prints the seed sweeps of step 2.
-study-calibrate: install  ## protocol 2: calibrate all five objectives to 3 and 6 nats
-	$(BIN)/fpo-cache experiment=matched_kl/fpo
-	$(BIN)/fpo-calibrate experiment=matched_kl/fpo --target-kl 3,6 --low 1e-6 --high 1e-3
-	$(BIN)/fpo-cache experiment=matched_kl/dpo
-	$(BIN)/fpo-calibrate experiment=matched_kl/dpo --target-kl 3,6 --low 0.1 --high 10
-	$(BIN)/fpo-calibrate experiment=matched_kl/tdpo2 --target-kl 3,6 --low 0.003 --high 3
-	$(BIN)/fpo-calibrate experiment=matched_kl/tdpo1 --target-kl 3,6 --low 0.3 --high 30
-	$(BIN)/fpo-calibrate experiment=matched_kl/simpo --target-kl 3,6 --low 1e-7 --high 1e-5
+# Protocol 2 of docs/results.md (every objective at matched KL): reference caches, each
+# objective's knob calibrated to 3 and 6 nats of validation KL, 5 seeds at the bracketing
+# values, fpo-compare --at-kl, export into docs/results/matched_kl/. CPU days; resumable:
+# run it again and finished runs are read, an interrupted one resumes.
+study-matched-kl: install  ## protocol 2 of docs/results.md, every stage (resumable)
+	$(BIN)/fpo-study --protocol matched_kl
 
 format: install  ## ruff lint + format through pre-commit
 	$(BIN)/pre-commit run --all-files

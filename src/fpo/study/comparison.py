@@ -360,11 +360,22 @@ def export() -> None:
 
 
 def main() -> None:
+    from fpo.study import matched_kl
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     stages = ["cache", "frontier", "select", "seeds", "ablations", "export"]
-    parser.add_argument("--stage", choices=[*stages, "all"], default="all")
+    protocols = "comparison (default): protocol 1; matched_kl: protocol 2 (fpo.study.matched_kl)"
+    parser.add_argument("--protocol", choices=["comparison", "matched_kl"], help=protocols)
+    parser.add_argument("--stage", choices=[*stages, *matched_kl.STAGES, "all"], default="all")
     parser.add_argument("--dry-run", action="store_true", help="print the commands only")
     args = parser.parse_args()
+    if args.protocol == "matched_kl":
+        if args.stage not in (*matched_kl.STAGES, "all"):
+            parser.error(f"--protocol matched_kl has the stages {', '.join(matched_kl.STAGES)}")
+        matched_kl.main(args.stage, args.dry_run)
+        return
+    if args.stage not in (*stages, "all"):
+        parser.error(f"--protocol comparison has the stages {', '.join(stages)}")
     todo = stages if args.stage == "all" else [args.stage]
     if "cache" in todo:
         for objective in ("dpo", "fpo"):

@@ -1,0 +1,210 @@
+"""Protocol 2 of ``docs/results.md`` end to end and resumable: every objective calibrated to
+the same validation KLs, then seeds at the calibrated points, compared at matched KL.
+
+    fpo-study --protocol matched_kl                  # every stage, in order
+    fpo-study --protocol matched_kl --stage seeds    # one stage
+    fpo-study --protocol matched_kl --dry-run        # print the commands only
+
+Stages (each runs again safely: finished runs are read, interrupted ones resume):
+
+1. ``cache``: the offline reference caches of DPO and FPO (``experiment=matched_kl/<obj>``).
+2. ``calibrate``: ``fpo-calibrate`` per objective to :data:`TARGET_KLS` in its search range
+   (:data:`RANGES`, validation prompts only). A target every run of the range misses is
+   tried once more with the range widened 10x on the side the report names.
+3. ``seeds``: per calibrated objective, one ``fpo-train -m`` sweep over both bracketing knob
+   values of every target and :data:`SEEDS`; an objective whose calibration has not
+   finished is skipped with a note.
+4. ``compare``: ``fpo-compare --at-kl`` over the seed sweeps, FPO the baseline, on the test
+   prompts and on the second test set (``docs/results/matched_kl/{test,ood_test}/``).
+5. ``export``: each objective's ``calibration.{json,md}``, every seed run's generations of
+   both test sets (all samples, every field) and ``runs.csv`` into
+   ``docs/results/matched_kl/``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+from fpo.calibration.runs import format_knob
+from fpo.commands.calibrate_plan import make_plan
+from fpo.compare import load_runs, run_rows
+from fpo.study.comparison import BIN, OBJECTIVES, RESULTS, RUN_COLUMNS
+from fpo.sweep import derive_sweep_name
+
+OUT = RESULTS / "matched_kl"
+TARGET_KLS = (3.0, 6.0)
+SEEDS = (1, 2, 3, 4, 5)
+CALIBRATION_SEED = 0
+# The protocol's search range of each objective's knob (the knob itself:
+# configs/calibration_knobs.yaml), fixed before any protocol-2 run.
+RANGES = {
+    "fpo": (1e-6, 1e-3),
+    "dpo": (0.1, 10.0),
+    "tdpo2": (0.003, 3.0),
+    "tdpo1": (0.3, 30.0),
+    "simpo": (1e-7, 1e-5),
+}
+ORDER = ("fpo", "dpo", "tdpo2", "tdpo1", "simpo")  # the method of interest first
+CACHED = ("fpo", "dpo")
+TEST_SETS = {"test": None, "ood_test": "ood_test"}  # folder -> fpo-compare --split
+WIDEN = 10.0
+assert set(ORDER) == set(OBJECTIVES) == set(RANGES)
+
+
+def experiment(objective: str) -> list[str]:
+    return [f"experiment=matched_kl/{objective}"]
+
+
+def series_dir(objective: str) -> Path:
+    """The objective's calibration series folder, as ``fpo-calibrate`` derives it from the
+    same overrides: ``<paths.log_dir>/matched_kl/calibration/<objective>/<series>``."""
+    low, high = RANGES[objective]
+    return make_plan(experiment(objective), seed=CALIBRATION_SEED, low=low, high=high).series_dir
+
+
+def calibration_file(objective: str) -> Path:
+    return series_dir(objective) / "calibration.json"
+
+
+def read_calibration(objective: str) -> dict | None:
+    path = calibration_file(objective)
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def calibrate_command(objective: str, low: float, high: float) -> list[str]:
+    kls = ",".join(f"{kl:g}" for kl in TARGET_KLS)
+    return [
+        str(BIN / "fpo-calibrate"), *experiment(objective), "--target-kl", kls,
+        "--low", repr(low), "--high", repr(high), "--seed", str(CALIBRATION_SEED),
+        "--study-seeds", ",".join(map(str, SEEDS)),
+    ]  # fmt: skip
+
+
+def widened(report: dict, low: float, high: float) -> tuple[float, float] | None:
+    """The range widened once by :data:`WIDEN` on the side an unreachable target names
+    (``raise --high`` / ``lower --low``); ``None`` when every target was reached."""
+    findings = " ".join(
+        t.get("finding") or "" for t in report["targets"] if t["status"] == "unreachable"
+    )
+    if "raise --high" in findings:
+        return low, high * WIDEN
+    if "lower --low" in findings:
+        return low / WIDEN, high
+    return None
+
+
+def seed_overrides(objective: str, report: dict) -> list[str] | None:
+    """The seed sweep's task overrides (``None``: no target has two bracketing values)."""
+    values = report.get("seed_knobs") or []
+    if not values:
+        return None
+    knobs = ",".join(format_knob(v) for v in values)
+    seeds = ",".join(map(str, SEEDS))
+    return [*experiment(objective), f"{report['knob']}={knobs}", f"seed={seeds}"]
+
+
+def seed_sweep(objective: str) -> Path | None:
+    """The seed sweep's folder (``fpo-train -m`` derives it from the same overrides)."""
+    report = read_calibration(objective)
+    overrides = report and seed_overrides(objective, report)
+    if not overrides:
+        return None
+    # <paths.log_dir>/matched_kl/multiruns/<name>: fpo-train -m's folder for these overrides
+    return series_dir(objective).parents[2] / "multiruns" / derive_sweep_name(overrides)
+
+
+def run(command: list[str], dry_run: bool) -> int:
+    print("$", " ".join(command), flush=True)
+    return 0 if dry_run else subprocess.run(command).returncode
+
+
+def stage_cache(dry_run: bool) -> None:
+    for objective in CACHED:
+        run([str(BIN / "fpo-cache"), *experiment(objective)], dry_run)
+
+
+def stage_calibrate(dry_run: bool) -> None:
+    for objective in ORDER:
+        low, high = RANGES[objective]
+        code = run(calibrate_command(objective, low, high), dry_run)
+        report = None if dry_run else read_calibration(objective)
+        wider = report and widened(report, *RANGES[objective])
+        if code == 0 and wider:
+            print(f"calibrate: {objective}: a target is out of reach; widening once to {wider}")
+            run(calibrate_command(objective, *wider), dry_run)
+
+
+def stage_seeds(dry_run: bool) -> None:
+    for objective in ORDER:
+        report = read_calibration(objective)
+        overrides = report and seed_overrides(objective, report)
+        if not overrides:
+            print(f"seeds: {objective}: no calibration with bracketing values yet; skipped")
+            continue
+        run([str(BIN / "fpo-train"), "-m", *overrides], dry_run)
+
+
+def stage_compare(dry_run: bool) -> None:
+    sweeps = [s for s in map(seed_sweep, ORDER) if s is not None and s.is_dir()]
+    if not sweeps:
+        print("compare: no seed sweep has run yet")
+        return
+    kls = ",".join(f"{kl:g}" for kl in TARGET_KLS)
+    for folder, split in TEST_SETS.items():
+        command = [str(BIN / "fpo-compare"), *map(str, sweeps), "--out", str(OUT / folder)]
+        command += ["--at-kl", kls, "--baseline", "fpo", *(["--split", split] if split else [])]
+        run(command, dry_run)
+
+
+def export_generations(source: Path, target: Path) -> None:
+    """Every row of a run's ``generations.jsonl`` (every sample, its KL, every judge's
+    score), as written."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source, target)
+
+
+def stage_export() -> None:
+    OUT.mkdir(parents=True, exist_ok=True)
+    for objective in ORDER:
+        path = calibration_file(objective)
+        if path.is_file():
+            target = OUT / "calibration" / objective
+            target.mkdir(parents=True, exist_ok=True)
+            for name in ("calibration.json", "calibration.md"):
+                shutil.copyfile(path.parent / name, target / name)
+    rows = []
+    sweeps = [s for s in map(seed_sweep, ORDER) if s is not None and s.is_dir()]
+    for run_ in load_runs(sweeps):
+        name = f"{run_.path.parent.name}__{run_.path.name}"  # <sweep>__<job>
+        for folder, split in TEST_SETS.items():
+            source = run_.path / "evaluation" / (split or "") / "generations.jsonl"
+            if source.is_file():
+                export_generations(source, OUT / "generations" / folder / f"{name}.jsonl")
+        if (run_.path / "evaluation" / "summary.json").is_file():
+            (row,) = run_rows([run_])
+            rows.append({**row, "run": name})
+    with (OUT / "runs.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, RUN_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(sorted(rows, key=lambda r: r["run"]))
+    print(f"export: {len(rows)} seed runs' generations and runs.csv in {OUT}")
+
+
+STAGES = ("cache", "calibrate", "seeds", "compare", "export")
+
+
+def main(stage: str, dry_run: bool) -> None:
+    """Run ``stage`` (or ``all``) of protocol 2."""
+    stages = {
+        "cache": stage_cache,
+        "calibrate": stage_calibrate,
+        "seeds": stage_seeds,
+        "compare": stage_compare,
+        "export": lambda dry_run: None if dry_run else stage_export(),
+    }
+    for name in stages if stage == "all" else (stage,):
+        stages[name](dry_run)

@@ -1,0 +1,111 @@
+"""fpo-study --protocol matched_kl (fpo.study.matched_kl): protocol 2's stages derive their
+commands from the calibration reports, widen an unreachable range once, and export every
+sample of every seed run."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+
+import pytest
+
+from fpo.study import matched_kl
+
+
+@pytest.fixture
+def in_tmp(tmp_path, monkeypatch):
+    """Logs under a temporary folder (paths.log_dir is ./logs), results under it too."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("FPO_ROOT", raising=False)
+    monkeypatch.setattr(matched_kl, "OUT", tmp_path / "results")
+    return tmp_path
+
+
+def write_report(objective: str, seed_knobs: list[float], targets: list[dict]) -> dict:
+    report = {
+        "objective": objective,
+        "knob": "objective.constraints.features.alpha",
+        "seed_knobs": seed_knobs,
+        "targets": targets,
+    }
+    path = matched_kl.calibration_file(objective)
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps(report))
+    (path.parent / "calibration.md").write_text("# Calibration\n")
+    return report
+
+
+def test_calibration_runs_fpo_first_in_the_protocols_ranges(in_tmp, capsys):
+    matched_kl.stage_calibrate(dry_run=True)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("$")]
+    assert [line.split()[2] for line in lines] == [
+        f"experiment=matched_kl/{o}" for o in ("fpo", "dpo", "tdpo2", "tdpo1", "simpo")
+    ]
+    assert "--target-kl 3,6 --low 1e-06 --high 0.001 --seed 0" in lines[0]
+    assert "--low 1e-07 --high 1e-05" in lines[-1]
+
+
+def test_an_unreachable_target_widens_the_named_side_once():
+    unreachable = {"status": "unreachable", "finding": "out of reach (raise --high to reach it)"}
+    reached = {"status": "converged", "finding": None}
+    assert matched_kl.widened({"targets": [reached, unreachable]}, 1e-6, 1e-3) == (1e-6, 1e-2)
+    lower = {**unreachable, "finding": "out of reach (lower --low to reach it)"}
+    assert matched_kl.widened({"targets": [lower]}, 0.1, 10.0) == (0.01, 10.0)
+    assert matched_kl.widened({"targets": [reached]}, 0.1, 10.0) is None
+
+
+def test_seeds_run_both_bracketing_values_of_every_target_and_skip_the_uncalibrated(
+    in_tmp, capsys
+):
+    write_report("fpo", [2e-05, 5e-05, 0.0001, 0.0003], [])
+    matched_kl.stage_seeds(dry_run=True)
+    out = capsys.readouterr().out
+    (command,) = [line for line in out.splitlines() if line.startswith("$")]
+    assert command.endswith(
+        "fpo-train -m experiment=matched_kl/fpo "
+        "objective.constraints.features.alpha=2e-05,5e-05,0.0001,0.0003 seed=1,2,3,4,5"
+    )
+    assert "seeds: dpo: no calibration with bracketing values yet; skipped" in out
+    # the folder fpo-train -m gives these overrides is where compare and export look
+    sweep = matched_kl.seed_sweep("fpo")
+    assert sweep.parent == in_tmp / "logs" / "matched_kl" / "multiruns"
+    assert sweep.name.startswith("experiment=matched_kl_fpo_objective.constraints")
+
+
+def test_export_keeps_every_sample_of_both_test_sets(in_tmp):
+    write_report("fpo", [1e-4, 3e-4], [])
+    sweep = matched_kl.seed_sweep("fpo")
+    run = sweep / "0"
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "config.yaml").write_text("seed: 1\nobjective: {name: fpo}\n")
+    (run / ".hydra" / "overrides.yaml").write_text("- seed=1\n")
+    rows = [
+        {"prompt_index": 0, "sample": s, "policy": "p", "reference": "r", "kl_log_ratio": 1.5}
+        for s in (0, 1)
+    ]
+    for folder in ("evaluation", "evaluation/ood_test"):
+        (run / folder).mkdir(parents=True, exist_ok=True)
+        (run / folder / "summary.json").write_text(json.dumps({"kl": 1.5}))
+        (run / folder / "generations.jsonl").write_text(
+            "".join(json.dumps(row) + "\n" for row in rows)
+        )
+    matched_kl.stage_export()
+    out = in_tmp / "results"
+    for folder in ("test", "ood_test"):
+        (exported,) = (out / "generations" / folder).iterdir()
+        assert [json.loads(line) for line in exported.read_text().splitlines()] == rows
+    assert (out / "calibration" / "fpo" / "calibration.json").is_file()
+    (row,) = csv.DictReader((out / "runs.csv").open())
+    assert row["run"] == f"{sweep.name}__0" and row["objective"] == "fpo"
+
+
+def test_fpo_study_refuses_a_stage_of_the_other_protocol():
+    result = subprocess.run(
+        [sys.executable, "-m", "fpo.study.comparison", "--protocol", "matched_kl", "--stage",
+         "frontier", "--dry-run"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "--protocol matched_kl has the stages cache, calibrate" in result.stderr
