@@ -7,7 +7,7 @@ of the smoke configs (``tests/fixtures/``) and the main job's SAE
 pyproject.toml, because setuptools' package discovery cannot be combined with mapped folders.
 """
 
-from setuptools import find_packages, setup
+from setuptools import find_namespace_packages, find_packages, setup
 
 #: Package name in the wheel -> (repository folder, files under it to ship).
 SHIPPED = {
@@ -17,8 +17,20 @@ SHIPPED = {
     "fpo.shipped.assets": ("assets", ["sae/gemma3-270m-layer17/*"]),
 }
 
+
+def shipped_packages() -> list[str]:
+    """The mapped packages and their subfolders that Python could import (the ones
+    setuptools would otherwise warn about); their files are the top package's data."""
+    return [
+        f"{name}.{sub}" if sub else name
+        for name, (folder, _) in SHIPPED.items()
+        for sub in ["", *find_namespace_packages(folder)]
+        if all(part.isidentifier() for part in sub.split(".") if sub)
+    ]
+
+
 setup(
-    packages=[*find_packages("src"), *SHIPPED],
+    packages=[*find_packages("src"), *shipped_packages()],
     package_dir={"": "src", **{name: folder for name, (folder, _) in SHIPPED.items()}},
     package_data={"fpo": ["py.typed"], **{name: files for name, (_, files) in SHIPPED.items()}},
     # A developer's configs/local/*.yaml (git-ignored) stays out of the wheel.
