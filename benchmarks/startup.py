@@ -51,12 +51,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--src", type=Path, action="append", help="a tree's src/ (repeatable)")
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--only", default="", help="the cases whose label contains this")
     args = parser.parse_args()
     trees = args.src or [Path(__file__).resolve().parents[1] / "src"]
     print("| command | " + " | ".join(f"{t}: wall / CPU" for t in trees) + " |")
     print("|---|" + "---|" * len(trees))
     with tempfile.TemporaryDirectory() as cwd:
         for label, case in CASES.items():
+            if args.only not in label:
+                continue
             cells = []
             for tree in trees:
                 runs = [seconds(case, tree, Path(cwd)) for _ in range(args.repeat)]
