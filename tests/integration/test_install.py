@@ -26,8 +26,10 @@ import yaml
 
 from fpo.testing import ROOT
 
-#: Top-level entries of the checkout the wheel's build does not read.
-NOT_BUILT = {".git", ".venv", "logs", "docs", "benchmarks", "notebooks", "build", "dist"}
+#: Top-level entries of the checkout the wheel's build does not read (hidden ones neither):
+#: docs, benchmarks, run outputs and earlier builds.
+NOT_BUILT = {"logs", "docs", "benchmarks", "notebooks", "build", "dist", "wandb", "outputs",
+             "multirun", "lightning_logs"}  # fmt: skip
 #: What the main job (experiment=sentiment_gemma3) reads from the package's files.
 MAIN_JOB_FILES = ("data.train_source", "data.val_source", "evaluation.prompts_file")
 
@@ -50,7 +52,7 @@ def wheel(tmp_path_factory) -> Path:
     ignore = shutil.ignore_patterns("__pycache__", "*.egg-info", ".pytest_cache")
     source.mkdir()
     for entry in ROOT.iterdir():
-        if entry.name in NOT_BUILT:
+        if entry.name in NOT_BUILT or entry.name.startswith("."):
             continue
         copy = shutil.copytree if entry.is_dir() else shutil.copy2
         copy(entry, source / entry.name, **({"ignore": ignore} if entry.is_dir() else {}))
