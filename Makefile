@@ -3,19 +3,23 @@ PYTHON ?= python3.11
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 PYTEST_ARGS ?=
+# The extras `install` adds (pyproject.toml): dev is every optional part (the embedded model
+# that `make train` runs, Optuna, SLURM, TensorBoard, the notebook tools) plus the test
+# tools that `make test` runs.
+EXTRAS ?= dev
 
 .PHONY: install test test-fast train smoke format lint clean study-matched-kl
 
-$(BIN)/fpo-train: pyproject.toml
+$(BIN)/fpo-train: pyproject.toml setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	# torch first: this exact version is the CPU build already on this kind of machine;
 	# any other spec would pull a multi-GB CUDA build.
 	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet -e ".[$(EXTRAS)]"
 	touch $(BIN)/fpo-train
 
-install: $(BIN)/fpo-train  ## create .venv and install the package with its dev extras
+install: $(BIN)/fpo-train  ## create .venv and install the package with its extras (EXTRAS)
 
 test: install  ## the whole suite, offline (slow tests on the real gemma-3-270m included)
 	WANDB_MODE=disabled HF_HUB_OFFLINE=1 $(BIN)/pytest -q $(PYTEST_ARGS)

@@ -23,8 +23,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from lightning.pytorch.utilities.exceptions import SIGTERMException
-
 log = logging.getLogger("fpo.interrupts")
 
 
@@ -48,6 +46,9 @@ def stop_on_signals() -> Iterator[Stop]:
     """Around ``trainer.fit``: turn SIGINT into a graceful stop, and the end Lightning gives
     a stop (``SIGTERMException``, or the exit 1 of a second Ctrl-C) into :class:`Interrupted`.
     """
+    # Here, not at the top: fpo-train --help and config errors need no Lightning.
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
     stop = Stop()
     main = threading.current_thread() is threading.main_thread()
 

@@ -6,7 +6,8 @@ multirun share a group (``<task_name>/<sweep folder name>``; a single run's grou
 ``seed:0``) and as W&B config, and the mode is passed explicitly (``offline`` unless the
 config says otherwise), so no account or network is needed. A W&B run still open in this
 process (the previous job of a multirun) is finished first: Lightning would otherwise log
-the new job into it.
+the new job into it. `tensorboard_logger` is Lightning's ``TensorBoardLogger`` once the
+optional ``tensorboard`` extra is found (else a message naming it).
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+
+from fpo.extras import require
 
 
 def sweep_group(task_name: str) -> str:
@@ -68,3 +71,10 @@ def wandb_logger(
         config=config,
         **kwargs,
     )
+
+
+def tensorboard_logger(**kwargs: Any) -> TensorBoardLogger:
+    """A ``TensorBoardLogger(**kwargs)``; a `UserError` naming the ``tensorboard`` extra when
+    it is not installed."""
+    require("tensorboard")
+    return TensorBoardLogger(**kwargs)

@@ -36,16 +36,19 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
-from torch import Tensor
 
-from fpo import losses
 from fpo.errors import UserError
-from fpo.logprobs import SequenceLogps
+
+if TYPE_CHECKING:  # no torch at import: the schema is registered when a config is composed
+    from torch import Tensor
+
+    from fpo import losses
+    from fpo.logprobs import SequenceLogps
 
 
 class Margin(StrEnum):
@@ -202,6 +205,8 @@ class Objective:
             stats: ``[2B]`` values of the constraint terms by their ``stat`` name
                 (``kl``: sequential KL, ``fmse``: feature discrepancy D).
         """
+        from fpo import losses
+
         field_name = self.logps_field
         pw, pl = getattr(policy, field_name).chunk(2)
         gamma = 0.0

@@ -80,7 +80,7 @@ def tiny_stand_in(cfg, tmp_path):
             "architecture": "jumprelu",
             "hook_name": "blocks.1.hook_resid_post",
         }
-        fixture = f"{cfg.paths.root_dir}/tests/fixtures/ultrafeedback_binarized.jsonl"
+        fixture = f"{cfg.paths.files_dir}/tests/fixtures/ultrafeedback_binarized.jsonl"
         cfg.data.train_source = cfg.data.val_source = fixture
         cfg.data.train_split = cfg.data.val_split = "train"
         cfg.data.max_val_samples = 4

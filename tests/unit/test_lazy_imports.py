@@ -1,8 +1,27 @@
-"""A run without an SAE never imports sae-lens (and TransformerLens: ~100 MB of RSS)."""
+"""Imports only what is used: a run without an SAE never imports sae-lens (and
+TransformerLens: ~100 MB of RSS), and ``--help`` or a config error imports no model library
+(start-up time, docs/benchmarks.md)."""
 
 from __future__ import annotations
 
+import copy
+
+import pytest
+from hydra._internal.sources_registry import SourcesRegistry
+from hydra.core.config_store import ConfigStore
+
+import fpo.hydra_compat  # noqa: F401  (what every command imports)
 from fpo.testing import run_python
+
+#: What a command needs only once it builds a run.
+MODEL_LIBRARIES = ("torch", "lightning", "transformers", "sae_lens", "wandb")
+HELP = """
+import atexit, sys
+atexit.register(lambda: print("LOADED", sorted(m for m in {libraries} if m in sys.modules)))
+sys.argv = ["fpo-{command}", *{args}]
+from fpo.commands.{command} import main
+main()
+"""
 
 SCRIPT = """
 import sys
@@ -25,3 +44,21 @@ def test_dpo_run_does_not_import_sae_lens(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "LOADED []" in done.stdout, done.stdout
     assert "AFTER_SAE True" in done.stdout, done.stdout
+
+
+@pytest.mark.parametrize(
+    ("command", "args"),
+    [("train", ["--help"]), ("eval", ["--help"]), ("train", ["experiment=no_such_preset"])],
+)
+def test_help_and_config_errors_import_no_model_library(command, args):
+    script = HELP.format(libraries=MODEL_LIBRARIES, command=command, args=args)
+    done = run_python("-c", script, timeout=120)
+    assert done.returncode in (0, 2), done.stderr[-3000:]
+    assert "LOADED []" in done.stdout, done.stdout[-2000:]
+
+
+def test_hydra_copies_of_the_config_sources_share_the_config_store():
+    """`fpo.hydra_compat`: Hydra copies its sources per composition and per config group of
+    ``--help``; a copy of the structured-config source shares the live store."""
+    source = SourcesRegistry.instance().resolve("structured")("schema", "structured://")
+    assert copy.deepcopy(source).store is ConfigStore.instance()

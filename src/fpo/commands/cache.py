@@ -20,16 +20,13 @@ import time
 from pathlib import Path
 
 import hydra
-import torch
-from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
-from fpo.builder import build_run_parts
+import fpo.objective  # noqa: F401  (registers the objective schema the configs name)
 from fpo.cache_checksums import unverified
 from fpo.commands.common import CONFIG_DIR, run_hydra, user_errors
 from fpo.errors import UserError
 from fpo.folders import ensure_writable
-from fpo.reference.build import build_reference_cache
 from fpo.reference.store import (
     MANIFEST,
     cache_info,
@@ -98,6 +95,10 @@ def verify(path: str | os.PathLike) -> bool:
 
 def build(cfg: DictConfig) -> tuple[Path, dict[str, dict]]:
     """Build the reference cache of every split; ``(root folder, per-split results)``."""
+    # Here, not at the top: --help, --info and config errors need no model code.
+    from fpo.builder import build_run_parts
+    from fpo.reference.build import build_reference_cache
+
     ensure_writable(cfg.paths.cache_dir, "paths.cache_dir")  # before any model loads
     experiment = build_run_parts(cfg)  # refuses objectives the cache cannot serve (TDPO)
     if not experiment.objective.needs.reference:
@@ -146,6 +147,9 @@ def report(root: Path, results: dict[str, dict]) -> str:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="cache")
 def hydra_main(cfg: DictConfig) -> None:
+    import torch
+    from lightning.pytorch.utilities import rank_zero_only
+
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     torch.set_float32_matmul_precision("high")
     with user_errors():

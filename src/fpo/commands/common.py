@@ -8,17 +8,20 @@ import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 from hydra.errors import InstantiationException
 
+import fpo.hydra_compat  # noqa: F401  (a faster config composition)
 from fpo.errors import UserError
+from fpo.extras import check_overrides
+from fpo.locations import files_root
 
 log = logging.getLogger("fpo")
 
-#: The project's Hydra config folder (``configs/`` at the repository root).
-CONFIG_DIR = str(Path(__file__).resolve().parents[3] / "configs")
+#: The project's Hydra config folder: ``configs/`` of the checkout, or its copy shipped in
+#: an installed wheel (`fpo.locations`).
+CONFIG_DIR = str(files_root() / "configs")
 _task_started = False
 
 
@@ -43,9 +46,15 @@ def run_hydra(hydra_main: Callable[[], Any]) -> None:
     Hydra reports an unknown key, group option or bad value as one paragraph (no traceback)
     and exits with status 1, before the task starts. Mapped to 2 here, like every other
     user error; an exit 1 after a task started (a run's own failure) keeps its status.
-    The CUDA allocator gets :func:`default_cuda_allocator` first.
+    The CUDA allocator gets :func:`default_cuda_allocator` first, and an override that
+    needs an optional extra which is not installed is refused naming it (`fpo.extras`).
     """
     default_cuda_allocator()
+    try:
+        check_overrides(sys.argv[1:])
+    except UserError as error:
+        print_user_error(error)
+        raise SystemExit(2) from None
     try:
         hydra_main()
     except SystemExit as exit_:
@@ -70,6 +79,11 @@ def user_errors() -> Iterator[None]:
         cause = error if isinstance(error, UserError) else error.__cause__
         if not isinstance(cause, UserError):
             raise
-        # Not re-wrapped: a message may end with a command to copy and paste.
-        print(f"\nerror: {cause}\n", file=sys.stderr, flush=True)
+        print_user_error(cause)
         sys.exit(2)
+
+
+def print_user_error(error: UserError) -> None:
+    """``error`` as one paragraph on stderr."""
+    # Not re-wrapped: a message may end with a command to copy and paste.
+    print(f"\nerror: {error}\n", file=sys.stderr, flush=True)

