@@ -1,13 +1,15 @@
 """A run stopped by a signal: save, say how to resume, exit non-zero.
 
-SIGTERM (a scheduler's pre-emption) goes through Lightning's own handling: its handler sets
-``trainer.received_sigterm``; `fpo.checkpoints.LastCheckpoint` then saves ``last.ckpt`` at
-the end of the current optimizer step, where it saves every N steps anyway, and the fit loop
-raises ``SIGTERMException``. SIGINT (Ctrl-C) during :func:`stop_on_signals` takes the same
-path (this process sends itself SIGTERM), so a first Ctrl-C never cuts a step in half; a
-second one stops at once. Either way :class:`Interrupted` leaves the command with status
-128 + the signal number (143 for SIGTERM, 130 for SIGINT), never 0: ``&&`` chains and
-schedulers see that the run did not finish.
+SIGTERM (a scheduler's pre-emption) only notes the signal (:class:`StopTogether`); at the
+end of the optimizer step every process (every DDP rank) learns whether any of them got
+one, and if so all set Lightning's ``trainer.received_sigterm`` after the same step:
+`fpo.checkpoints.LastCheckpoint` saves ``last.ckpt`` there, where it saves every N steps
+anyway, and Lightning's loops raise ``SIGTERMException`` on every rank. SIGINT (Ctrl-C)
+during :func:`stop_on_signals` takes the same path (this process sends itself SIGTERM), so a
+first Ctrl-C never cuts a step in half; a second one stops at once. Either way
+:class:`Interrupted` leaves the command with status 128 + the signal number (143 for
+SIGTERM, 130 for SIGINT), never 0, on every rank: ``&&`` chains and schedulers see that the
+run did not finish.
 """
 
 from __future__ import annotations
@@ -17,23 +19,81 @@ import logging
 import os
 import shlex
 import signal
+import subprocess
 import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from lightning.pytorch.callbacks import Callback, Checkpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.rank_zero import rank_prefixed_message
 
 log = logging.getLogger("fpo.interrupts")
 
 
 class Interrupted(SystemExit):
-    """The run was stopped by ``signum``; exit status ``128 + signum``."""
+    """The run was stopped by ``signum``; exit status ``128 + signum``. ``ranks``: the exit
+    status of each DDP rank this process launched (rank -> status; negative: killed)."""
 
-    def __init__(self, signum: int) -> None:
+    def __init__(self, signum: int, ranks: dict[int, int] | None = None) -> None:
         super().__init__(128 + signum)
-        self.signum = signum
+        self.signum, self.ranks = signum, dict(ranks or {})
+
+
+class StopTogether(Callback):
+    """Every rank stops after the same optimizer step, whichever ranks got SIGTERM.
+
+    Lightning's (2.6) SIGTERM handler broadcasts from rank 0 inside the handler and forwards
+    the signal to the ranks it launched: under DDP that collective ran in the middle of
+    others (twice on rank 1, which got the signal twice) and two gloo ranks waited for each
+    other forever. Here the handler only notes the signal. At the end of each optimizer step
+    the ranks reduce the note (any rank); all of them then set ``received_sigterm`` at once.
+
+    The launching rank also takes its child ranks from Lightning's launcher at that moment:
+    Lightning's observer thread SIGKILLs the launching process as soon as a child exits
+    non-zero, so rank 0 would die (137) before it reported; :meth:`wait_for_children` waits
+    for them instead (and kills one that does not end within ``timeout`` seconds).
+    """
+
+    def __init__(self, timeout: float = 120.0) -> None:
+        self.signalled, self.timeout = False, float(timeout)
+        self.children: list[subprocess.Popen] = []
+        self._step: int | None = None
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        # Lightning registers its handler right after on_fit_start, from this attribute
+        # (private in Lightning 2.6; tests/reliability/test_ddp_interrupts.py pins it).
+        trainer._signal_connector._sigterm_notifier_fn = self._note
+        self.signalled, self._step = False, None
+
+    def _note(self, signum, frame) -> None:
+        self.signalled = True
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self._step:
+            return  # inside a gradient accumulation: no optimizer step ended
+        self._step = trainer.global_step
+        if trainer.strategy.reduce_boolean_decision(self.signalled, all=False):
+            log.info(rank_prefixed_message("stopping after this step", trainer.global_rank))
+            self.signalled = True
+            procs = getattr(trainer.strategy.launcher, "procs", None)
+            if procs:  # the same list Lightning's observer thread watches
+                self.children, procs[:] = list(procs), []
+            trainer._signal_connector.received_sigterm = True
+
+    def wait_for_children(self) -> dict[int, int]:
+        """The exit status of each child rank (rank -> status), once all have ended."""
+        statuses = {}
+        for rank, proc in enumerate(self.children, start=1):
+            try:
+                statuses[rank] = proc.wait(self.timeout)
+            except subprocess.TimeoutExpired:
+                log.error("rank %d did not stop within %.0f s: killed", rank, self.timeout)
+                proc.kill()
+                statuses[rank] = proc.wait()
+        return statuses
 
 
 @dataclass
@@ -44,11 +104,16 @@ class Stop:
 
 
 @contextlib.contextmanager
-def stop_on_signals() -> Iterator[Stop]:
+def stop_on_signals(trainer) -> Iterator[Stop]:
     """Around ``trainer.fit``: turn SIGINT into a graceful stop, and the end Lightning gives
     a stop (``SIGTERMException``, or the exit 1 of a second Ctrl-C) into :class:`Interrupted`.
+    A signal that came after the last training step (during the last validation) stops the
+    command when ``fit`` returns (``last.ckpt`` then holds the finished training).
     """
-    stop = Stop()
+    stop, together = Stop(), StopTogether()
+    callbacks = trainer.callbacks  # before the checkpoint callbacks (Lightning's order)
+    checkpoints = [i for i, c in enumerate(callbacks) if isinstance(c, Checkpoint)]
+    callbacks.insert(min(checkpoints, default=len(callbacks)), together)
     main = threading.current_thread() is threading.main_thread()
 
     def on_sigint(signum, frame) -> None:
@@ -67,11 +132,15 @@ def stop_on_signals() -> Iterator[Stop]:
     try:
         yield stop
     except SIGTERMException:
-        raise Interrupted(stop.signum or signal.SIGTERM) from None
+        ranks = together.wait_for_children()
+        raise Interrupted(stop.signum or signal.SIGTERM, ranks) from None
     except SystemExit as exit_:
         if stop.signum is None or isinstance(exit_, Interrupted):
             raise
-        raise Interrupted(stop.signum) from None
+        raise Interrupted(stop.signum, together.wait_for_children()) from None
+    else:
+        if together.signalled:
+            raise Interrupted(stop.signum or signal.SIGTERM)
     finally:
         if main:
             signal.signal(signal.SIGINT, previous)
@@ -91,8 +160,9 @@ def resume_command(argv: list[str] | None = None) -> str:
     return shlex.join([*head, *args, "ckpt_path=last"])
 
 
-def report(signum: int, last_ckpt: Path, multirun: bool) -> None:
-    """Say on stderr what was saved and how to go on."""
+def report(signum: int, last_ckpt: Path, multirun: bool, ranks: dict[int, int]) -> None:
+    """Say on stderr what was saved, how the other ranks (``ranks``: rank -> exit status)
+    ended, and how to go on."""
     name = signal.Signals(signum).name
     saved = (
         f"the training state is in {last_ckpt}"
@@ -103,4 +173,5 @@ def report(signum: int, last_ckpt: Path, multirun: bool) -> None:
         how = "Rerun the same multirun command: finished jobs are skipped, this one resumes."
     else:
         how = f"Resume with:\n  {resume_command()}"
-    print(f"\ninterrupted by {name}: {saved}. {how}\n", file=sys.stderr, flush=True)
+    others = "".join(f" Rank {r} exited with status {s}." for r, s in sorted(ranks.items()))
+    print(f"\ninterrupted by {name}: {saved}.{others} {how}\n", file=sys.stderr, flush=True)
