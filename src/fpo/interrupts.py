@@ -126,7 +126,7 @@ def stop_on_signals(trainer) -> Iterator[Stop]:
             file=sys.stderr,
             flush=True,
         )
-        os.kill(os.getpid(), signal.SIGTERM)  # Lightning's SIGTERM handling does the rest
+        os.kill(os.getpid(), signal.SIGTERM)  # StopTogether (in fit) does the rest
 
     previous = signal.signal(signal.SIGINT, on_sigint) if main else None
     try:
