@@ -13,11 +13,15 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
+from fpo.interrupts import StopTogether
 from fpo.testing import run_module
 
 # 8 pairs, 1 per rank per step: 4 optimizer steps an epoch, 2 epochs; stopped after step 2
@@ -56,6 +60,10 @@ def sigterm_after(step: int, rank: int | None) -> tuple[str, ...]:
         "+callbacks.stop.name=SIGTERM",
         *only,
     )
+
+
+def run_popen(code: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", code])
 
 
 def load(path: Path) -> dict:
@@ -128,3 +136,45 @@ def test_a_stopped_ddp_run_resumes_mid_epoch_to_the_uninterrupted_result(stopped
     expected = load(uninterrupted / "checkpoints" / "last.ckpt")["state_dict"]
     assert weights.keys() == expected.keys()
     assert all(torch.equal(weights[k], expected[k]) for k in expected)
+
+
+class Strategy:
+    """A DDP strategy stand-in: ``other_rank`` is the note of the other rank."""
+
+    def __init__(self, other_rank: bool, procs: list) -> None:
+        self.other_rank, self.launcher, self.reductions = (
+            other_rank,
+            SimpleNamespace(procs=procs),
+            0,
+        )
+
+    def reduce_boolean_decision(self, decision: bool, all: bool = True) -> bool:
+        self.reductions += 1
+        return decision or self.other_rank
+
+
+def test_a_signal_on_another_rank_stops_this_one_and_hands_it_the_launched_ranks():
+    """Unit check of `StopTogether` with stand-ins (no processes but the two children)."""
+    exits = run_popen("import sys; sys.exit(143)")
+    hangs = run_popen("import time; time.sleep(60)")
+    procs = [exits, hangs]  # the list Lightning's observer thread watches
+    strategy = Strategy(other_rank=False, procs=procs)
+    trainer = SimpleNamespace(
+        global_step=1,
+        global_rank=0,
+        strategy=strategy,
+        _signal_connector=SimpleNamespace(received_sigterm=False),
+    )
+    together = StopTogether(timeout=2)
+    together.on_train_batch_end(trainer, None, None, None, 0)
+    assert not trainer._signal_connector.received_sigterm and procs == [exits, hangs]
+
+    strategy.other_rank = True  # rank 1 got SIGTERM during the next micro-batch
+    together.on_train_batch_end(trainer, None, None, None, 1)  # same step: accumulating
+    assert strategy.reductions == 1 and not trainer._signal_connector.received_sigterm
+
+    trainer.global_step = 2
+    together.on_train_batch_end(trainer, None, None, None, 2)
+    assert trainer._signal_connector.received_sigterm
+    assert procs == [] and together.children == [exits, hangs]  # the observer sees none
+    assert together.wait_for_children() == {1: 143, 2: -9}  # the hung one killed after 2 s
