@@ -10,7 +10,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import fpo.atomic
 from fpo.atomic import atomic_save_bytes, remove_stale_temp_files, temp_path
 from fpo.testing import run_python
 
@@ -34,7 +33,6 @@ def test_the_first_write_into_a_folder_removes_temp_files_of_killed_writers(tmp_
     ]
     for name in stale + kept:
         (tmp_path / name).write_bytes(b"half a file")
-    fpo.atomic._cleaned.discard(tmp_path.resolve())  # as if this were a new process
 
     atomic_save_bytes(tmp_path / "manifest.json", lambda f: f.write(b"{}"))
 
