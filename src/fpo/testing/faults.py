@@ -5,7 +5,8 @@ OOM kill would, at a chosen point.
   +callbacks.kill.step=N``.
 - A signal (SIGTERM, SIGINT) after step N: ``+callbacks.stop._target_=
   fpo.testing.faults.SignalAfterStep +callbacks.stop.step=N +callbacks.stop.name=SIGINT``
-  (every DDP rank; ``+callbacks.stop.rank=R``: only rank R).
+  (every DDP rank; ``+callbacks.stop.rank=R``: only rank R); during the first validation
+  after step N: ``fpo.testing.faults.SignalInValidation``, same keys but ``rank``.
 - At the N-th atomic rename (`fpo.atomic`) of any command:
   ``python -m fpo.testing.faults N fpo.commands.cache HYDRA_ARGS...``; ``N:NAME`` counts only
   the renames onto files named NAME (``2:last.ckpt``: the second checkpoint write).
@@ -45,6 +46,19 @@ class SignalAfterStep(Callback):
         if self.rank is not None and trainer.global_rank != self.rank:
             return
         if trainer.global_step == self.step and not self.sent:
+            self.sent = True
+            os.kill(os.getpid(), self.signum)
+
+
+class SignalInValidation(Callback):
+    """Send this process the signal ``name`` during the first validation after optimizer
+    step ``step`` (at its first batch's end)."""
+
+    def __init__(self, step: int, name: str = "SIGTERM") -> None:
+        self.step, self.signum, self.sent = int(step), signal.Signals[name], False
+
+    def on_validation_batch_end(self, trainer, *args, **kwargs) -> None:
+        if trainer.global_step >= self.step and not self.sent and not trainer.sanity_checking:
             self.sent = True
             os.kill(os.getpid(), self.signum)
 
