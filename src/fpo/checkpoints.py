@@ -263,6 +263,9 @@ class LastCheckpoint(ModelCheckpoint):
     The one written when training ends also holds the run's final metrics (the trainer's
     ``callback_metrics``, under ``FINAL_METRICS``): a run killed after training (during the
     evaluation, say) and resumed from it has nothing left to train, and gets them back.
+    When ``trainer.max_steps`` ended training in the middle of an epoch, it records that
+    epoch as unfinished (Lightning counts it as done): a resume with a larger ``max_steps``
+    goes on with the epoch's next batch, as an uninterrupted run would.
     """
 
     FINAL_METRICS = "fpo_final_metrics"
@@ -281,6 +284,7 @@ class LastCheckpoint(ModelCheckpoint):
         )
 
     _final_metrics: dict[str, torch.Tensor] | None = None
+    _cut_epoch = False  # saving at the end of training, which max_steps cut mid-epoch
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, *args: Any, **kwargs: Any) -> None:
         super().on_train_batch_end(trainer, pl_module, *args, **kwargs)
@@ -292,7 +296,12 @@ class LastCheckpoint(ModelCheckpoint):
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         # Always (also when the last step was just saved): after the last validation.
         self._final_metrics = dict(trainer.callback_metrics)
+        loop = trainer.fit_loop
+        self._cut_epoch = 0 <= loop.max_steps <= trainer.global_step and not (
+            loop.epoch_loop.batch_progress.is_last_batch
+        )
         self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        self._cut_epoch = False
         super().on_train_end(trainer, pl_module)
 
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
@@ -302,6 +311,12 @@ class LastCheckpoint(ModelCheckpoint):
             trainer.callback_metrics.setdefault(name, value)
 
     def on_save_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict) -> None:
+        if self._cut_epoch:  # the state after the epoch's last step, before its end
+            checkpoint["epoch"] -= 1
+            progress = checkpoint["loops"]["fit_loop"]["epoch_progress"]
+            for counts in (progress["total"], progress["current"]):
+                counts["processed"] -= 1
+                counts["completed"] -= 1
         if self._final_metrics is not None:
             checkpoint[self.FINAL_METRICS] = {
                 k: v.detach().cpu() if isinstance(v, torch.Tensor) else torch.tensor(v)

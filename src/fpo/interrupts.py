@@ -1,13 +1,15 @@
 """A run stopped by a signal: save, say how to resume, exit non-zero.
 
-SIGTERM (a scheduler's pre-emption) goes through Lightning's own handling: its handler sets
-``trainer.received_sigterm``; `fpo.checkpoints.LastCheckpoint` then saves ``last.ckpt`` at
-the end of the current optimizer step, where it saves every N steps anyway, and the fit loop
-raises ``SIGTERMException``. SIGINT (Ctrl-C) during :func:`stop_on_signals` takes the same
-path (this process sends itself SIGTERM), so a first Ctrl-C never cuts a step in half; a
-second one stops at once. Either way :class:`Interrupted` leaves the command with status
-128 + the signal number (143 for SIGTERM, 130 for SIGINT), never 0: ``&&`` chains and
-schedulers see that the run did not finish.
+SIGTERM (a scheduler's pre-emption) only notes the signal
+(`fpo.stop_together.StopTogether`); at the end of the optimizer step every process (every
+DDP rank) learns whether any of them got one, and if so all set Lightning's
+``trainer.received_sigterm`` after the same step: `fpo.checkpoints.LastCheckpoint` saves
+``last.ckpt`` there, where it saves every N steps anyway, and Lightning's loops raise
+``SIGTERMException`` on every rank. SIGINT (Ctrl-C) during :func:`stop_on_signals` takes the
+same path (this process sends itself SIGTERM), so a first Ctrl-C never cuts a step in half;
+a second one stops at once. Either way :class:`Interrupted` leaves the command with status
+128 + the signal number (143 for SIGTERM, 130 for SIGINT), never 0, on every rank: ``&&``
+chains and schedulers see that the run did not finish.
 """
 
 from __future__ import annotations
@@ -27,11 +29,12 @@ log = logging.getLogger("fpo.interrupts")
 
 
 class Interrupted(SystemExit):
-    """The run was stopped by ``signum``; exit status ``128 + signum``."""
+    """The run was stopped by ``signum``; exit status ``128 + signum``. ``ranks``: the exit
+    status of each DDP rank this process launched (rank -> status; negative: killed)."""
 
-    def __init__(self, signum: int) -> None:
+    def __init__(self, signum: int, ranks: dict[int, int] | None = None) -> None:
         super().__init__(128 + signum)
-        self.signum = signum
+        self.signum, self.ranks = signum, dict(ranks or {})
 
 
 @dataclass
@@ -42,14 +45,22 @@ class Stop:
 
 
 @contextlib.contextmanager
-def stop_on_signals() -> Iterator[Stop]:
+def stop_on_signals(trainer) -> Iterator[Stop]:
     """Around ``trainer.fit``: turn SIGINT into a graceful stop, and the end Lightning gives
     a stop (``SIGTERMException``, or the exit 1 of a second Ctrl-C) into :class:`Interrupted`.
+    A signal that came after the last training step (during the last validation) stops the
+    command when ``fit`` returns (``last.ckpt`` then holds the finished training).
     """
     # Here, not at the top: fpo-train --help and config errors need no Lightning.
+    from lightning.pytorch.callbacks import Checkpoint
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-    stop = Stop()
+    from fpo.stop_together import StopTogether
+
+    stop, together = Stop(), StopTogether()
+    callbacks = trainer.callbacks  # before the checkpoint callbacks (Lightning's order)
+    checkpoints = [i for i, c in enumerate(callbacks) if isinstance(c, Checkpoint)]
+    callbacks.insert(min(checkpoints, default=len(callbacks)), together)
     main = threading.current_thread() is threading.main_thread()
 
     def on_sigint(signum, frame) -> None:
@@ -62,17 +73,21 @@ def stop_on_signals() -> Iterator[Stop]:
             file=sys.stderr,
             flush=True,
         )
-        os.kill(os.getpid(), signal.SIGTERM)  # Lightning's SIGTERM handling does the rest
+        os.kill(os.getpid(), signal.SIGTERM)  # StopTogether (in fit) does the rest
 
     previous = signal.signal(signal.SIGINT, on_sigint) if main else None
     try:
         yield stop
     except SIGTERMException:
-        raise Interrupted(stop.signum or signal.SIGTERM) from None
+        ranks = together.wait_for_children()
+        raise Interrupted(stop.signum or signal.SIGTERM, ranks) from None
     except SystemExit as exit_:
         if stop.signum is None or isinstance(exit_, Interrupted):
             raise
-        raise Interrupted(stop.signum) from None
+        raise Interrupted(stop.signum, together.wait_for_children()) from None
+    else:
+        if together.signalled:
+            raise Interrupted(stop.signum or signal.SIGTERM)
     finally:
         if main:
             signal.signal(signal.SIGINT, previous)
@@ -92,8 +107,9 @@ def resume_command(argv: list[str] | None = None) -> str:
     return shlex.join([*head, *args, "ckpt_path=last"])
 
 
-def report(signum: int, last_ckpt: Path, multirun: bool) -> None:
-    """Say on stderr what was saved and how to go on."""
+def report(signum: int, last_ckpt: Path, multirun: bool, ranks: dict[int, int]) -> None:
+    """Say on stderr what was saved, how the other ranks (``ranks``: rank -> exit status)
+    ended, and how to go on."""
     name = signal.Signals(signum).name
     saved = (
         f"the training state is in {last_ckpt}"
@@ -104,4 +120,5 @@ def report(signum: int, last_ckpt: Path, multirun: bool) -> None:
         how = "Rerun the same multirun command: finished jobs are skipped, this one resumes."
     else:
         how = f"Resume with:\n  {resume_command()}"
-    print(f"\ninterrupted by {name}: {saved}. {how}\n", file=sys.stderr, flush=True)
+    others = "".join(f" Rank {r} exited with status {s}." for r, s in sorted(ranks.items()))
+    print(f"\ninterrupted by {name}: {saved}.{others} {how}\n", file=sys.stderr, flush=True)

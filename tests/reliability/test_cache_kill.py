@@ -1,5 +1,6 @@
 """``fpo-cache`` killed with SIGKILL mid-build (a shard written but not yet renamed into
-place) and run again finishes, and its cache equals an uninterrupted build's."""
+place) and run again finishes, its cache equals an uninterrupted build's, and the killed
+write's temp file is gone (the rerun removes temp files of writers that no longer run)."""
 
 from __future__ import annotations
 
@@ -44,4 +45,5 @@ def test_sigkilled_cache_build_resumes_to_the_uninterrupted_cache(tmp_path):
     resumed = cache(tmp_path / "killed")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "train: 8 pairs (6 computed now)" in resumed.stdout, resumed.stdout
+    assert not list(shards.glob(".*.tmp-*")), "the rerun left the killed write's temp file"
     assert rows(root) == rows(tmp_path / "full" / root.relative_to(tmp_path / "killed"))

@@ -66,6 +66,32 @@ def test_a_signal_saves_prints_the_resume_command_and_exits_nonzero(
     assert stable_metrics(run) == stable_metrics(uninterrupted)
 
 
+@pytest.mark.parametrize(("after", "saved"), [(4, 5), (8, 8)], ids=["mid-training", "last"])
+def test_a_sigterm_during_validation_stops_after_the_next_step_or_when_training_ends(
+    uninterrupted, tmp_path, after, saved
+):
+    """Validation runs after steps 4 and 8 (the epochs' ends). A SIGTERM during the first
+    stops after step 5 (with its checkpoint); during the last, when training ends: the
+    train-end last.ckpt with the final metrics, from which a resume only evaluates."""
+    run = tmp_path / "run"
+    args = (*SMOKE, f"paths.log_dir={tmp_path / 'logs'}", f"hydra.run.dir={run}")
+    fault = (
+        "+callbacks.stop._target_=fpo.testing.faults.SignalInValidation",
+        f"+callbacks.stop.step={after}",
+    )
+    stopped = run_module("fpo.commands.train", *args, *fault)
+    assert stopped.returncode == 143, stopped.stderr[-3000:]
+    assert "interrupted by SIGTERM" in stopped.stderr
+    last = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert last["global_step"] == saved
+    assert ("fpo_final_metrics" in last) == (after == 8)
+    assert not (run / "metrics.json").exists()
+
+    resumed = run_module("fpo.commands.train", *args, "ckpt_path=last")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert stable_metrics(run) == stable_metrics(uninterrupted)
+
+
 def test_an_interrupted_sweep_job_is_recorded_as_such_and_resumed(tmp_path):
     args = ("-m", *SMOKE, f"paths.log_dir={tmp_path}", "sweep.name=s", "objective.beta=0.1")
     stopped = run_module("fpo.commands.train", *args, *stop_after(5, "SIGTERM"))

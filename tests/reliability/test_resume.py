@@ -101,6 +101,32 @@ def test_sigkilled_run_resumes_to_the_uninterrupted_result(uninterrupted, tmp_pa
     assert loss_curve(resumed_run) == [p for p in loss_curve(uninterrupted) if p[0] >= 6]
 
 
+def test_a_run_stopped_by_max_steps_mid_epoch_extends_to_the_uninterrupted_result(
+    uninterrupted, tmp_path
+):
+    """``trainer.max_steps`` ends training after step 2 of epoch 0's 4; Lightning counts that
+    epoch as done, and a resume from the train-end last.ckpt started epoch 1 (was: the rest
+    of epoch 0 and half of epoch 1 never trained). `LastCheckpoint` records it unfinished.
+    (No validation runs at step 2, so the short run has no ``optimized_metric`` to return.)"""
+    short = train(tmp_path, "++trainer.max_steps=2", "optimized_metric=null")
+    assert short.returncode == 0, short.stderr[-3000:]
+    last = load(only_run(tmp_path) / "checkpoints" / "last.ckpt")
+    assert last["global_step"] == 2 and last["epoch"] == 0
+    assert last["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [
+        {"epoch": 0, "batches": 2}
+    ]
+    assert last["loops"]["fit_loop"]["epoch_progress"]["total"]["completed"] == 0
+
+    extended = train(tmp_path, "++trainer.max_steps=-1", "optimized_metric=null", "ckpt_path=last")
+    assert extended.returncode == 0, extended.stderr[-3000:]
+    run = only_run(tmp_path)
+    assert loss_curve(run) == [p for p in loss_curve(uninterrupted) if p[0] >= 2]
+    assert stable_metrics(run) == stable_metrics(uninterrupted)
+    ours = load(run / "checkpoints/last.ckpt")["state_dict"]
+    theirs = load(uninterrupted / "checkpoints/last.ckpt")["state_dict"]
+    assert all(torch.equal(ours[key], value) for key, value in theirs.items())
+
+
 def test_same_config_and_seed_give_the_same_loss_curve(uninterrupted, tmp_path):
     again = train(tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]

@@ -56,9 +56,7 @@ def test_an_unreachable_target_widens_the_named_side_once():
     assert matched_kl.widened({"targets": [reached]}, 0.1, 10.0) is None
 
 
-def test_seeds_run_both_bracketing_values_of_every_target_and_skip_the_uncalibrated(
-    in_tmp, capsys
-):
+def test_seeds_run_both_bracketing_values_of_every_target_and_skip_the_uncalibrated(in_tmp, capsys):
     write_report("fpo", [2e-05, 5e-05, 0.0001, 0.0003], [])
     matched_kl.stage_seeds(dry_run=True)
     out = capsys.readouterr().out

@@ -96,11 +96,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
         logger.log_hyperparams(config)
     fit_started, fit_cpu_started = time.perf_counter(), time.process_time()
     try:
-        with stop_on_signals():  # SIGTERM/SIGINT: last.ckpt saved, exit 143/130
+        with stop_on_signals(trainer):  # SIGTERM/SIGINT: last.ckpt saved, exit 143/130
             trainer.fit(run.module, datamodule=parts.datamodule, ckpt_path=ckpt_path)
     except Interrupted as stop:
         if trainer.is_global_zero:
-            report(stop.signum, output_dir / "checkpoints" / "last.ckpt", in_multirun())
+            last = output_dir / "checkpoints" / "last.ckpt"
+            report(stop.signum, last, in_multirun(), stop.ranks)
         raise
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     metrics["run/fit_seconds"] = time.perf_counter() - fit_started

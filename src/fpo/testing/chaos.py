@@ -180,7 +180,7 @@ def sweep_results(log_dir: Path) -> dict[str, object]:
 
 
 def _is_temp(path: Path) -> bool:
-    """A killed atomic write's temp file (`fpo.atomic`: ``.NAME.tmp-PID``)."""
+    """A killed atomic write's temp file (`fpo.atomic`: ``.NAME.tmp-HOST-PID``)."""
     return path.name.startswith(".") and ".tmp-" in path.name
 
 

@@ -4,7 +4,9 @@ OOM kill would, at a chosen point.
 - In a training run: ``+callbacks.kill._target_=fpo.testing.faults.SigkillAfterStep
   +callbacks.kill.step=N``.
 - A signal (SIGTERM, SIGINT) after step N: ``+callbacks.stop._target_=
-  fpo.testing.faults.SignalAfterStep +callbacks.stop.step=N +callbacks.stop.name=SIGINT``.
+  fpo.testing.faults.SignalAfterStep +callbacks.stop.step=N +callbacks.stop.name=SIGINT``
+  (every DDP rank; ``+callbacks.stop.rank=R``: only rank R); during the first validation
+  after step N: ``fpo.testing.faults.SignalInValidation``, same keys but ``rank``.
 - At the N-th atomic rename (`fpo.atomic`) of any command:
   ``python -m fpo.testing.faults N fpo.commands.cache HYDRA_ARGS...``; ``N:NAME`` counts only
   the renames onto files named NAME (``2:last.ckpt``: the second checkpoint write).
@@ -34,13 +36,29 @@ class SigkillAfterStep(Callback):
 class SignalAfterStep(Callback):
     """Send this process the signal ``name`` (``SIGTERM``, ``SIGINT``) right after optimizer
     step ``step``, as a scheduler or a Ctrl-C would (a run resumed after that step gets
-    none)."""
+    none); under DDP in every rank, or only in global rank ``rank``."""
+
+    def __init__(self, step: int, name: str = "SIGTERM", rank: int | None = None) -> None:
+        self.step, self.signum, self.sent = int(step), signal.Signals[name], False
+        self.rank = None if rank is None else int(rank)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.rank is not None and trainer.global_rank != self.rank:
+            return
+        if trainer.global_step == self.step and not self.sent:
+            self.sent = True
+            os.kill(os.getpid(), self.signum)
+
+
+class SignalInValidation(Callback):
+    """Send this process the signal ``name`` during the first validation after optimizer
+    step ``step`` (at its first batch's end)."""
 
     def __init__(self, step: int, name: str = "SIGTERM") -> None:
         self.step, self.signum, self.sent = int(step), signal.Signals[name], False
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer.global_step == self.step and not self.sent:
+    def on_validation_batch_end(self, trainer, *args, **kwargs) -> None:
+        if trainer.global_step >= self.step and not self.sent and not trainer.sanity_checking:
             self.sent = True
             os.kill(os.getpid(), self.signum)
 
