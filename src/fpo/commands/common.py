@@ -11,7 +11,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from hydra.errors import InstantiationException
+from hydra.errors import HydraException, InstantiationException
+from omegaconf.errors import OmegaConfBaseException
 
 from fpo.errors import UserError
 
@@ -20,6 +21,7 @@ log = logging.getLogger("fpo")
 #: The project's Hydra config folder (``configs/`` at the repository root).
 CONFIG_DIR = str(Path(__file__).resolve().parents[3] / "configs")
 _task_started = False
+_own_full_error = False
 
 
 #: The CUDA caching allocator's setting every entry point starts with unless the user set
@@ -40,12 +42,19 @@ def default_cuda_allocator() -> None:
 def run_hydra(hydra_main: Callable[[], Any]) -> None:
     """Run a ``@hydra.main`` function; a config Hydra cannot compose is a user error, exit 2.
 
-    Hydra reports an unknown key, group option or bad value as one paragraph (no traceback)
-    and exits with status 1, before the task starts. Mapped to 2 here, like every other
-    user error; an exit 1 after a task started (a run's own failure) keeps its status.
-    The CUDA allocator gets :func:`default_cuda_allocator` first.
+    A config that does not compose is reported as one paragraph (no traceback), with the
+    closest real names for a misspelt group, option or key (`fpo.commands.config_errors`),
+    and exits with status 2 before the task starts, like every other user error; a sweep
+    folder that this command created and no job used is removed again. Hydra's own report
+    is bypassed until the task starts (``HYDRA_FULL_ERROR`` set meanwhile); an exit 1 after
+    a task started (a run's own failure) keeps its status. The CUDA allocator gets
+    :func:`default_cuda_allocator` first.
     """
+    global _own_full_error
     default_cuda_allocator()
+    _own_full_error = "HYDRA_FULL_ERROR" not in os.environ
+    if _own_full_error:  # composition errors reach the except below as exceptions
+        os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
         hydra_main()
     except SystemExit as exit_:
@@ -53,6 +62,21 @@ def run_hydra(hydra_main: Callable[[], Any]) -> None:
         if type(exit_) is SystemExit and exit_.code == 1 and not _task_started:
             raise SystemExit(2) from None
         raise
+    except (HydraException, OmegaConfBaseException) as error:
+        if _task_started or not _own_full_error:
+            raise
+        from fpo.commands.config_errors import explain
+        from fpo.folders import discard_unused_folders
+
+        discard_unused_folders()  # a sweep folder made before its jobs' configs failed
+        message = explain(error, sys.argv[1:], CONFIG_DIR) or "\n".join(
+            str(e) for e in (error, error.__cause__) if e is not None
+        )
+        print(f"\nerror: {message}\n", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+    finally:
+        if _own_full_error:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
 
 
 @contextmanager
@@ -63,6 +87,8 @@ def user_errors() -> Iterator[None]:
     """
     global _task_started
     _task_started = True
+    if _own_full_error:  # the task's own errors: Hydra's report again
+        os.environ.pop("HYDRA_FULL_ERROR", None)
     try:
         yield
     except (UserError, InstantiationException) as error:
