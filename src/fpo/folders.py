@@ -20,7 +20,6 @@ from omegaconf import DictConfig
 
 from fpo.errors import UserError
 
-
 #: The topmost folders `ensure_writable` created with ``track=True`` in this process.
 _tracked: list[Path] = []
 

@@ -55,13 +55,13 @@ def test_smoke_multirun_all_objectives(tmp_path):
         (["objective=schema"], "'schema' is not an option of the config group objective"),
         (
             ["objective=objective_schema"],
-            "'objective_schema' is not an option of the config group objective",
+            "'objective_schema' is not an option of the config",
         ),
         (["data=_base"], "'_base' is not an option of the config group data"),
         (["data=data_base"], "'data_base' is not an option of the config group data"),
         (
             ["hparams_search=_optuna"],
-            "'_optuna' is not an option of the config group hparams_search",
+            "'_optuna' is not an option of the config group",
         ),
         (["trainer=default"], "'default' is not an option of the config group trainer"),
         (["trainer=trainer_base"], "'trainer_base' is not an option of the config group trainer"),

@@ -104,7 +104,7 @@ def fix_path(node: DictConfig, parts: list[str]) -> list[list[str]]:
     that is not a key, each continued with the best match at every level below it."""
     if not parts:
         return [[]]
-    keys = [str(k) for k in node.keys()]
+    keys = [str(k) for k in node]
     first, rest = parts[0], parts[1:]
     paths = []
     for name in [first] if first in keys else closest(first, keys):
@@ -149,7 +149,7 @@ def key_message(error: ConfigKeyError, overrides: list[Override]) -> str | None:
         ]
         if suggestions:
             message += f" Did you mean {' or '.join(suggestions)}?"
-        keys = ", ".join(sorted(str(k) for k in parent.keys() if k != "hydra"))
+        keys = ", ".join(sorted(str(k) for k in parent if k != "hydra"))
         message += f" Keys at {where}: {keys}."
         if groups:
             message += f" Config groups: {', '.join(sorted(groups))}."
