@@ -20,8 +20,9 @@ from fpo.builder import RunParts, build_training
 from fpo.checkpoints import resolve_ckpt_path
 from fpo.commands.card import card_values
 from fpo.commands.common import CONFIG_DIR, run_hydra, user_errors
+from fpo.commands.summary import run_summary
 from fpo.errors import UserError
-from fpo.interrupts import Interrupted, report, stop_on_signals
+from fpo.interrupts import Interrupted, report, resume_command, stop_on_signals
 from fpo.model_card import refresh_card_evaluation
 from fpo.policy_io import POLICY_DIR, save_policy, should_save_policy
 from fpo.run_lock import folder_lock
@@ -108,6 +109,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if trainer.is_global_zero:
         (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
         log.info("final metrics written to %s", output_dir / "metrics.json")
+        resume = None if in_multirun() else resume_command()
+        print(run_summary(metrics, output_dir, cfg.get("optimized_metric"), resume), flush=True)
     return metrics
 
 

@@ -204,6 +204,17 @@ def load_runs(directories: Sequence[str | os.PathLike] | Iterable[str]) -> list[
     return runs
 
 
+def newest_sweep(logs: str | os.PathLike) -> Path:
+    """The multirun folder under ``logs`` (``<task>/multiruns/<name>``) written last: by the
+    latest modification time of the folder or a file directly in it (the sweep summary is
+    rewritten after every job). Sweep names come from the overrides, so the alphabetically
+    last is not the newest. `UserError` when there is none."""
+    sweeps = [p for p in Path(logs).glob("*/multiruns/*") if p.is_dir()]
+    if not sweeps:
+        raise UserError(f"{logs}: no sweep folder (<task>/multiruns/<name>) under it.")
+    return max(sweeps, key=lambda p: max(q.stat().st_mtime for q in (p, *p.iterdir())))
+
+
 def differing_overrides(runs: Sequence[Run]) -> list[str]:
     """Override keys (not seed, objective or hydra) whose values differ between runs."""
     keys = sorted({key for run in runs for key in run.overrides})
