@@ -1,11 +1,12 @@
 """What every command-line entry point shares: user errors as one paragraph (exit 2), the
-config folder and the CUDA allocator default."""
+config folder, the CUDA allocator default and the known warnings silenced."""
 
 from __future__ import annotations
 
 import logging
 import os
 import sys
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -39,6 +40,37 @@ def default_cuda_allocator() -> None:
         os.environ["PYTORCH_CUDA_ALLOC_CONF"] = CUDA_ALLOCATOR
 
 
+#: Warnings known to say nothing about the run, silenced by message and category in every
+#: Hydra command (all other warnings are shown): (message regex, category).
+KNOWN_WARNINGS = (
+    # Lightning (a PossibleUserWarning): the frozen reference and SAE stay in eval mode.
+    (r"Found \d+ module\(s\) in eval mode", UserWarning),
+    # torch deprecates LeafSpec, which Lightning's fetching of batches still uses.
+    (r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning),
+)
+#: Lightning's advertisements ("💡 Tip: ... install litlogger / litmodels"), which it logs
+#: at every fit with no option to turn them off; dropped from these loggers.
+LIGHTNING_TIP = "💡 Tip:"
+LIGHTNING_LOGGERS = (
+    "lightning.pytorch.utilities.rank_zero",
+    "lightning.fabric.utilities.rank_zero",
+)
+
+
+def _not_a_tip(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith(LIGHTNING_TIP)
+
+
+def quiet_known_noise() -> None:
+    """Silence `KNOWN_WARNINGS` and Lightning's tips; nothing else."""
+    for message, category in KNOWN_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category)
+    for name in LIGHTNING_LOGGERS:
+        logger = logging.getLogger(name)
+        if _not_a_tip not in logger.filters:
+            logger.addFilter(_not_a_tip)
+
+
 def run_hydra(hydra_main: Callable[[], Any]) -> None:
     """Run a ``@hydra.main`` function; a config Hydra cannot compose is a user error, exit 2.
 
@@ -48,10 +80,11 @@ def run_hydra(hydra_main: Callable[[], Any]) -> None:
     folder that this command created and no job used is removed again. Hydra's own report
     is bypassed until the task starts (``HYDRA_FULL_ERROR`` set meanwhile); an exit 1 after
     a task started (a run's own failure) keeps its status. The CUDA allocator gets
-    :func:`default_cuda_allocator` first.
+    :func:`default_cuda_allocator` first, and known noise is silenced (`quiet_known_noise`).
     """
     global _own_full_error
     default_cuda_allocator()
+    quiet_known_noise()
     _own_full_error = "HYDRA_FULL_ERROR" not in os.environ
     if _own_full_error:  # composition errors reach the except below as exceptions
         os.environ["HYDRA_FULL_ERROR"] = "1"

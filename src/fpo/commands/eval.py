@@ -19,7 +19,6 @@ from __future__ import annotations
 import logging
 import os
 import sys
-import warnings
 from pathlib import Path
 
 import hydra
@@ -165,7 +164,6 @@ def finish_wandb() -> None:
 def hydra_main(cfg: DictConfig) -> float | None:
     """Hydra entry point; returns the main judge's win rate."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
     torch.set_float32_matmul_precision("high")
     with user_errors():
         return evaluate(cfg).get("eval/win_rate")

@@ -8,7 +8,6 @@ import logging
 import os
 import resource
 import time
-import warnings
 from pathlib import Path
 
 import hydra
@@ -145,9 +144,6 @@ def hydra_main(cfg: DictConfig) -> float | None:
     and resumes an interrupted one; then `train` runs the job.
     """
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    # The frozen reference and SAE stay in eval mode on purpose.
-    warnings.filterwarnings("ignore", message=r"Found .* module\(s\) in eval mode")
-    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
     torch.set_float32_matmul_precision("high")
     settings = job_settings(cfg)
     # One process per run folder (each job's own folder in a multirun).
