@@ -33,10 +33,11 @@ def test_summary_of_a_run_without_evaluation_names_its_files(tmp_path):
     ]
 
 
-def test_summary_with_evaluation_and_policy_in_a_sweep(tmp_path):
+def test_summary_with_evaluation_and_policy_and_no_checkpoint(tmp_path):
+    """No last.ckpt (callbacks=none): nothing to continue from, so no command for it."""
     (tmp_path / "policy").mkdir()
     metrics = {**METRICS, "eval/win_rate": 0.75, "eval/win_rate_stderr": 0.05, "eval/kl": 2.5}
-    lines = run_summary(metrics, tmp_path, resume=None).splitlines()
+    lines = run_summary(metrics, tmp_path, resume="fpo-train y ckpt_path=last").splitlines()
     assert lines[2] == (
         f"  evaluation  win rate 0.750 ± 0.050, KL 2.500 "
         f"({tmp_path / 'evaluation' / 'summary.json'})"
