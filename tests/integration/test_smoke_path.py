@@ -32,7 +32,8 @@ def test_a_run_ends_with_a_short_summary(smoke):
     assert summary[1].startswith(f"  validation  val/rewards/accuracies {accuracy:.3f}, val/loss")
     assert summary[2] == f"  metrics     {run / 'metrics.json'}"
     assert summary[3] == f"  checkpoint  {run / 'checkpoints' / 'last.ckpt'}"
-    assert summary[4].startswith(f"  policy      {run / 'policy'}  (fpo-eval run_dir={run})")
+    policy = f"  policy      {run / 'policy'}  (fpo-eval run_dir={run} evaluation=smoke)"
+    assert summary[4] == policy  # no evaluation block: the command gives one
     assert summary[5].startswith("  continue    python -m fpo.commands.train experiment=smoke")
     assert "ckpt_path=last" in summary[5] and len(summary) == 6
     assert "💡" not in err and "litlogger" not in err  # Lightning's tips are silenced

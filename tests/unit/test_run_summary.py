@@ -43,6 +43,8 @@ def test_summary_with_evaluation_and_policy_and_no_checkpoint(tmp_path):
         f"({tmp_path / 'evaluation' / 'summary.json'})"
     )
     assert lines[-1] == f"  policy      {tmp_path / 'policy'}  (fpo-eval run_dir={tmp_path})"
+    unevaluated = run_summary(METRICS, tmp_path, has_evaluation=False).splitlines()[-1]
+    assert unevaluated.endswith(f"(fpo-eval run_dir={tmp_path} evaluation=smoke)")
     assert not any("checkpoint" in line or "continue" in line for line in lines)
 
 

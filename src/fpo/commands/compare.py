@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
         "dirs",
         nargs="+",
         metavar="DIR",
-        help="run or multirun folders (logs/<task>/runs/<time>, logs/<task>/multiruns/<time>)",
+        help="run or multirun folders (logs/<task>/runs/<time>, logs/<task>/multiruns/<sweep>)",
     )
     parser.add_argument("--out", required=True, help="folder to write the comparison into")
     matched = parser.add_argument_group("scores at matched KL (matched_kl.csv, matched_kl.md)")

@@ -30,6 +30,7 @@ def run_summary(
     run_dir: Path,
     optimized_metric: str | None = None,
     resume: str | None = None,
+    has_evaluation: bool = True,
 ) -> str:
     """The end-of-run summary.
 
@@ -39,6 +40,8 @@ def run_summary(
         optimized_metric: listed first among the validation metrics.
         resume: the command that continues this run from its ``last.ckpt`` (none in a sweep,
             whose own command resumes it).
+        has_evaluation: whether the run's config has an evaluation block; without one the
+            ``fpo-eval`` command shown adds ``evaluation=smoke``.
     """
     names = [optimized_metric, *SUMMARY_METRICS] if optimized_metric else SUMMARY_METRICS
     shown = [n for n in dict.fromkeys(names) if n and n.startswith("val/") and n in metrics]
@@ -54,7 +57,9 @@ def run_summary(
         lines.append(f"  checkpoint  {', '.join(str(p) for p in checkpoints)}")
     policy = run_dir / POLICY_DIR
     if policy.is_dir():
-        lines.append(f"  policy      {policy}  (fpo-eval {shlex.quote(f'run_dir={run_dir}')})")
+        command = f"fpo-eval {shlex.quote(f'run_dir={run_dir}')}"
+        command += "" if has_evaluation else " evaluation=smoke"
+        lines.append(f"  policy      {policy}  ({command})")
     if resume and (run_dir / "checkpoints" / "last.ckpt").is_file():
         lines.append(f"  continue    {resume}  (with a larger trainer.max_epochs)")
     return "\n".join(lines)

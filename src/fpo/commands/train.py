@@ -109,7 +109,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
         (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
         log.info("final metrics written to %s", output_dir / "metrics.json")
         resume = None if in_multirun() else resume_command()
-        print(run_summary(metrics, output_dir, cfg.get("optimized_metric"), resume), flush=True)
+        summary = run_summary(
+            metrics, output_dir, cfg.get("optimized_metric"), resume, has_evaluation
+        )
+        print(summary, flush=True)
     return metrics
 
 

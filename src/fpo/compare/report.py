@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -42,7 +43,8 @@ def no_frontier_reason(runs: Sequence[Run], matched: bool = False) -> str:
     """Why the judge-vs-KL frontier has no point: which runs lack an evaluation, and the
     command that gives them one."""
     missing = [run for run in runs if not run.evaluation]
-    example = f"fpo-eval run_dir={missing[0].path} evaluation=smoke" if missing else ""
+    given = shlex.quote(f"run_dir={missing[0].path}") if missing else ""
+    example = f"fpo-eval {given} evaluation=smoke" if missing else ""
     if len(missing) == len(runs):
         return (
             f"no frontier.png: none of the {len(runs)} runs was evaluated (no "

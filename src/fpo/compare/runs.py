@@ -1,7 +1,7 @@
 """Finding and reading run folders: config, overrides, final metrics, curves, evaluation.
 
 A *run folder* is one with ``.hydra/config.yaml`` (``fpo-train`` writes it): a single run
-``logs/<task>/runs/<time>/`` or a multirun job ``logs/<task>/multiruns/<time>/<n>_<overrides>/``.
+``logs/<task>/runs/<time>/`` or a multirun job ``logs/<task>/multiruns/<sweep>/<n>_<overrides>/``.
 Everything else in it is optional and read defensively: ``metrics.json`` (final metrics),
 ``csv/version_*/metrics.csv`` (per-step CSV logger) and ``evaluation/summary.json``.
 """
@@ -105,7 +105,7 @@ def find_runs(directory: str | os.PathLike) -> list[Path]:
     if not runs:
         raise UserError(
             f"{root} holds no runs: no folder under it has .hydra/config.yaml. Give the folder "
-            "of a run (logs/<task>/runs/<time>) or of a multirun (logs/<task>/multiruns/<time>)."
+            "of a run (logs/<task>/runs/<time>) or of a multirun (logs/<task>/multiruns/<sweep>)."
         )
     return sorted(runs, key=_natural_key)
 
