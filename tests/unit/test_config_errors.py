@@ -66,6 +66,12 @@ def test_no_close_name_lists_the_real_ones():
     assert "Keys at objective: beta, constraints, gamma_beta_ratio, margin, name." in message
 
 
+def test_a_misspelt_group_with_an_unknown_option_suggests_nothing_that_fails():
+    message = message_for(["objectve=zzzz"])
+    assert not suggestions(message)  # objective=zzzz would not compose
+    assert "Config groups: callbacks, data," in message
+
+
 def test_a_key_of_a_group_with_no_option_says_to_choose_one():
     message = message_for(["evaluation.num_prompts=3"])
     assert "evaluation is a config group and none of its options is chosen" in message

@@ -12,6 +12,7 @@ repository lists, or a key path that exists level by level in the composed confi
 from __future__ import annotations
 
 import difflib
+import logging
 from collections.abc import Sequence
 
 from hydra import initialize_config_dir
@@ -21,6 +22,8 @@ from hydra.core.override_parser.types import Override
 from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf import DictConfig
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError
+
+log = logging.getLogger("fpo")
 
 #: How many close names to suggest, and how close (difflib's ratio) they must be.
 MAX_SUGGESTIONS = 3
@@ -117,7 +120,9 @@ def fix_path(node: DictConfig, parts: list[str]) -> list[list[str]]:
     return paths
 
 
-def key_message(error: ConfigKeyError, overrides: list[Override]) -> str | None:
+def key_message(
+    error: ConfigKeyError | ConfigAttributeError, overrides: list[Override]
+) -> str | None:
     """``a.b.c=value`` where some level of the path is not a key of the config."""
     broken = str(error.full_key)
     parent = error.parent_node
@@ -144,9 +149,8 @@ def key_message(error: ConfigKeyError, overrides: list[Override]) -> str | None:
         if len(parts) == 1:  # a misspelt group name, e.g. objectve=dpo
             fixes += [g for g in closest(parts[0], groups) if g not in fixes]
         fixes = [f"{prefix}.{fix}" if prefix else fix for fix in fixes][:MAX_SUGGESTIONS]
-        suggestions = [
-            group_fix(fix, override) if fix in groups else f"{fix}={value}" for fix in fixes
-        ]
+        fixed = [group_fix(fix, override) if fix in groups else f"{fix}={value}" for fix in fixes]
+        suggestions = [fix for fix in fixed if fix is not None]
         if suggestions:
             message += f" Did you mean {' or '.join(suggestions)}?"
         keys = ", ".join(sorted(str(k) for k in parent if k != "hydra"))
@@ -157,13 +161,16 @@ def key_message(error: ConfigKeyError, overrides: list[Override]) -> str | None:
     return None
 
 
-def group_fix(group: str, override: Override) -> str:
-    """A misspelt group name corrected; a misspelt option of it corrected too."""
+def group_fix(group: str, override: Override) -> str | None:
+    """A misspelt group name corrected, and a misspelt option of it too; ``None`` when an
+    option has no close match (the suggestion would not compose)."""
     options = group_options(group)
-    values = [
-        value if value in options else (closest(value, options) or [value])[0]
-        for value in values_of(override)
-    ]
+    values = []
+    for value in values_of(override):
+        matches = [value] if value in options else closest(value, options)
+        if not matches:
+            return None
+        values.append(matches[0])
     return f"{group}={','.join(values)}"
 
 
@@ -172,8 +179,12 @@ def explain(error: BaseException, argv: Sequence[str], config_dir: str) -> str |
     overrides in ``argv``; ``None`` when the error is of another kind. The names come from
     the configs in ``config_dir``."""
     GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
-        return _explain(error, command_line_overrides(argv))
+    try:
+        with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
+            return _explain(error, command_line_overrides(argv))
+    except Exception:  # never a traceback for a typo: Hydra's own message instead
+        log.debug("no did-you-mean for %r", error, exc_info=True)
+        return None
 
 
 def _explain(error: BaseException, overrides: list[Override]) -> str | None:
