@@ -9,6 +9,7 @@ the config key that chose it, never a traceback.
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -19,14 +20,21 @@ from omegaconf import DictConfig
 
 from fpo.errors import UserError
 
+#: The topmost folders `ensure_writable` created with ``track=True`` in this process.
+_tracked: list[Path] = []
 
-def ensure_writable(folder: str | os.PathLike, key: str) -> Path:
+
+def ensure_writable(folder: str | os.PathLike, key: str, *, track: bool = False) -> Path:
     """Create ``folder`` (and its parents) and check a file can be written in it.
 
     ``key`` names the setting that chose the folder (``paths.log_dir``, ``out_dir`` ...).
-    Raises `UserError` naming both when the folder cannot be created or written.
+    Raises `UserError` naming both when the folder cannot be created or written. With
+    ``track``, the topmost folder it creates is remembered for `discard_unused_folders`.
     """
     path = Path(folder).expanduser()
+    if track:
+        new = [p for p in (path, *path.parents) if not p.exists()]
+        _tracked.extend(new[-1:])
     try:
         path.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=path, prefix=".write-probe-"):
@@ -38,6 +46,16 @@ def ensure_writable(folder: str | os.PathLike, key: str) -> Path:
             f"{key}=<a writable path>."
         ) from err
     return path
+
+
+def discard_unused_folders(ignored: tuple[str, ...] = ("multirun.yaml",)) -> None:
+    """Remove each tracked folder again when no file in it but ``ignored`` ones was
+    written (a sweep whose config did not compose: Hydra wrote only its multirun.yaml)."""
+    while _tracked:
+        top = _tracked.pop()
+        files = [p for p in top.rglob("*") if p.is_file()] if top.is_dir() else []
+        if all(p.name in ignored for p in files):
+            shutil.rmtree(top, ignore_errors=True)
 
 
 def run_dir_key(config: DictConfig) -> str:

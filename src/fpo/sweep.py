@@ -113,7 +113,7 @@ class SweepCallback(Callback):
                 config.hydra.overrides.hydra.append(f"hydra.sweep.dir='{quoted}'")
             sweep_dir = Path(str(config.hydra.sweep.dir))
         try:  # the Optuna study's SQLite file lives here
-            ensure_writable(sweep_dir, "paths.log_dir or hydra.sweep.dir")
+            ensure_writable(sweep_dir, "paths.log_dir or hydra.sweep.dir", track=True)
         except UserError as error:
             refuse(error)
         log.info("sweep folder: %s (run the same command again to resume it)", sweep_dir)

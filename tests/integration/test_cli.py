@@ -41,22 +41,31 @@ def test_smoke_multirun_all_objectives(tmp_path):
 @pytest.mark.parametrize(
     ("overrides", "expected"),
     [
-        (["objective=nonsense"], "Could not find 'objective/nonsense'"),
+        (["objective=nonsense"], "'nonsense' is not an option of the config group objective"),
         (
             ["data.train_source=/nowhere/pairs.jsonl"],
             "/nowhere/pairs.jsonl",
         ),
         (["+sae.loader.d_in=16"], "d_in=16, but the model Gemma3ForCausalLM has hidden size 32"),
         (["objective.margin=orpo"], "orpo"),
-        (["objective.bta=0.1"], "Key 'bta' not in 'Objective'"),
+        (["objective.bta=0.1"], "Did you mean objective.beta=0.1?"),
         (["objective=tdpo2", "reference=cached"], "use reference=online"),
         (["objective.constraints.features.k=500"], "features.k=500"),
         # internal files are no options: the objective schema, the shared bases
-        (["objective=schema"], "Could not find 'objective/schema'"),
-        (["objective=objective_schema"], "Could not find 'objective/objective_schema'"),
-        (["data=_base"], "Could not find 'data/_base'"),
-        (["data=data_base"], "Could not find 'data/data_base'"),
-        (["hparams_search=_optuna"], "Could not find 'hparams_search/_optuna'"),
+        (["objective=schema"], "'schema' is not an option of the config group objective"),
+        (
+            ["objective=objective_schema"],
+            "'objective_schema' is not an option of the config",
+        ),
+        (["data=_base"], "'_base' is not an option of the config group data"),
+        (["data=data_base"], "'data_base' is not an option of the config group data"),
+        (
+            ["hparams_search=_optuna"],
+            "'_optuna' is not an option of the config group",
+        ),
+        (["trainer=default"], "'default' is not an option of the config group trainer"),
+        (["trainer=trainer_base"], "'trainer_base' is not an option of the config group trainer"),
+        (["callbacks=checkpoint"], "'checkpoint' is not an option of the config group callbacks"),
     ],
 )
 def test_user_errors_are_one_paragraph(tmp_path, overrides, expected):
@@ -64,6 +73,17 @@ def test_user_errors_are_one_paragraph(tmp_path, overrides, expected):
     assert result.returncode == 2, result.stderr[-2000:]
     assert expected in result.stderr, result.stderr[-2000:]
     assert "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert "use +" not in result.stderr, result.stderr[-2000:]  # Hydra's advice, which fails later
+
+
+def test_a_sweep_that_does_not_compose_leaves_no_folder(tmp_path):
+    """A misspelt option among a sweep's values: the closest option, exit 2, and the sweep
+    folder made before the jobs' configs were composed is removed again."""
+    result = run_train(tmp_path, "experiment=smoke", "objective=dpo,fpoo", multirun=True)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Did you mean objective=dpo,fpo?" in result.stderr, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert not list(tmp_path.iterdir()), list(tmp_path.rglob("*"))
 
 
 def test_new_combinations_train_in_the_smoke_setup(tmp_path):
@@ -105,17 +125,24 @@ def test_bad_row_with_fail_policy_names_the_row(tmp_path):
     assert "Traceback" not in result.stderr
 
 
-def test_help_offers_only_real_options():
-    """``fpo-train --help`` lists each group's options; internal files (the objective schema,
-    the bases every data option and every Optuna search share) are none of them."""
-    result = run_module("fpo.commands.train", "--help", timeout=300)
+@pytest.mark.parametrize("command", ["train", "eval", "cache"])
+def test_help_offers_only_real_options(command):
+    """``fpo-train --help`` (and fpo-eval's, fpo-cache's) is the project's own: the five
+    objectives, each group's options, the main commands; internal files (the objective
+    schema, the bases of the data, trainer, callbacks and Optuna options) are no options."""
+    result = run_module(f"fpo.commands.{command}", "--help", timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
-    groups = dict(
-        line.split(": ", 1)
-        for line in result.stdout.split("== Config ==")[0].splitlines()
-        if ": " in line
-    )
-    offered = {group: set(options.split(", ")) for group, options in groups.items()}
+    out = result.stdout
+    assert out.startswith(f"fpo-{command}: "), out[:500]
+    objectives = out.split("Objectives (objective=..., default fpo):\n")[1].split("\n\n")[0]
+    assert [line.split()[0] for line in objectives.splitlines()] == OBJECTIVES
+    assert f"Main commands:\n  fpo-{command} " in out
+    assert "== Config ==" not in out and "_target_" not in out  # no composed config dump
+    block = out.split("Config groups (group=option):\n")[1].split("\n\n")[0]
+    offered = {
+        group: set(options.split(", "))
+        for group, options in (line.split(": ", 1) for line in block.splitlines())
+    }
     assert set(offered) == {  # every group is a real choice; no folder of internal files
         "callbacks", "data", "debug", "evaluation", "experiment", "experiment/ablation",
         "experiment/comparison", "experiment/matched_kl", "hparams_search", "logger", "model",
@@ -129,6 +156,8 @@ def test_help_offers_only_real_options():
         "ultrafeedback",
         "ultrafeedback_fixture",
     }
+    assert offered["trainer"] == {"cpu", "gpu", "ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3"}
+    assert offered["callbacks"] == {"default", "throughput", "none"}
     assert "_optuna" not in offered["hparams_search"] and "fpo_optuna" in offered["hparams_search"]
     assert offered["optimizer"] == {"adamw"} and offered["scheduler"] == {"constant_with_warmup"}
     internal = {"schema", "objective_schema", "_base", "data_base", "_optuna", "optuna_base"}

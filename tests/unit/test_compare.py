@@ -5,14 +5,25 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
 import yaml
 
 from fpo.commands.compare import main
-from fpo.compare import compare, config_rows, load_runs, mean_curves, run_rows
+from fpo.compare import (
+    compare,
+    config_rows,
+    load_runs,
+    mean_curves,
+    newest_sweep,
+    no_frontier_reason,
+    run_rows,
+)
 from fpo.compare.runs import find_runs
+from fpo.errors import UserError
+from fpo.testing import ROOT
 
 DPO = {"name": "dpo", "beta": 0.1}
 # The redesigned objective shape: nested constraints, one of them unset.
@@ -182,13 +193,57 @@ def test_single_seed_shows_dash_and_missing_evaluation_is_blank(tmp_path):
     out = tmp_path / "out"
     result = compare([tmp_path / "run"], out)
     assert not result["frontier"] and not result["curves"]
-    assert any("frontier.png is a placeholder" in note for note in result["notes"])
+    (why,) = [note for note in result["notes"] if "frontier" in note]
+    assert why.startswith("no frontier.png: none of the 1 runs was evaluated")
+    assert f"fpo-eval run_dir={tmp_path / 'run'} evaluation=smoke" in why
     markdown = (out / "comparison.md").read_text()
     assert "0.75 ± -" in markdown and "nan" not in markdown.lower()
     row = next(csv.DictReader((out / "comparison.csv").open()))
     assert row["run"] == "run" and row["win_rate"] == "" and row["kl_stderr"] == ""
     assert row["peak_memory_gb"] == ""
-    assert (out / "frontier.png").read_bytes().startswith(b"\x89PNG")
+    assert not (out / "frontier.png").exists() and not (out / "curves.png").exists()
+    assert "frontier" not in result["files"] and "curves" not in result["files"]
+
+
+def test_a_figure_with_nothing_to_draw_replaces_no_old_one(sweep, tmp_path):
+    """An earlier comparison's figures in the same folder do not survive a comparison of
+    runs without evaluation or curves: no stale figure beside the new tables."""
+    out = tmp_path / "out"
+    assert compare([sweep], out)["frontier"]
+    make_run(tmp_path, "bare", DPO, 0, {"val/rewards/accuracies": 0.5})
+    result = compare([tmp_path / "bare"], out)
+    assert not result["frontier"] and not (out / "frontier.png").exists()
+    assert not (out / "curves.png").exists()
+
+
+def test_the_reason_names_runs_evaluated_in_part(sweep, tmp_path):
+    make_run(tmp_path, "bare", DPO, 0, {"val/rewards/accuracies": 0.5})
+    runs = load_runs([tmp_path / "bare"]) + load_runs([sweep])
+    why = no_frontier_reason(runs)
+    assert why.startswith("no frontier.png: no evaluated run has a judge score and a KL")
+    assert "3 of 5 runs have no evaluation/summary.json" in why  # fpo's two and bare
+
+
+def test_newest_sweep_is_the_one_written_last_not_the_alphabetically_last(tmp_path):
+    older = tmp_path / "smoke" / "multiruns" / "objective=simpo-aaaa"
+    newer = tmp_path / "smoke" / "multiruns" / "objective=dpo-bbbb"
+    for sweep, when in ((older, 1_000), (newer, 2_000)):
+        sweep.mkdir(parents=True)
+        (sweep / "sweep_summary.json").write_text("{}")
+        os.utime(sweep / "sweep_summary.json", (when, when))
+        os.utime(sweep, (when, when))
+    assert newest_sweep(tmp_path) == newer
+    os.utime(older / "sweep_summary.json", (3_000, 3_000))  # a job of the older one finished
+    assert newest_sweep(tmp_path) == older
+    with pytest.raises(UserError, match="no sweep folder"):
+        newest_sweep(tmp_path / "smoke")
+
+
+def test_the_notebook_reads_the_newest_sweep():
+    notebook = json.loads((ROOT / "notebooks" / "compare_sweep.ipynb").read_text())
+    code = "".join("".join(cell["source"]) for cell in notebook["cells"])
+    assert "newest_sweep(LOGS)" in code and "sorted(" not in code
+    assert "no_frontier_reason(runs)" in code
 
 
 def test_training_curves_are_averaged_per_objective_and_step(sweep):

@@ -47,6 +47,14 @@ def test_calibration_runs_fpo_first_in_the_protocols_ranges(in_tmp, capsys):
     assert "--low 1e-07 --high 1e-05" in lines[-1]
 
 
+def test_the_series_folder_is_the_one_fpo_calibrate_uses(in_tmp):
+    from fpo.commands.calibrate_plan import make_plan
+
+    for objective, (low, high) in matched_kl.RANGES.items():
+        plan = make_plan(matched_kl.experiment(objective), seed=0, low=low, high=high)
+        assert matched_kl.series_dir(objective) == plan.series_dir
+
+
 def test_an_unreachable_target_widens_the_named_side_once():
     unreachable = {"status": "unreachable", "finding": "out of reach (raise --high to reach it)"}
     reached = {"status": "converged", "finding": None}

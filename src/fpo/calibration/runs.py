@@ -25,7 +25,7 @@ from pathlib import Path
 
 from fpo.calibration.knobs import VAL_KL, VAL_SCORE
 from fpo.errors import UserError
-from fpo.sweep import STATUS_FILE, read_status
+from fpo.sweep import STATUS_FILE, derive_sweep_name, read_status
 
 RUN_SUBDIR = "run"
 # Each run samples its validation prompts only (no test prompts, test pairs or second test
@@ -49,6 +49,13 @@ class Point:
             "val_score": self.val_score,
             "run_dir": str(self.run_dir),
         }
+
+
+def series_folder(log_dir: Path, task_name: str, objective: str, overrides: list[str]) -> Path:
+    """The folder of a calibration series: ``<log_dir>/<task>/calibration/<objective>/<name>``,
+    the name derived like an ``fpo-train -m`` sweep's from the overrides (``seed=`` included),
+    so the same command finds the same runs."""
+    return Path(log_dir) / task_name / "calibration" / objective / derive_sweep_name(overrides)
 
 
 def format_knob(value: float) -> str:

@@ -15,10 +15,10 @@ from omegaconf.errors import OmegaConfBaseException
 
 import fpo.objective  # noqa: F401  (registers objective/schema, which the presets extend)
 from fpo.calibration.knobs import KNOBS_FILE, SPAN, Plan, choose_knob, load_knobs
+from fpo.calibration.runs import series_folder
 from fpo.calibration.search import round_knob
 from fpo.commands.common import CONFIG_DIR
 from fpo.errors import UserError
-from fpo.sweep import derive_sweep_name
 
 
 def compose_train(overrides: list[str]) -> DictConfig:
@@ -93,7 +93,5 @@ def make_plan(
         raise UserError(f"--low {low} --high {high}: the range needs 0 < low < high.")
     compose_train([*overrides, f"{chosen.key}={high!r}"])  # the key takes a number
     log_dir = Path(str(cfg.paths.log_dir)).resolve()
-    # Like an fpo-train sweep's folder: the same command finds the same runs.
-    series = derive_sweep_name(overrides)
-    series_dir = log_dir / str(cfg.task_name) / "calibration" / objective / series
+    series_dir = series_folder(log_dir, str(cfg.task_name), objective, overrides)
     return Plan(objective, chosen, float(low), float(high), overrides, series_dir)

@@ -1,16 +1,18 @@
 """What every command-line entry point shares: user errors as one paragraph (exit 2), the
-config folder and the CUDA allocator default."""
+config folder, the CUDA allocator default and the known warnings silenced."""
 
 from __future__ import annotations
 
 import logging
 import os
 import sys
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from hydra.errors import InstantiationException
+from hydra.errors import HydraException, InstantiationException
+from omegaconf.errors import OmegaConfBaseException
 
 import fpo.hydra_compat  # noqa: F401  (a faster config composition)
 from fpo.errors import UserError
@@ -23,6 +25,7 @@ log = logging.getLogger("fpo")
 #: an installed wheel (`fpo.locations`).
 CONFIG_DIR = str(files_root() / "configs")
 _task_started = False
+_own_full_error = False
 
 
 #: The CUDA caching allocator's setting every entry point starts with unless the user set
@@ -40,16 +43,56 @@ def default_cuda_allocator() -> None:
         os.environ["PYTORCH_CUDA_ALLOC_CONF"] = CUDA_ALLOCATOR
 
 
+#: Warnings known to say nothing about the run, silenced by message and category in every
+#: Hydra command (all other warnings are shown): (message regex, category).
+KNOWN_WARNINGS = (
+    # Lightning (a PossibleUserWarning): the frozen reference and SAE stay in eval mode.
+    (r"Found \d+ module\(s\) in eval mode", UserWarning),
+    # torch deprecates LeafSpec, which Lightning's fetching of batches still uses.
+    (r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning),
+)
+#: Lightning's advertisements ("💡 Tip: ... install litlogger / litmodels"), which it logs
+#: at every fit with no option to turn them off; dropped from these loggers.
+LIGHTNING_TIP = "💡 Tip:"
+LIGHTNING_LOGGERS = (
+    "lightning.pytorch.utilities.rank_zero",
+    "lightning.fabric.utilities.rank_zero",
+)
+
+
+def _not_a_tip(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith(LIGHTNING_TIP)
+
+
+def quiet_known_noise() -> None:
+    """Silence `KNOWN_WARNINGS` and Lightning's tips; nothing else."""
+    for message, category in KNOWN_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category)
+    for name in LIGHTNING_LOGGERS:
+        logger = logging.getLogger(name)
+        if _not_a_tip not in logger.filters:
+            logger.addFilter(_not_a_tip)
+
+
 def run_hydra(hydra_main: Callable[[], Any]) -> None:
     """Run a ``@hydra.main`` function; a config Hydra cannot compose is a user error, exit 2.
 
-    Hydra reports an unknown key, group option or bad value as one paragraph (no traceback)
-    and exits with status 1, before the task starts. Mapped to 2 here, like every other
-    user error; an exit 1 after a task started (a run's own failure) keeps its status.
-    The CUDA allocator gets :func:`default_cuda_allocator` first, and an override that
-    needs an optional extra which is not installed is refused naming it (`fpo.extras`).
+    A config that does not compose is reported as one paragraph (no traceback), with the
+    closest real names for a misspelt group, option or key (`fpo.commands.config_errors`),
+    and exits with status 2 before the task starts, like every other user error; a sweep
+    folder that this command created and no job used is removed again. Hydra's own report
+    is bypassed until the task starts (``HYDRA_FULL_ERROR`` set meanwhile); an exit 1 after
+    a task started (a run's own failure) keeps its status. The CUDA allocator gets
+    :func:`default_cuda_allocator` first, known noise is silenced (`quiet_known_noise`), and
+    an override that needs an optional extra which is not installed is refused naming it
+    (`fpo.extras`).
     """
+    global _own_full_error
     default_cuda_allocator()
+    quiet_known_noise()
+    _own_full_error = "HYDRA_FULL_ERROR" not in os.environ
+    if _own_full_error:  # composition errors reach the except below as exceptions
+        os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
         check_overrides(sys.argv[1:])
     except UserError as error:
@@ -62,6 +105,21 @@ def run_hydra(hydra_main: Callable[[], Any]) -> None:
         if type(exit_) is SystemExit and exit_.code == 1 and not _task_started:
             raise SystemExit(2) from None
         raise
+    except (HydraException, OmegaConfBaseException) as error:
+        if _task_started or not _own_full_error:
+            raise
+        from fpo.commands.config_errors import explain
+        from fpo.folders import discard_unused_folders
+
+        discard_unused_folders()  # a sweep folder made before its jobs' configs failed
+        message = explain(error, sys.argv[1:], CONFIG_DIR) or "\n".join(
+            str(e) for e in (error, error.__cause__) if e is not None
+        )
+        print(f"\nerror: {message}\n", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+    finally:
+        if _own_full_error:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
 
 
 @contextmanager
@@ -72,6 +130,8 @@ def user_errors() -> Iterator[None]:
     """
     global _task_started
     _task_started = True
+    if _own_full_error:  # the task's own errors: Hydra's report again
+        os.environ.pop("HYDRA_FULL_ERROR", None)
     try:
         yield
     except (UserError, InstantiationException) as error:

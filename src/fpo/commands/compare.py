@@ -1,10 +1,11 @@
 """``fpo-compare DIR [DIR ...] --out OUT [--at-kl 3,6 ...]``: compare the runs of sweeps.
 
 Writes ``comparison.csv``, ``comparison.md``, ``frontier.png`` and ``curves.png`` into
-``OUT`` and prints the configuration table's size and any notes (missing files,
-placeholder figures). With ``--at-kl`` also ``matched_kl.csv`` and ``matched_kl.md``: each
-objective's judge scores at those KLs, with bootstrap intervals and differences from
-``--baseline`` (`fpo.compare.matched`). A folder with no runs is a user error (exit 2).
+``OUT`` and prints the configuration table's size and any notes (missing files; a figure
+with nothing to draw is not written, and the note says why, e.g. runs never evaluated).
+With ``--at-kl`` also ``matched_kl.csv`` and ``matched_kl.md``: each objective's judge
+scores at those KLs, with bootstrap intervals and differences from ``--baseline``
+(`fpo.compare.matched`). A folder with no runs is a user error (exit 2).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
         "dirs",
         nargs="+",
         metavar="DIR",
-        help="run or multirun folders (logs/<task>/runs/<time>, logs/<task>/multiruns/<time>)",
+        help="run or multirun folders (logs/<task>/runs/<time>, logs/<task>/multiruns/<sweep>)",
     )
     parser.add_argument("--out", required=True, help="folder to write the comparison into")
     matched = parser.add_argument_group("scores at matched KL (matched_kl.csv, matched_kl.md)")

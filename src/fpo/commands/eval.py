@@ -19,7 +19,6 @@ from __future__ import annotations
 import logging
 import os
 import sys
-import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -30,6 +29,7 @@ import fpo.objective  # noqa: F401  (registers the objective schema the configs 
 from fpo.commands.common import CONFIG_DIR, run_hydra, user_errors
 from fpo.errors import UserError
 from fpo.folders import ensure_writable
+from fpo.model_card import CARD_FILE, refresh_card_evaluation
 
 if TYPE_CHECKING:
     import torch
@@ -116,7 +116,12 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         run_cfg, weights = cfg, None
         out_dir = Path(cfg.out_dir or Path(cfg.paths.output_dir) / "evaluation")
     if not run_cfg.get("evaluation"):
-        raise UserError("no evaluation block: add evaluation=sentiment (or another option).")
+        where, given = (f"the run {run_dir}", f" run_dir={run_dir}") if run_dir else ("", "")
+        raise UserError(
+            f"{where or 'the config'} has no evaluation block: choose one, e.g. "
+            f"fpo-eval{given} evaluation=smoke (seconds, for smoke runs) or "
+            "evaluation=sentiment (the sentiment task's test split)."
+        )
     ensure_writable(out_dir, "out_dir")  # before any model loads
     L.seed_everything(run_cfg.seed, workers=True)
     parts = build_run_parts(run_cfg)
@@ -132,7 +137,19 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     for logger in loggers:
         logger.finalize("success")
     finish_wandb()
+    refresh_card(run_dir, weights, out_dir)
     return scalars
+
+
+def refresh_card(run_dir: Path | None, weights: Path | None, out_dir: Path) -> None:
+    """Give the run's model card (``<run>/policy/README.md``) this evaluation, when it is of
+    the final policy and was written where the card reads it (``<run>/evaluation/``)."""
+    from fpo.policy_io import POLICY_DIR
+
+    if run_dir is None or weights != run_dir / POLICY_DIR:
+        return
+    if out_dir.resolve() == (run_dir / "evaluation").resolve() and refresh_card_evaluation(weights):
+        log.info("model card updated with this evaluation: %s", weights / CARD_FILE)
 
 
 def eval_device(cfg: DictConfig) -> torch.device:
@@ -158,7 +175,6 @@ def finish_wandb() -> None:
 def hydra_main(cfg: DictConfig) -> float | None:
     """Hydra entry point; returns the main judge's win rate."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
     import torch
 
     torch.set_float32_matmul_precision("high")

@@ -8,7 +8,6 @@ import logging
 import os
 import resource
 import time
-import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -17,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 import fpo.objective  # noqa: F401  (registers the objective schema the configs name)
 from fpo.commands.common import CONFIG_DIR, run_hydra, user_errors
+from fpo.commands.summary import run_summary
 from fpo.errors import UserError
 from fpo.run_lock import folder_lock
 from fpo.settings_check import check_settings
@@ -76,7 +76,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     from fpo.builder import build_training
     from fpo.checkpoints import resolve_ckpt_path
     from fpo.commands.card import card_values
-    from fpo.interrupts import Interrupted, report, stop_on_signals
+    from fpo.interrupts import Interrupted, report, resume_command, stop_on_signals
     from fpo.model_card import refresh_card_evaluation
     from fpo.policy_io import POLICY_DIR, save_policy, should_save_policy
 
@@ -123,6 +123,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if trainer.is_global_zero:
         (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
         log.info("final metrics written to %s", output_dir / "metrics.json")
+        resume = None if in_multirun() else resume_command()
+        summary = run_summary(
+            metrics, output_dir, cfg.get("optimized_metric"), resume, has_evaluation
+        )
+        print(summary, flush=True)
     return metrics
 
 
@@ -157,9 +162,6 @@ def hydra_main(cfg: DictConfig) -> float | None:
     and resumes an interrupted one; then `train` runs the job.
     """
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    # The frozen reference and SAE stay in eval mode on purpose.
-    warnings.filterwarnings("ignore", message=r"Found .* module\(s\) in eval mode")
-    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
     import torch
 
     torch.set_float32_matmul_precision("high")

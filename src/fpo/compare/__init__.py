@@ -15,8 +15,8 @@ from fpo.compare.markdown import write_markdown
 from fpo.compare.matched import MatchedKL, matched_kl_table
 from fpo.compare.matched_report import write_matched_csv, write_matched_markdown
 from fpo.compare.plots import mean_curves, plot_curves, plot_frontier, read_curves
-from fpo.compare.report import compare
-from fpo.compare.runs import Run, find_runs, load_run, load_runs
+from fpo.compare.report import compare, no_frontier_reason
+from fpo.compare.runs import Run, find_runs, load_run, load_runs, newest_sweep
 from fpo.compare.table import config_rows, mean_stderr, run_rows, write_csv
 
 __all__ = [
@@ -30,6 +30,8 @@ __all__ = [
     "matched_kl_table",
     "mean_curves",
     "mean_stderr",
+    "newest_sweep",
+    "no_frontier_reason",
     "plot_curves",
     "plot_frontier",
     "read_curves",

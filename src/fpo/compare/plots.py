@@ -2,8 +2,8 @@
 and ``curves.png`` (training curves).
 
 Figures are drawn with matplotlib's Agg canvas directly (no pyplot state, no display).
-When there is nothing to draw, a placeholder figure with a note is written instead and
-the function returns ``False``.
+When there is nothing to draw, no figure is written (an old one at that path is removed)
+and the function returns ``False``; `fpo.compare.report.no_frontier_reason` says why.
 """
 
 from __future__ import annotations
@@ -41,13 +41,10 @@ def _colours(objectives: Sequence[str]) -> dict[str, Any]:
     return {name: palette(i % 10) for i, name in enumerate(sorted(set(objectives)))}
 
 
-def _placeholder(path: Path, title: str, note: str) -> None:
-    figure = _figure(6, 3)
-    axes = figure.add_subplot()
-    axes.set_axis_off()
-    axes.set_title(title)
-    axes.text(0.5, 0.5, note, ha="center", va="center", wrap=True, fontsize=10)
-    figure.savefig(path, format="png")
+def _nothing_to_draw(path: Path) -> bool:
+    """No figure: remove an old one at ``path`` (from an earlier comparison); ``False``."""
+    path.unlink(missing_ok=True)
+    return False
 
 
 def _seed_lines(axes: Any, rows: Sequence[dict[str, Any]], colours: dict[str, Any]) -> None:
@@ -141,17 +138,11 @@ def plot_frontier(
     targets: Sequence[float] = (),
     matched: Sequence[dict[str, Any]] = (),
 ) -> bool:
-    """Write `frontier_figure` to ``path``; a placeholder (and ``False``) with no data."""
+    """Write `frontier_figure` to ``path``; ``False``, and no file, with no data."""
     path = Path(path)
     figure = frontier_figure(configs, rows, targets, matched)
     if figure is None:
-        _placeholder(
-            path,
-            "judge score vs KL",
-            "No run has evaluation values (judge score and KL).\n"
-            "Train with an evaluation block (e.g. evaluation=sentiment) to fill this plot.",
-        )
-        return False
+        return _nothing_to_draw(path)
     figure.savefig(path, format="png")
     return True
 
@@ -193,12 +184,12 @@ def mean_curves(runs: Sequence[Run]) -> dict[str, dict[str, dict[int, float]]]:
 
 
 def plot_curves(runs: Sequence[Run], path: str | os.PathLike) -> bool:
-    """Loss, reward margin and accuracy per training step, one line per objective."""
+    """Loss, reward margin and accuracy per training step, one line per objective;
+    ``False``, and no file, when no run has a CSV logger file."""
     path = Path(path)
     curves = mean_curves(runs)
     if not curves:
-        _placeholder(path, "training curves", "No run has a CSV logger file (csv/version_*).")
-        return False
+        return _nothing_to_draw(path)
     colours = _colours(list(curves))
     figure = _figure(4 * len(CURVES), 3.4)
     for i, (metric, title) in enumerate(CURVES.items()):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,7 @@ from fpo.compare.markdown import write_markdown
 from fpo.compare.matched import MatchedKL, matched_kl_table
 from fpo.compare.matched_report import write_matched_csv, write_matched_markdown
 from fpo.compare.plots import plot_curves, plot_frontier
-from fpo.compare.runs import load_runs
+from fpo.compare.runs import SUMMARY, Run, load_runs
 from fpo.compare.table import config_rows, run_rows, write_csv
 
 
@@ -36,6 +37,26 @@ def frontier_rows(
         for each in matched.scores
         if judge in each.scores
     ]
+
+
+def no_frontier_reason(runs: Sequence[Run], matched: bool = False) -> str:
+    """Why the judge-vs-KL frontier has no point: which runs lack an evaluation, and the
+    command that gives them one."""
+    missing = [run for run in runs if not run.evaluation]
+    given = shlex.quote(f"run_dir={missing[0].path}") if missing else ""
+    example = f"fpo-eval {given} evaluation=smoke" if missing else ""
+    if len(missing) == len(runs):
+        return (
+            f"no frontier.png: none of the {len(runs)} runs was evaluated (no "
+            f"{SUMMARY}: they were trained without an evaluation block). Evaluate each run, "
+            f"e.g. {example} (or evaluation=sentiment), or train with evaluation=..., then "
+            "compare again."
+        )
+    what = "judge scores at the KLs of --at-kl" if matched else "a judge score and a KL"
+    return (
+        f"no frontier.png: no evaluated run has {what} ({len(missing)} of {len(runs)} runs "
+        f"have no {SUMMARY}; evaluate them with e.g. {example or 'fpo-eval run_dir=<run>'})."
+    )
 
 
 def compare(
@@ -79,12 +100,12 @@ def compare(
         matched_rows = [row for row in matched.rows if row["judge"] == judge]
     has_frontier = plot_frontier(plotted_configs, files["frontier"], plotted, at_kl, matched_rows)
     if not has_frontier:
-        notes.append(
-            "no run has evaluation values (judge score and KL): frontier.png is a placeholder"
-        )
+        notes.append(no_frontier_reason(runs, matched=bool(at_kl)))
+        del files["frontier"]
     has_curves = plot_curves(runs, files["curves"])
     if not has_curves:
-        notes.append("no run has a CSV logger file: curves.png is a placeholder")
+        notes.append("no curves.png: no run has a CSV logger file (csv/version_*/metrics.csv)")
+        del files["curves"]
     result = {
         "runs": len(runs),
         "configurations": len(configs),

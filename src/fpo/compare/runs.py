@@ -1,7 +1,7 @@
 """Finding and reading run folders: config, overrides, final metrics, curves, evaluation.
 
 A *run folder* is one with ``.hydra/config.yaml`` (``fpo-train`` writes it): a single run
-``logs/<task>/runs/<time>/`` or a multirun job ``logs/<task>/multiruns/<time>/<n>_<overrides>/``.
+``logs/<task>/runs/<time>/`` or a multirun job ``logs/<task>/multiruns/<sweep>/<n>_<overrides>/``.
 Everything else in it is optional and read defensively: ``metrics.json`` (final metrics),
 ``csv/version_*/metrics.csv`` (per-step CSV logger) and ``evaluation/summary.json``.
 """
@@ -105,7 +105,7 @@ def find_runs(directory: str | os.PathLike) -> list[Path]:
     if not runs:
         raise UserError(
             f"{root} holds no runs: no folder under it has .hydra/config.yaml. Give the folder "
-            "of a run (logs/<task>/runs/<time>) or of a multirun (logs/<task>/multiruns/<time>)."
+            "of a run (logs/<task>/runs/<time>) or of a multirun (logs/<task>/multiruns/<sweep>)."
         )
     return sorted(runs, key=_natural_key)
 
@@ -202,6 +202,17 @@ def load_runs(directories: Sequence[str | os.PathLike] | Iterable[str]) -> list[
                 name = f"{directory.resolve().name}/{relative}"
             runs.append(load_run(path, name))
     return runs
+
+
+def newest_sweep(logs: str | os.PathLike) -> Path:
+    """The multirun folder under ``logs`` (``<task>/multiruns/<name>``) written last: by the
+    latest modification time of the folder or a file directly in it (the sweep summary is
+    rewritten after every job). Sweep names come from the overrides, so the alphabetically
+    last is not the newest. `UserError` when there is none."""
+    sweeps = [p for p in Path(logs).glob("*/multiruns/*") if p.is_dir()]
+    if not sweeps:
+        raise UserError(f"{logs}: no sweep folder (<task>/multiruns/<name>) under it.")
+    return max(sweeps, key=lambda p: max(q.stat().st_mtime for q in (p, *p.iterdir())))
 
 
 def differing_overrides(runs: Sequence[Run]) -> list[str]:

@@ -25,17 +25,18 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
 
-from fpo.calibration.runs import format_knob
-from fpo.commands.calibrate_plan import make_plan
+from fpo.calibration.runs import format_knob, series_folder
 from fpo.compare import load_runs, run_rows
 from fpo.study.comparison import BIN, OBJECTIVES, RESULTS, RUN_COLUMNS
 from fpo.sweep import derive_sweep_name
 
 OUT = RESULTS / "matched_kl"
+TASK = "matched_kl"  # task_name of experiment=matched_kl/*
 TARGET_KLS = (3.0, 6.0)
 SEEDS = (1, 2, 3, 4, 5)
 CALIBRATION_SEED = 0
@@ -59,11 +60,17 @@ def experiment(objective: str) -> list[str]:
     return [f"experiment=matched_kl/{objective}"]
 
 
+def log_dir() -> Path:
+    """``paths.log_dir`` of the shipped configs: ``logs/`` under ``FPO_ROOT`` or the current
+    folder (where ``fpo-study`` runs its commands)."""
+    return (Path(os.environ.get("FPO_ROOT", ".")) / "logs").resolve()
+
+
 def series_dir(objective: str) -> Path:
     """The objective's calibration series folder, as ``fpo-calibrate`` derives it from the
     same overrides: ``<paths.log_dir>/matched_kl/calibration/<objective>/<series>``."""
-    low, high = RANGES[objective]
-    return make_plan(experiment(objective), seed=CALIBRATION_SEED, low=low, high=high).series_dir
+    overrides = [*experiment(objective), f"seed={CALIBRATION_SEED}"]
+    return series_folder(log_dir(), TASK, objective, overrides)
 
 
 def calibration_file(objective: str) -> Path:
