@@ -84,8 +84,13 @@ def add_adapters(model: nn.Module, settings: LoraSettings) -> nn.Module:
     """``model`` wrapped in peft LoRA adapters (in place: its linear layers gain adapters;
     the base weights are frozen). UserError when ``target_modules`` matches nothing or
     includes the LM head (TDPO applies the reference's head after the adapter-free pass)."""
-    from peft import LoraConfig, get_peft_model
-    from peft.tuners.lora import LoraLayer
+    try:
+        from peft import LoraConfig, get_peft_model
+        from peft.tuners.lora import LoraLayer
+    except ImportError as err:
+        raise UserError(
+            f"model.lora.enabled=true needs peft ({err}): pip install 'fpo-template[lora]'."
+        ) from err
 
     targets = settings.target_modules
     config = LoraConfig(
