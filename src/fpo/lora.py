@@ -52,7 +52,8 @@ class LoraSettings:
 
 def lora_settings(node: Mapping[str, Any] | None) -> LoraSettings | None:
     """The :class:`LoraSettings` of a ``model.lora`` block, ``None`` when it is absent or
-    ``enabled`` is false; a bad value is a UserError naming its key."""
+    ``enabled`` is false; an unknown key is a UserError (`fpo.settings_check` checked the
+    numbers before anything loaded)."""
     if not node or not node.get("enabled", False):
         return None
     values = {key: node[key] for key in ("r", "alpha", "dropout", "merge") if key in node}
@@ -62,16 +63,9 @@ def lora_settings(node: Mapping[str, Any] | None) -> LoraSettings | None:
     targets = node.get("target_modules", "all-linear")
     if not isinstance(targets, str):
         targets = tuple(str(name) for name in targets)
-    settings = LoraSettings(**values, target_modules=targets)
-    if not (isinstance(settings.r, int) and settings.r >= 1):
-        raise UserError(f"model.lora.r={settings.r!r}: the rank must be an integer >= 1.")
-    if not settings.alpha > 0:
-        raise UserError(f"model.lora.alpha={settings.alpha!r}: must be > 0.")
-    if not 0 <= settings.dropout < 1:
-        raise UserError(f"model.lora.dropout={settings.dropout!r}: must be in [0, 1).")
     if not targets:
         raise UserError("model.lora.target_modules is empty: name modules or use all-linear.")
-    return settings
+    return LoraSettings(**values, target_modules=targets)  # numbers: fpo.settings_check
 
 
 def is_lora(model: nn.Module) -> bool:
@@ -133,6 +127,12 @@ class AdapterFreeReference(OnlineReference):
         for parameter in trainable:
             parameter.requires_grad_(True)
         policy.train(training)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> AdapterFreeReference:
+        """``to()``, ``cuda()`` and casts reach the policy too: fpo-cache's predictor owns only
+        this reference (in training the module moves its policy first; this repeats it)."""
+        self.model._apply(fn, recurse)
+        return super()._apply(fn, recurse)
 
     def stats(
         self, batch: dict, positions: Any, *, features: bool, token_kl: bool

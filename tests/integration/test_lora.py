@@ -92,6 +92,16 @@ def test_adapter_free_reference_equals_a_separate_frozen_copy(tmp_path, objectiv
     assert not torch.allclose(policy_logits(parts.policy, batch), policy_logits(copy.model, batch))
 
 
+def test_the_reference_moves_and_casts_the_policy_it_runs(tmp_path):
+    """fpo-cache's predictor module owns the reference alone: ``to(device)`` must reach the
+    policy (not a child of the reference)."""
+    parts = lora_parts(tmp_path, "dpo", *LORA)
+    reference = parts.cache_reference()
+    assert isinstance(reference, AdapterFreeReference)
+    reference.double()
+    assert {p.dtype for p in parts.policy.parameters()} == {torch.float64}
+
+
 def fit(parts: RunParts, steps: int = 2, **trainer_args) -> L.Trainer:
     module = parts.build_module()
     args = QUIET_TRAINER | dict(max_steps=steps) | trainer_args
