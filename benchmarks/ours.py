@@ -172,7 +172,12 @@ def train(spec: dict, config: str, rows: list[dict], cache: dict | None) -> dict
         default_root_dir=spec["workdir"],
     )
     trainer.fit(module, train_dataloaders=loader)
-    return {"step_times": timer.watch.times, "first_loss": timer.first_loss}
+    watch = timer.watch
+    return {
+        "step_times": watch.times,
+        "step_cpu_times": watch.cpu_times,
+        "first_loss": timer.first_loss,
+    }
 
 
 @torch.no_grad()

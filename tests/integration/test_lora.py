@@ -129,6 +129,19 @@ def test_only_adapter_weights_change(trained):
     assert any(".lora_B." in k for k in changed)  # B starts at zero: the update is on
 
 
+def test_adapters_train_under_gradient_checkpointing(tmp_path):
+    """Frozen embeddings give the checkpointed layers no input that needs a gradient; the
+    adapters inside them must still get theirs."""
+    parts = lora_parts(
+        tmp_path, "dpo", *LORA, "optimizer.lr=0.05", "model.gradient_checkpointing=true"
+    )
+    before = {k: v.clone() for k, v in parts.policy.state_dict().items() if ".lora_B." in k}
+    fit(parts, steps=1, callbacks=[])
+    after = parts.policy.state_dict()
+    assert parts.policy.is_activation_checkpointing
+    assert all(not torch.equal(after[k], v) for k, v in before.items())
+
+
 def test_saved_adapters_and_checkpoint_load_into_a_fresh_run(trained, tmp_path):
     parts, _, checkpoint = trained
     batch = first_batch(parts)
