@@ -29,18 +29,22 @@ def peak_memory(device: str) -> int:
 
 
 class Stopwatch:
-    """Wall-clock time of optimizer steps: ``start()`` / ``stop()`` around each one."""
+    """Wall-clock time of optimizer steps: ``start()`` / ``stop()`` around each one; and the
+    process's CPU time over each (``cpu_times``: all threads, barely moved by other jobs on a
+    shared machine, unlike wall time)."""
 
     def __init__(self, device: str) -> None:
-        self.device, self.times, self._started = device, [], None
+        self.device, self.times, self.cpu_times, self._started = device, [], [], None
 
     def start(self) -> None:
         sync(self.device)
-        self._started = time.perf_counter()
+        self._started = (time.perf_counter(), time.process_time())
 
     def stop(self) -> None:
         sync(self.device)
-        self.times.append(time.perf_counter() - self._started)
+        wall, cpu = self._started
+        self.times.append(time.perf_counter() - wall)
+        self.cpu_times.append(time.process_time() - cpu)
 
 
 def batch_work(rows: list[dict]) -> dict[str, int]:

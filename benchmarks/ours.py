@@ -28,6 +28,12 @@ OURS = {
 PACKED_SUFFIX = " (packed)"
 PACKED = ("DPO online", "SimPO", "FPO cached")
 OURS |= {f"{name}{PACKED_SUFFIX}": OURS[name] for name in PACKED}
+#: LoRA runs (``model.lora.enabled=true``, `fpo.lora`; benchmarks/lora.py): ``"<configuration>
+#: (LoRA)"``, the reference the policy with its adapters off, and ``"<configuration> (LoRA,
+#: reference copy)"``, the same adapters against a separate frozen load of the initial weights.
+LORA_SUFFIX, LORA_COPY_SUFFIX = " (LoRA)", " (LoRA, reference copy)"
+LORA = ("FPO online", "TDPO-2")
+OURS |= {f"{n}{suffix}": OURS[n] for n in LORA for suffix in (LORA_SUFFIX, LORA_COPY_SUFFIX)}
 
 
 def is_packed(config: str) -> bool:
@@ -35,7 +41,14 @@ def is_packed(config: str) -> bool:
     return config.endswith(PACKED_SUFFIX)
 
 
-def compose(spec: dict, objective: str, source: str | None, packed: bool = False):
+def is_lora(config: str) -> bool:
+    """Whether configuration ``config`` trains LoRA adapters (`LORA_SUFFIX`, `LORA_COPY_SUFFIX`)."""
+    return config.endswith((LORA_SUFFIX, LORA_COPY_SUFFIX))
+
+
+def compose(
+    spec: dict, objective: str, source: str | None, packed: bool = False, lora: bool = False
+):
     """The ``fpo-train`` config of one configuration (our defaults plus the spec's sizes)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
@@ -55,6 +68,7 @@ def compose(spec: dict, objective: str, source: str | None, packed: bool = False
         f"optimizer.lr={spec['lr']}",
         f"step.logits_chunk_size={spec.get('logits_chunk_size') or 'null'}",
         f"model.packed={str(packed).lower()}",
+        f"model.lora.enabled={str(lora).lower()}",
     ]
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = hydra_compose(config_name="train", overrides=overrides, return_hydra_config=True)
@@ -69,7 +83,8 @@ def compose(spec: dict, objective: str, source: str | None, packed: bool = False
     cfg.model.gradient_checkpointing = bool(spec.get("gradient_checkpointing", False))
     # As the paper experiment configs: a bf16 online reference for DPO/TDPO, the policy's
     # dtype for FPO (a reference in another precision gives a spurious D, fpo.builder).
-    cfg.reference.dtype = None if objective == "fpo" else spec.get("reference_dtype")
+    # A LoRA policy is its own reference, in its own dtype.
+    cfg.reference.dtype = None if objective == "fpo" or lora else spec.get("reference_dtype")
     OmegaConf.resolve(cfg)
     return cfg
 
@@ -102,12 +117,23 @@ def attach_cached(items: list[dict], cache: dict) -> list[dict]:
 
 def build(spec: dict, config: str):
     """``(experiment, module)`` for configuration ``config``."""
-    from fpo.builder import build_run_parts
+    from fpo.builder import build_run_parts, online_reference
     from fpo.reference.base import BatchReference
 
     objective, source = OURS[config]
-    experiment = build_run_parts(compose(spec, objective, source, is_packed(config)))
+    cfg = compose(spec, objective, source, is_packed(config), is_lora(config))
+    experiment = build_run_parts(cfg)
     reference = BatchReference() if source == "cached" else None
+    if config.endswith(LORA_COPY_SUFFIX):  # what LoRA saves: a second model in memory
+        step = experiment.step
+        reference = online_reference(
+            experiment.load_reference_model(),
+            experiment.objective,
+            sae=experiment.sae,
+            hook_name=experiment.hook_name,
+            logits_chunk_size=step.logits_chunk_size,
+            packing=step.packing,
+        )
     module = experiment.build_module(reference=reference)
     module.sae_report_batches = 0
     return experiment, module
@@ -146,7 +172,12 @@ def train(spec: dict, config: str, rows: list[dict], cache: dict | None) -> dict
         default_root_dir=spec["workdir"],
     )
     trainer.fit(module, train_dataloaders=loader)
-    return {"step_times": timer.watch.times, "first_loss": timer.first_loss}
+    watch = timer.watch
+    return {
+        "step_times": watch.times,
+        "step_cpu_times": watch.cpu_times,
+        "first_loss": timer.first_loss,
+    }
 
 
 @torch.no_grad()

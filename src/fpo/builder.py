@@ -31,6 +31,7 @@ from torch import nn
 
 from fpo.checkpoints import AtomicCheckpointIO
 from fpo.errors import UserError
+from fpo.lora import AdapterFreeReference, add_adapters, is_lora, lora_settings
 from fpo.module import FPOLightningModule
 from fpo.objective import Objective, build_objective
 from fpo.packing import Packing
@@ -73,18 +74,15 @@ def online_reference(
     logits_chunk_size: int | None = None,
     packing: Packing | None = None,
 ) -> OnlineReference:
-    """``objective``'s online reference run on ``model`` as given (a :func:`frozen_copy` of
-    the policy; fpo-cache: the untrained policy itself), with the top ``feature_k`` pooled
-    features of ``sae`` at ``hook_name`` when the feature term is on."""
+    """``objective``'s online reference run on ``model`` as given (a :func:`frozen_copy` of the
+    policy; fpo-cache: the untrained policy; a LoRA policy: itself, adapters off), with the
+    top ``feature_k`` pooled features of ``sae`` at ``hook_name`` when the feature term is on."""
     features = objective.needs.features
-    return OnlineReference(
-        model,
-        sae=sae if features else None,
-        hook_name=hook_name if features else None,
-        k=objective.feature_k,
-        logits_chunk_size=logits_chunk_size,
-        packing=packing,
-    )
+    settings = dict(sae=sae if features else None, hook_name=hook_name if features else None)
+    settings |= dict(k=objective.feature_k, logits_chunk_size=logits_chunk_size, packing=packing)
+    if is_lora(model):
+        return AdapterFreeReference(model, **settings)
+    return OnlineReference(model, **settings)
 
 
 def assemble_module(
@@ -137,6 +135,8 @@ def check_reference_dtype(
         )
     elif fsdp:
         why = "FSDP flattens the reference's parameters with the policy's, which needs one dtype"
+    elif is_lora(policy):
+        why = "with model.lora the reference is the policy itself, its adapters off"
     if why:
         name = str(dtype).removeprefix("torch.")
         raise UserError(
@@ -261,9 +261,9 @@ class RunParts:
             dtype = getattr(torch, self.cfg.reference.dtype)
             strategy = str((self.cfg.trainer.get("strategy") or {}).get("_target_", ""))
             check_reference_dtype(dtype, self.objective, self.policy, fsdp="fsdp" in strategy)
-        step = self.step
+        step, policy = self.step, self.policy
         return online_reference(
-            frozen_copy(self.policy, dtype),
+            policy if is_lora(policy) else frozen_copy(policy, dtype),
             self.objective,
             sae=self.sae,
             hook_name=self.hook_name,
@@ -349,10 +349,8 @@ class RunParts:
         sae, hook_name, sae_cfg = self.sae, self.hook_name, self.cfg.get("sae")
         if sae is None and sae_cfg and heldout_pairs_file(settings):
             sae, hook_name = load_run_sae(sae_cfg, self.policy)
-        label = None
-        if sae_cfg:
-            loader = sae_cfg.loader
-            label = loader.get("path") or loader.get("sae_id") or loader.get("_target_")
+        loader = sae_cfg.loader if sae_cfg else {}
+        label = loader.get("path") or loader.get("sae_id") or loader.get("_target_")
         return EvaluationInputs(
             settings=settings,
             out_dir=Path(out_dir or Path(self.cfg.paths.output_dir) / "evaluation"),
@@ -377,6 +375,8 @@ def build_run_parts(cfg: DictConfig) -> RunParts:
     sae = hook_name = None
     if objective.needs.features and cfg.get("sae"):  # no SAE: validate() names the key
         sae, hook_name = load_run_sae(cfg.sae, policy)
+    if lora := lora_settings(cfg.model.get("lora")):  # the reference: adapters off
+        policy = add_adapters(policy, lora)
     objective.validate(sae=sae, cached_reference=source == "cached")
     datamodule = instantiate(cfg.data, tokenizer=tokenizer)
     return RunParts(cfg, objective, policy, tokenizer, sae, hook_name, datamodule)

@@ -28,8 +28,12 @@ def hash_json(obj: Any) -> str:
 
 def hash_state_dict(state: nn.Module | Mapping[str, Any]) -> str:
     """sha256 of a module's (or a state dict's) names, dtypes, shapes and bytes, in sorted
-    name order (non-tensor entries: type and ``repr``). About 1 s per GB."""
-    state = state.state_dict() if isinstance(state, nn.Module) else state
+    name order (non-tensor entries: type and ``repr``). About 1 s per GB. A LoRA model
+    hashes as its base model, adapters left out (`fpo.lora.base_state_dict`)."""
+    if isinstance(state, nn.Module):
+        from fpo.lora import base_state_dict  # fpo.lora imports the reference package
+
+        state = base_state_dict(state)
     digest = hashlib.sha256()
     for name in sorted(state):
         value = state[name]

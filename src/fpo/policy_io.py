@@ -25,6 +25,7 @@ from torch import nn
 
 from fpo.checkpoints import AtomicCheckpointIO
 from fpo.errors import UserError
+from fpo.lora import ADAPTER_CONFIG, is_lora, load_adapters, save_lora_policy
 from fpo.model_card import CardValues, write_model_card
 
 log = logging.getLogger("fpo.policy_io")
@@ -42,14 +43,22 @@ def should_save_policy(value: bool | str, has_evaluation: bool) -> bool:
 
 
 def save_policy(
-    policy: nn.Module, tokenizer: Any, folder: str | os.PathLike, card: CardValues | None = None
+    policy: nn.Module,
+    tokenizer: Any,
+    folder: str | os.PathLike,
+    card: CardValues | None = None,
+    merge_adapters: bool = False,
 ) -> Path:
     """``save_pretrained`` of the policy (safetensors) and its tokenizer into ``folder``, and
     the model card ``README.md`` from ``card`` (not evaluated yet: the evaluation block is
-    filled in by `fpo.model_card.refresh_card_evaluation`)."""
+    filled in by `fpo.model_card.refresh_card_evaluation`). A LoRA policy saves its adapters,
+    or with ``merge_adapters`` the merged full weights (`fpo.lora.save_lora_policy`)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    policy.save_pretrained(folder)
+    if is_lora(policy):
+        save_lora_policy(policy, folder, merge_adapters)
+    else:
+        policy.save_pretrained(folder)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
     if card is not None:
@@ -82,14 +91,21 @@ def _checkpoint_state(path: Path) -> dict[str, torch.Tensor]:
 
 
 def load_policy_weights(model: nn.Module, source: str | os.PathLike) -> nn.Module:
-    """Load a saved policy folder or a Lightning checkpoint into ``model`` (in place).
+    """Load a saved policy folder or a Lightning checkpoint into ``model`` (in place) and
+    return the model to use: ``model``, or for a LoRA model given merged full weights, its
+    base model without adapters.
 
     Every parameter must be found, except the LM head when it is tied to the embeddings
-    (``save_pretrained`` stores it once); unexpected keys are an error.
+    (``save_pretrained`` stores it once); unexpected keys are an error. A folder of LoRA
+    adapters loads into the run's LoRA model (`fpo.lora.load_adapters`).
     """
     source = Path(source)
     if not source.exists():
         raise UserError(f"{source}: no saved policy there.")
+    if (source / ADAPTER_CONFIG).is_file():
+        return load_adapters(model, source)
+    if is_lora(model) and source.is_dir():  # merged weights (model.lora.merge=true)
+        model = model.unload()
     state = _folder_state(source) if source.is_dir() else _checkpoint_state(source)
     missing, unexpected = model.load_state_dict(state, strict=False)
     head, embeddings = model.get_output_embeddings(), model.get_input_embeddings()

@@ -56,6 +56,8 @@ def instantiates(word: str) -> Callable[[ast.Call], bool]:
 PARTS: dict[str, Callable[[ast.Call], bool]] = {
     "the reference model (a copy of the policy)": lambda call: name_of(call) == "deepcopy",
     "the online reference": lambda call: name_of(call) == "OnlineReference",
+    "the LoRA policy's own reference": lambda call: name_of(call) == "AdapterFreeReference",
+    "the LoRA adapters (model.lora)": lambda call: name_of(call) == "add_adapters",
     "the Lightning module": lambda call: name_of(call) == "FPOLightningModule",
     "the objective": lambda call: name_of(call) == "build_objective",
     "the objective's validation": lambda call: (

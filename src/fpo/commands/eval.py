@@ -126,7 +126,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     L.seed_everything(run_cfg.seed, workers=True)
     parts = build_run_parts(run_cfg)
     if weights is not None:
-        load_policy_weights(parts.policy, weights)
+        parts.policy = load_policy_weights(parts.policy, weights)
         log.info("policy weights from %s", weights)
     else:
         log.info("no run given: evaluating the initial model against itself")

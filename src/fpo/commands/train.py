@@ -114,7 +114,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     saved = trainer.is_global_zero and should_save_policy(save, has_evaluation)
     if saved:
         card = card_values(cfg, parts, trainer)
-        save_policy(parts.policy, parts.tokenizer, output_dir / POLICY_DIR, card=card)
+        merge = bool((cfg.model.get("lora") or {}).get("merge"))  # LoRA: merged weights
+        save_policy(parts.policy, parts.tokenizer, output_dir / POLICY_DIR, card, merge)
     if has_evaluation and trainer.is_global_zero:
         metrics.update(evaluate(parts, run.loggers, trainer.strategy.root_device))
         if saved:  # the card reports the evaluation

@@ -10,7 +10,7 @@ data                sorted example ids of the split's valid rows (order-free)
 tokenizer           vocab/merges/pipeline, special tokens, chat template
 template            chat-template use, plain template, ``append_eos``
 truncation          ``max_length``, ``max_prompt_length``
-reference_weights   sha256 of the reference = the *initial* policy's state dict
+reference_weights   sha256 of the reference = the *initial* policy's state dict (LoRA: base)
 reference_config    model config (soft-capping, rope, ...) and attention implementation
 sae_weights         sha256 of the SAE's state dict (``none`` for a log-probs-only cache)
 sae_config          SAE config: architecture, k, d_in, d_sae, normalization, b_dec, ...
@@ -44,7 +44,8 @@ IRRELEVANT_OVERRIDES += ("optimizer", "scheduler", "ckpt_path", "optimized_metri
 IRRELEVANT_OVERRIDES += ("hparams_search", "tags", "task_name")
 # Packing (fpo.packing) is the same computation without the pads (equal up to float rounding),
 # so it is no part of a cache's fingerprint: a padded cache serves a packed run and back.
-IRRELEVANT_OVERRIDES += ("model.packed", "model.pack_length")
+# Nor is model.lora: the reference is the base model, adapters off (fpo.lora).
+IRRELEVANT_OVERRIDES += ("model.packed", "model.pack_length", "model.lora")
 #: The command-line switch that lets fpo-cache replace a cache built for other inputs.
 OVERWRITE_OVERRIDE = "cache.overwrite=true"
 
