@@ -2,7 +2,12 @@
 this process, with the resident set size and its high-water mark (``ru_maxrss``) printed
 at each phase boundary (ours: the reference, the policy's trunk and its LM head, announced
 by `fpo.phases`; backward and optimizer step for both frameworks). The phase whose end
-raises the high-water mark holds the peak.
+raises the high-water mark holds the peak. ``free heap`` is what glibc's malloc holds freed
+but not handed back (``mallinfo2``'s free bytes): tensors under its mmap threshold (which
+grows to 32 MiB as big blocks are freed) come from its heap, so activations freed in
+backward stay resident and count in the RSS (``MALLOC_MMAP_THRESHOLD_=65536`` in the
+environment hands them back at once, at the cost of a page fault per page of every new
+tensor).
 
     python -m benchmarks.memory_phases --config "DPO online" --rows fixed
     python -m benchmarks.memory_phases --config "TRL DPO online" --rows fixed
@@ -14,6 +19,7 @@ It prepares its rows like ``benchmarks/run.py`` (gemma-3-270m's CPU settings of
 from __future__ import annotations
 
 import argparse
+import ctypes
 import resource
 import tempfile
 
@@ -22,16 +28,34 @@ import torch
 from benchmarks.run import CONFIG, load_config, model_specs, worker
 
 GIB = 2**30
-MARKS: list[tuple[str, float, float]] = []
+MARKS: list[tuple[str, float, float, float]] = []
 #: The opaque phases running now: calls inside one are part of it, not marked.
 OPAQUE: list[str] = []
+
+
+#: glibc's ``struct mallinfo2``, in order (all ``size_t``).
+MALLINFO2_FIELDS = "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost"
+
+
+class _Mallinfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in MALLINFO2_FIELDS.split()]
+
+
+def free_heap() -> float:
+    """Bytes glibc's malloc holds freed (``mallinfo2().fordblks``); NaN without glibc 2.33."""
+    try:
+        mallinfo2 = ctypes.CDLL(None).mallinfo2
+    except (OSError, AttributeError):
+        return float("nan")
+    mallinfo2.restype = _Mallinfo2
+    return float(mallinfo2().fordblks)
 
 
 def mark(name: str) -> None:
     with open("/proc/self/status") as status:
         rss = int(next(line for line in status if line.startswith("VmRSS:")).split()[1]) * 1024
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    MARKS.append((name, rss / GIB, peak / GIB))
+    MARKS.append((name, rss / GIB, peak / GIB, free_heap() / GIB))
 
 
 def wrap(owner, name: str, label: str, opaque: bool = False) -> None:
@@ -83,9 +107,9 @@ def main() -> None:
         instrument(framework)
         mark("start")
         out = worker("train", spec)
-    print(f"{'phase':45s} {'RSS GiB':>8s} {'peak GiB':>9s}")
-    for name, rss, peak in MARKS:
-        print(f"{name:45s} {rss:8.3f} {peak:9.3f}")
+    print(f"{'phase':45s} {'RSS GiB':>8s} {'peak GiB':>9s} {'free heap GiB':>14s}")
+    for name, rss, peak, heap in MARKS:
+        print(f"{name:45s} {rss:8.3f} {peak:9.3f} {heap:14.3f}")
     print(f"peak RSS {out['peak_memory'] / GIB:.3f} GiB (imports {out['base_rss'] / GIB:.3f})")
 
 

@@ -111,8 +111,11 @@ def _gib(n: float) -> str:
 
 
 def targets(rows: dict[str, dict], gpu: bool) -> list[str]:
-    """The issue's targets, each with its measured ratio and met/MISSED."""
+    """The issues' targets, each with its measured ratio and met/MISSED: on the GPU issue
+    11's (step time <= 0.8x TRL's defaults, peak memory <= 1.0x), on the CPU issue 23's
+    (<= 0.6x and <= 0.9x)."""
     lines = []
+    step_limit, memory_limit = (0.8, 1.0) if gpu else (0.6, 0.9)
 
     def ratio(line: str, a: str, b: str, key: str, limit: float, row_set: str) -> None:
         table = rows.get(row_set, {})
@@ -129,7 +132,7 @@ def targets(rows: dict[str, dict], gpu: bool) -> list[str]:
             ours,
             f"{theirs} (ckpt)",
             "step_s",
-            0.8,
+            step_limit,
             "spread",
         )
         ratio(
@@ -147,7 +150,7 @@ def targets(rows: dict[str, dict], gpu: bool) -> list[str]:
                 ours,
                 f"{theirs} (no ckpt)",
                 key,
-                1.0,
+                memory_limit,
                 row_set,
             )
     for row_set in ("fixed", "spread"):

@@ -15,7 +15,7 @@ def test_phases_are_marked_in_order(config):
     done = run_module("benchmarks.memory_phases", *args, env={"TOKENIZERS_PARALLELISM": "false"})
     assert done.returncode == 0, done.stderr[-3000:]
     out = done.stdout
-    phases = [line.rsplit(maxsplit=2)[0] for line in out.splitlines()[1:-1]]
+    phases = [line.rsplit(maxsplit=3)[0] for line in out.splitlines()[1:-1]]
     if config == "DPO online":  # the reference before the policy, then the LM head
         step = ["before reference", "after reference", "before trunk", "after trunk",
                 "before LM head", "after LM head"]  # fmt: skip

@@ -31,6 +31,7 @@ from fpo.logprobs import (
     sequence_logps,
 )
 from fpo.models.hf import CausalLMParts
+from fpo.models.tied import TiedPass
 from fpo.packing import Packing, check_packable, pack_rows
 from fpo.phases import phase
 from fpo.sae import ActivationCapture
@@ -166,7 +167,9 @@ def response_stats(
     if request.encodes and sae is None:
         raise ValueError("response_stats: SAE features need the SAE")
     hook = hook_module if request.captures else None
-    acts = forward_response_positions(parts, batch, positions, hook, packing)
+    tie = parts.tie() if request.runs_head and parts.tie is not None else None
+    acts = forward_response_positions(parts, batch, positions, hook, packing, tie)
+    head = parts.head if tie is None else partial(parts.head, tie=tie)
     rows, num_rows = positions.rows, positions.num_rows
     out = ResponseStats()
     if request.head_inputs:
@@ -174,7 +177,7 @@ def response_stats(
     if request.runs_head:
         tokens = response_token_stats(
             acts.hidden,
-            parts.head,
+            head,
             positions.targets,
             logits_chunk_size,
             ref_hidden=None if reference is None else reference.hidden,
@@ -213,13 +216,15 @@ def forward_response_positions(
     positions: ResponsePositions,
     hook_module: nn.Module | None = None,
     packing: Packing | None = None,
+    tie: TiedPass | None = None,
 ) -> ResponseActivations:
     """Run the decoder trunk once (no LM head) and keep only response positions: the trunk
     step of :func:`response_stats` (callers use that).
 
     ``batch`` holds ``input_ids`` and ``attention_mask`` ``[N, T]``. With ``packing``, the
     trunk runs on the real tokens only (`fpo.packing`: ``[P, L]`` packed rows, no pads); the
-    result is the same up to float rounding, in the same ``[M, ...]`` order.
+    result is the same up to float rounding, in the same ``[M, ...]`` order. ``tie``: the
+    embeddings come from its lookup (`fpo.models.tied`; the same values).
     """
     if packing is None:
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
@@ -232,6 +237,8 @@ def forward_response_positions(
         select = partial(packed.gather, positions=positions)
     capture = ActivationCapture(hook_module) if hook_module is not None else nullcontext()
     with capture as captured:
+        if tie is not None:  # the same embeddings; a tied weight's gradients added in place
+            inputs["inputs_embeds"] = tie.embed(inputs.pop("input_ids"))
         output = parts.decoder(**inputs, use_cache=False)
         hooked = None if captured is None else select(captured.activation)
     return ResponseActivations(select(output.last_hidden_state), hooked)

@@ -12,6 +12,7 @@ float32.
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import NamedTuple
 
 import torch
@@ -119,11 +120,16 @@ class _TargetLogProbs(torch.autograd.Function):
     Autograd's own graph for this (``logsumexp`` and ``gather``) builds the gradient out of
     several fresh ``[C, V]`` tensors alive together at the peak of backward, beside the
     saved logits. Here backward makes one, ``d/d logits = softmax * (g_log_z - g_logps) +
-    onehot(targets) * g_logps``, and works in place on it.
+    onehot(targets) * g_logps``, and works in place on it; with ``overwrite`` it makes
+    none and works in the saved logits themselves (for a caller whose logits nothing else
+    reads; a second backward through the same graph then fails on their version counter
+    instead of reading them).
     """
 
     @staticmethod
-    def forward(ctx, logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(
+        ctx, logits: Tensor, targets: Tensor, overwrite: bool = False
+    ) -> tuple[Tensor, Tensor]:
         # logsumexp makes [rows, V] temporaries: a few rows at a time keeps them small
         log_z = (
             torch.cat([torch.logsumexp(block, dim=1) for block in logits.split(LSE_ROWS)])
@@ -132,6 +138,7 @@ class _TargetLogProbs(torch.autograd.Function):
         )
         logps = logits.gather(1, targets.unsqueeze(1)).squeeze(1) - log_z
         ctx.save_for_backward(logits, log_z, targets)
+        ctx.overwrite = overwrite
         return logps, log_z
 
     @staticmethod
@@ -139,15 +146,20 @@ class _TargetLogProbs(torch.autograd.Function):
         logits, log_z, targets = ctx.saved_tensors
         grad_logps = torch.zeros_like(log_z) if grad_logps is None else grad_logps
         softmax_scale = -grad_logps if grad_log_z is None else grad_log_z - grad_logps
-        grad = torch.sub(logits, log_z.unsqueeze(1)).exp_().mul_(softmax_scale.unsqueeze(1))
+        shifted = logits.sub_ if ctx.overwrite else partial(torch.sub, logits)
+        grad = shifted(log_z.unsqueeze(1)).exp_().mul_(softmax_scale.unsqueeze(1))
         grad.scatter_add_(1, targets.unsqueeze(1), grad_logps.unsqueeze(1).to(grad.dtype))
-        return grad, None
+        return grad, None, None
 
 
-def target_logprobs(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+def target_logprobs(
+    logits: Tensor, targets: Tensor, overwrite: bool = False
+) -> tuple[Tensor, Tensor]:
     """``(log softmax(logits)[i, targets[i]], logsumexp(logits[i]))``, both ``[C]``, for
-    ``logits [C, V]`` (see :class:`_TargetLogProbs`)."""
-    return _TargetLogProbs.apply(logits, targets)
+    ``logits [C, V]`` (see :class:`_TargetLogProbs`). ``overwrite``: backward computes the
+    gradient in ``logits``' memory (no new ``[C, V]`` tensor at the peak of backward); only
+    for logits that nothing reads after the forward but this function's backward."""
+    return _TargetLogProbs.apply(logits, targets, overwrite)
 
 
 def _chunk_token_stats(
@@ -171,7 +183,9 @@ def _chunk_token_stats(
         policy_logps = policy_log_probs.gather(1, targets.unsqueeze(1)).squeeze(1)
         policy_entropy = -(policy_log_probs.exp() * policy_log_probs).sum(dim=1)
     else:
-        policy_logps, policy_log_z = target_logprobs(logits, targets)
+        # logits in memory the head made are this chunk's own: nothing else reads them later
+        own = logits.untyped_storage().data_ptr() != policy_hidden.untyped_storage().data_ptr()
+        policy_logps, policy_log_z = target_logprobs(logits, targets, overwrite=own)
     if ref_hidden is None:
         return policy_logps, None, None, policy_entropy, None
     with torch.no_grad():

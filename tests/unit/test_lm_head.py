@@ -121,3 +121,84 @@ def test_heads_that_are_not_plain_linears_are_called_as_modules():
     unhooked = nn.Linear(4, 6, bias=False)
     batched = hidden[None].expand(2, 3, 4)  # [N, T, H]
     assert torch.allclose(contiguous_grad_head(unhooked)(batched), unhooked(batched))
+
+
+def _tied_loss(parts, input_ids, tie) -> torch.Tensor:
+    """`_logps_loss` with the decoder fed by ``tie`` (a `TiedPass`) or by the ids."""
+    inputs = {"input_ids": input_ids} if tie is None else {"inputs_embeds": tie.embed(input_ids)}
+    hidden = parts.decoder(**inputs).last_hidden_state[:, -1]
+    # two head calls (the LM head's chunks): both gradients are held, then the lookup's added
+    first, second = (parts.head(h, tie) for h in hidden.split([1, 2]))
+    return torch.log_softmax(torch.cat([first, second]), dim=-1)[:, 3].sum()
+
+
+def test_tied_embedding_gradients_are_bit_identical_without_a_second_vocab_matrix():
+    """The tied embedding's lookup adds its rows into the head's held gradient in place: no
+    second [V, H] tensor at the end of backward (0.625 GiB for gemma-3-270m), and every
+    gradient bit for bit the dense path's (repeated ids, the pad id)."""
+    torch.manual_seed(0)
+    model = build_tiny_model().float()
+    parts = split_causal_lm(model)
+    weight = model.get_input_embeddings().weight
+    input_ids = torch.randint(3, 40, (3, 9))  # ids repeat within and across rows
+    input_ids[:, 0] = 2
+    input_ids[0, -2:] = model.get_input_embeddings().padding_idx
+    vocab_matrix_bytes = weight.numel() * weight.element_size()
+
+    def backward(tied: bool) -> tuple[dict, int]:
+        """The gradients, and the [V, H] tensors backward allocated beside the head's."""
+        model.zero_grad(set_to_none=True)
+        loss = _tied_loss(parts, input_ids, parts.tie() if tied else None)
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            loss.backward()
+        grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+        big = [
+            e.name
+            for e in prof.events()
+            if e.cpu_memory_usage >= vocab_matrix_bytes and e.name.startswith("aten::")
+        ]
+        return grads, len([name for name in big if name != "aten::mm"])
+
+    dense, dense_extra = backward(tied=False)
+    tied, tied_extra = backward(tied=True)
+    for name, grad in dense.items():
+        assert tied[name].layout == torch.strided, name
+        assert torch.equal(tied[name], grad), name
+    assert dense_extra >= 1  # torch's embedding backward: a zero-filled [V, H]
+    assert tied_extra == 0
+
+
+def test_tied_pass_applies_only_where_it_is_safe():
+    """``tie()`` is None (the model then runs as it is) without grad, for an untied or
+    frozen weight, and for a hooked embedding (a strategy's gather)."""
+    torch.manual_seed(0)
+    model = build_tiny_model().float()
+    parts = split_causal_lm(model)
+    with torch.no_grad():
+        assert parts.tie() is None
+    embedding = model.get_input_embeddings()
+    handle = embedding.register_forward_hook(lambda *_: None)
+    assert parts.tie() is None
+    handle.remove()
+    assert parts.tie() is not None
+    embedding.weight.requires_grad_(False)
+    assert parts.tie() is None
+    embedding.weight.requires_grad_(True)
+    model.get_output_embeddings().weight = nn.Parameter(embedding.weight.detach().clone())
+    assert split_causal_lm(model).tie() is None  # untied
+
+
+def test_tied_lookup_without_the_head_gives_the_dense_gradient():
+    """A pass whose head never reads the held weight (features only) still gets the whole,
+    dense gradient."""
+    torch.manual_seed(0)
+    model = build_tiny_model().float()
+    parts = split_causal_lm(model)
+    input_ids = torch.randint(3, 40, (2, 6))
+    parts.decoder(input_ids=input_ids).last_hidden_state.square().sum().backward()
+    expected = model.get_input_embeddings().weight.grad.clone()
+    model.zero_grad(set_to_none=True)
+    tie = parts.tie()
+    parts.decoder(inputs_embeds=tie.embed(input_ids)).last_hidden_state.square().sum().backward()
+    grad = model.get_input_embeddings().weight.grad
+    assert grad.layout == torch.strided and torch.equal(grad, expected)

@@ -322,9 +322,10 @@ class _NewTensors(TorchDispatchMode):
         return out
 
 
-def test_backward_makes_one_vocab_sized_tensor():
+def test_backward_makes_no_vocab_sized_tensor():
     """Autograd's logsumexp + gather backward makes several [M, V] tensors alive together at
-    the peak of training; ours makes one and works in place on it."""
+    the peak of training; ours makes one and works in place on it, and none at all in the
+    LM head's pass, where it works in the head's own logits (``overwrite``)."""
     m, h, v = 64, 8, 500  # M x V well above the head's V x H gradient
     torch.manual_seed(0)
     head = torch.nn.Linear(h, v, bias=False)
@@ -333,7 +334,15 @@ def test_backward_makes_one_vocab_sized_tensor():
     stats = response_token_stats(hidden, head, targets)
     with _NewTensors(m * v) as counter:
         stats.policy_logps.sum().backward()
+    assert len(counter.ops) == 0, counter.ops
+    grad = hidden.grad.clone()
+
+    hidden.grad = None
+    logps, _ = target_logprobs(head(hidden), targets)  # logits the caller may still read
+    with _NewTensors(m * v) as counter:
+        logps.sum().backward()
     assert len(counter.ops) == 1, counter.ops
+    assert torch.equal(hidden.grad, grad)  # the same gradient either way, bit for bit
 
     logits = head(hidden)  # the same with torch's own ops: the count the test would see
     naive = logits.gather(1, targets[:, None]).squeeze(1) - logits.logsumexp(1)

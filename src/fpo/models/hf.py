@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from functools import partial
 from typing import NamedTuple
 
 import torch
@@ -15,6 +16,7 @@ from torch import Tensor, nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from fpo.errors import UserError
+from fpo.models.tied import TiedPass, tied_pass
 
 
 class CausalLMParts(NamedTuple):
@@ -22,11 +24,15 @@ class CausalLMParts(NamedTuple):
 
     ``decoder(input_ids, attention_mask).last_hidden_state`` is ``[N, T, H]`` (after the
     final norm); ``head(hidden [M, H]) -> logits [M, V]`` applies the LM head and, for
-    models that have it (Gemma-2), the final logit soft-capping.
+    models that have it (Gemma-2), the final logit soft-capping. ``tie()``: for one
+    forward, a `fpo.models.tied.TiedPass` (its ``embed`` feeds the decoder; every head
+    call of that forward is ``head(hidden, tie)``), or ``None`` where a tied weight's
+    gradients cannot be shared (then the model runs as it is).
     """
 
     decoder: nn.Module
-    head: Callable[[Tensor], Tensor]
+    head: Callable[..., Tensor]
+    tie: Callable[[], TiedPass | None] | None = None
 
 
 def contiguous_grad_head(lm_head: nn.Module) -> Callable[[Tensor], Tensor]:
@@ -48,9 +54,11 @@ def contiguous_grad_head(lm_head: nn.Module) -> Callable[[Tensor], Tensor]:
     called as is, as are inputs that are not 2-D.
     """
 
-    def head(hidden: Tensor) -> Tensor:
+    def head(hidden: Tensor, tie: TiedPass | None = None) -> Tensor:
         if hidden.dim() != 2 or not _plain_linear(lm_head):
             return lm_head(hidden)
+        if tie is not None:  # the same product, its weight gradient deferred
+            return tie.head(hidden)
         return torch.mm(lm_head.weight, hidden.t()).t()
 
     return head
@@ -71,17 +79,19 @@ def _plain_linear(module: nn.Module) -> bool:
 def split_causal_lm(model: PreTrainedModel) -> CausalLMParts:
     """Split ``model`` so logits are computed only where they are needed."""
     decoder = model.get_decoder()
-    lm_head = contiguous_grad_head(model.get_output_embeddings())
+    output_embeddings = model.get_output_embeddings()
+    lm_head = contiguous_grad_head(output_embeddings)
+    tie = partial(tied_pass, model.get_input_embeddings(), output_embeddings, _plain_linear)
     config = getattr(model.config, "text_config", model.config)
     softcap = getattr(config, "final_logit_softcapping", None)
 
     if softcap is None:
-        return CausalLMParts(decoder, lm_head)
+        return CausalLMParts(decoder, lm_head, tie)
 
-    def head(hidden: Tensor) -> Tensor:
-        return torch.tanh(lm_head(hidden) / softcap) * softcap
+    def head(hidden: Tensor, tie: TiedPass | None = None) -> Tensor:
+        return torch.tanh(lm_head(hidden, tie) / softcap) * softcap
 
-    return CausalLMParts(decoder, head)
+    return CausalLMParts(decoder, head, tie)
 
 
 def load_hf_causal_lm(
