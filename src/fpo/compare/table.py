@@ -174,11 +174,17 @@ def columns(rows: Sequence[dict[str, Any]]) -> list[str]:
     return [*head, *params, *tail, *(c for v in values for c in (v, f"{v}_stderr"))]
 
 
-def write_csv(rows: Sequence[dict[str, Any]], path: str | os.PathLike) -> Path:
-    """All rows, every column; missing values are empty cells."""
+def write_csv(
+    rows: Sequence[dict[str, Any]],
+    path: str | os.PathLike,
+    fieldnames: Sequence[str] | None = None,
+) -> Path:
+    """All rows, every column (or only ``fieldnames``, in that order); missing values are
+    empty cells."""
     path = Path(path)
     with path.open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns(rows), restval="")
+        names = columns(rows) if fieldnames is None else list(fieldnames)
+        writer = csv.DictWriter(handle, fieldnames=names, restval="", extrasaction="ignore")
         writer.writeheader()
         for row in rows:
             writer.writerow({k: "" if v is None else v for k, v in row.items()})

@@ -23,7 +23,6 @@ interruption and finished jobs are skipped, an interrupted job resumes from its 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import os
@@ -34,7 +33,7 @@ from pathlib import Path
 
 import yaml
 
-from fpo.compare import compare, load_runs, mean_stderr, run_rows
+from fpo.compare import compare, load_runs, mean_stderr, run_rows, write_csv
 from fpo.sweep import derive_sweep_name
 
 ROOT = Path(__file__).resolve().parents[3]  # the repository: configs/, logs/, docs/results/
@@ -343,10 +342,7 @@ def export() -> None:
                 out.write(json.dumps(keep, ensure_ascii=False) + "\n")
         (row,) = run_rows([run])
         rows.append({**row, "run": name})
-    with (RESULTS / "runs.csv").open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, RUN_COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(sorted(rows, key=lambda r: r["run"]))
+    write_csv(sorted(rows, key=lambda r: r["run"]), RESULTS / "runs.csv", RUN_COLUMNS)
     print(f"export: {len(rows)} runs' generations in {generations} and {RESULTS / 'runs.csv'}")
     selection = load_selection()
     if selection:

@@ -23,7 +23,6 @@ Stages (each runs again safely: finished runs are read, interrupted ones resume)
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import shutil
@@ -31,7 +30,7 @@ import subprocess
 from pathlib import Path
 
 from fpo.calibration.runs import format_knob, series_folder
-from fpo.compare import load_runs, run_rows
+from fpo.compare import load_runs, run_rows, write_csv
 from fpo.study.comparison import BIN, OBJECTIVES, RESULTS, RUN_COLUMNS
 from fpo.sweep import derive_sweep_name
 
@@ -194,10 +193,7 @@ def stage_export() -> None:
         if (run_.path / "evaluation" / "summary.json").is_file():
             (row,) = run_rows([run_])
             rows.append({**row, "run": name})
-    with (OUT / "runs.csv").open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, RUN_COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(sorted(rows, key=lambda r: r["run"]))
+    write_csv(sorted(rows, key=lambda r: r["run"]), OUT / "runs.csv", RUN_COLUMNS)
     print(f"export: {len(rows)} seed runs' generations and runs.csv in {OUT}")
 
 
