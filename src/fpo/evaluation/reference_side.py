@@ -38,14 +38,29 @@ log = logging.getLogger("fpo.evaluation")
 LAYOUT_VERSION = "1"
 
 
+def distinct_tensors(model: nn.Module) -> dict[str, Any]:
+    """``model``'s state dict with each shared tensor once, under its first name in sorted
+    order (a tied LM head is its embedding: hashed once; the tie is in the config)."""
+    state, seen, kept = model.state_dict(), set(), {}
+    for name in sorted(state):
+        value = state[name]
+        if isinstance(value, torch.Tensor):
+            where = (value.data_ptr(), value.dtype, tuple(value.shape), value.stride())
+            if where in seen:
+                continue
+            seen.add(where)
+        kept[name] = value
+    return kept
+
+
 def reference_identity(reference: nn.Module) -> dict[str, str]:
     """The components of every key that describe the reference and where it runs: sha256 of
-    its state dict (about 1 s per GB), its config and attention implementation, its device
-    type, and the torch / transformers / sae-lens versions."""
+    its weights (`distinct_tensors`; about 1 s per GB), its config and attention
+    implementation, its device type, and the torch / transformers / sae-lens versions."""
     device = next(reference.parameters()).device
     return {
         "layout": LAYOUT_VERSION,
-        "reference_weights": hash_state_dict(reference),
+        "reference_weights": hash_state_dict(distinct_tensors(reference)),
         "reference_config": model_config_hash(reference),
         "device": device.type,
         "versions": ",".join(f"{name}={v}" for name, v in library_versions().items()),
