@@ -75,9 +75,8 @@ class InverseCdfSampler(LogitsProcessor):
         )
         tokens = torch.searchsorted(cdf, uniform * cdf[:, -1:], right=True)
         tokens = tokens.clamp_(max=cdf.shape[-1] - 1)
-        if self.logps is not None:
-            log_z = torch.logsumexp(warped, dim=-1, keepdim=True)
-            self.logps.append((warped.gather(1, tokens) - log_z).squeeze(1))
+        if self.logps is not None:  # the probabilities the token was drawn with
+            self.logps.append(probs.gather(1, tokens).squeeze(1).log())
         return tokens.squeeze(1)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.Tensor:
