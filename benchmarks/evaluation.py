@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -155,6 +156,12 @@ def phases(peak: float, overrides: list[str]) -> list[dict]:
     return rows
 
 
+def children_cpu() -> float:
+    """User + system CPU seconds of this process's finished children (all their threads)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def evaluate_with(src: Path, out: Path, cache: Path | None, overrides: list[str]) -> dict:
     """``fpo-eval experiment=sentiment_gemma3`` with the package under ``src``; its summary
     (``seconds``: the phases inside ``evaluate_run``) and generations, and the wall time."""
@@ -163,7 +170,7 @@ def evaluate_with(src: Path, out: Path, cache: Path | None, overrides: list[str]
     if cache is not None:
         args.append(f"evaluation.reference_cache_dir={cache}")
     env = {**os.environ, "PYTHONPATH": str(src), "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), children_cpu()
     done = subprocess.run(
         [sys.executable, "-m", "fpo.commands.eval", *args],
         cwd=src.parent, env=env, capture_output=True, text=True,
@@ -176,6 +183,7 @@ def evaluate_with(src: Path, out: Path, cache: Path | None, overrides: list[str]
     return {
         "seconds": {**seconds, "evaluation": round(sum(seconds.values()), 2)},
         "process_wall": round(time.perf_counter() - started, 1),
+        "process_cpu": round(children_cpu() - cpu, 1),
         "summary": summary,
         "generations": generations,
     }
@@ -217,11 +225,12 @@ def compare(base: Path, rounds: int, overrides: list[str]) -> dict:
         for name, src, cache_dir in plan:
             result = evaluate_with(src, work / f"{name}{number}", cache_dir, overrides)
             runs[name].append(result)
-            print(name, json.dumps(result["seconds"]), flush=True)
+            print(name, result["process_cpu"], json.dumps(result["seconds"]), flush=True)
     old = runs["old"][0]
     report = {"rounds": rounds, "seconds": {}, "equal_to_old": {}}
     for name, results in runs.items():
         report["seconds"][name] = [r["seconds"] for r in results]
+        report["seconds"][f"{name}_process_cpu"] = [r["process_cpu"] for r in results]
         if name != "old":
             report["equal_to_old"][name] = differences(old, results[0])
             mean = lambda rs: sum(r["seconds"]["evaluation"] for r in rs) / len(rs)  # noqa: E731

@@ -43,9 +43,7 @@ class InverseCdfSampler(LogitsProcessor):
     """Sample one token per row from ``softmax(warp(scores))``; return a one-hot score row.
 
     ``scores`` ``[N, V]`` -> ``[N, V]`` with 0 at the sampled token and ``-inf`` elsewhere,
-    so a following ``argmax`` (greedy decoding) returns the sample. While ``logps`` is a list,
-    each step appends the sampled tokens' log-probabilities under ``softmax(warp(scores))``,
-    ``[N]`` (the law they were drawn from; no random number is drawn for them).
+    so a following ``argmax`` (greedy decoding) returns the sample.
     """
 
     def __init__(
@@ -56,7 +54,6 @@ class InverseCdfSampler(LogitsProcessor):
         top_p: float = 1.0,
     ) -> None:
         self.generator = generator
-        self.logps: list[torch.Tensor] | None = None
         self.warpers = LogitsProcessorList()
         if temperature != 1.0:
             self.warpers.append(TemperatureLogitsWarper(temperature))
@@ -67,17 +64,13 @@ class InverseCdfSampler(LogitsProcessor):
 
     def sample(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.Tensor:
         """The sampled token ids ``[N]``."""
-        warped = self.warpers(input_ids, scores.float())
-        probs = torch.softmax(warped, dim=-1)
+        probs = torch.softmax(self.warpers(input_ids, scores.float()), dim=-1)
         cdf = probs.cumsum(dim=-1)  # [N, V]
         uniform = torch.rand(
             (cdf.shape[0], 1), generator=self.generator, device=cdf.device, dtype=cdf.dtype
         )
         tokens = torch.searchsorted(cdf, uniform * cdf[:, -1:], right=True)
-        tokens = tokens.clamp_(max=cdf.shape[-1] - 1)
-        if self.logps is not None:  # the probabilities the token was drawn with
-            self.logps.append(probs.gather(1, tokens).squeeze(1).log())
-        return tokens.squeeze(1)
+        return tokens.clamp_(max=cdf.shape[-1] - 1).squeeze(1)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.Tensor:
         tokens = self.sample(input_ids, scores)
@@ -152,7 +145,6 @@ def sample_completion_ids(
     seed: int = 0,
     progress: Callable[[int, int], None] | None = None,
     stop_token_ids: Sequence[int] = (),
-    logps: list[float] | None = None,
 ) -> list[list[list[int]]]:
     """Sample ``num_samples`` completions per prompt; return their token ids.
 
@@ -164,10 +156,6 @@ def sample_completion_ids(
         batch_size: sequences (not prompts) per ``generate`` call.
         progress: called after each batch with ``(sequences_done, sequences_total)``.
         stop_token_ids: extra ids that end a completion like EOS (e.g. a document separator).
-        logps: a list that receives, per sequence in the returned order (prompt-major), the
-            log-probability of its sampled tokens, its stop token included when it stopped,
-            read off the sampling pass (`InverseCdfSampler`); the draws are unchanged. Needs
-            ``temperature > 0``.
 
     Returns:
         ``ids[p][s]``: the new token ids of sample ``s`` of prompt ``p`` (``P x num_samples``
@@ -181,8 +169,6 @@ def sample_completion_ids(
     if temperature > 0:
         generator = torch.Generator(device=device).manual_seed(seed)
         processors.append(InverseCdfSampler(generator, temperature, top_k, top_p))
-    elif logps is not None:
-        raise ValueError("sample_completion_ids: logps needs sampling (temperature > 0)")
     out: list[list[int]] = []
     with (
         _left_padding(tokenizer),
@@ -191,8 +177,6 @@ def sample_completion_ids(
         torch.no_grad(),
     ):
         for start in range(0, len(flat), batch_size):
-            if logps is not None:
-                processors[0].logps = []
             enc = tokenizer(flat[start : start + batch_size], return_tensors="pt", padding=True)
             enc = {key: value.to(device) for key, value in enc.items()}
             generated = model.generate(
@@ -204,12 +188,7 @@ def sample_completion_ids(
                 eos_token_id=sorted(eos_ids),
             )
             new = generated[:, enc["input_ids"].shape[1] :].tolist()
-            cut = [_cut_at_eos(row, eos_ids) for row in new]
-            if logps is not None:  # [rows, steps]; a stopped row's steps end at its stop token
-                steps = torch.stack(processors[0].logps, dim=1).cpu()
-                ends = [min(len(row) + 1, steps.shape[1]) for row in cut]
-                logps.extend(float(steps[i, :end].sum()) for i, end in enumerate(ends))
-            out.extend(cut)
+            out.extend(_cut_at_eos(row, eos_ids) for row in new)
             if progress is not None:
                 progress(len(out), len(flat))
     return [out[p * num_samples : (p + 1) * num_samples] for p in range(len(prompts))]

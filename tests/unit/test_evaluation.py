@@ -323,7 +323,7 @@ def test_evaluate_sentiment_rejects_no_prompts(tiny_model, tiny_tokenizer):
 
 def test_samples_type_is_exported():
     assert Samples.__dataclass_fields__.keys() == {
-        "prompt_index", "prompt_ids", "completion_ids", "stopped", "texts", "logps"
+        "prompt_index", "prompt_ids", "completion_ids", "stopped", "texts"
     }  # fmt: skip
 
 

@@ -16,8 +16,6 @@ from fpo.evaluation import (
     grouped_mean_stderr,
     sample_for_scoring,
     scoring_batch,
-    sentiment,
-    sequence_logprob,
 )
 from fpo.evaluation.heldout import FeatureShift, heldout_pair_metrics
 from fpo.evaluation.reference_side import reference_side_cache
@@ -167,6 +165,27 @@ def test_pair_metrics_equal_the_fused_oracle_computed_and_cached(
         assert len(trunk_calls) == calls
 
 
+def test_pair_statistics_are_keyed_by_what_the_objective_and_sae_need(tiny_model, tmp_path):
+    """One cache, three runs: FPO's entry cannot serve TDPO (which needs the reference's LM-head
+    inputs too) nor another SAE; each run equals its oracle."""
+    policy, reference = _perturbed(tiny_model), tiny_model
+    batches = _pair_batches(num_pairs=4, batch_pairs=2, seed=5)
+    cache = reference_side_cache(tmp_path, reference)
+    first = build_random_sae(d_sae=64, k=8, model=tiny_model)
+    other = build_random_sae(d_sae=64, k=8, model=tiny_model, seed=7)
+    for number, (config, sae) in enumerate(((FPO, first), (TDPO, first), (FPO, other)), 1):
+        objective, hook_name = build_objective(config), sae_hook_name(sae)
+        with torch.no_grad():
+            lists, _ = _fused_pair_metrics(policy, reference, batches, objective, sae, hook_name)
+        metrics, _ = heldout_pair_metrics(
+            policy, reference, batches, objective, sae=sae, hook_name=hook_name, drift_k=8,
+            logits_chunk_size=5, cache=cache,
+        )  # fmt: skip
+        expected = _expected(lists)
+        assert {key: metrics[key] for key in expected} == expected
+        assert len(list(tmp_path.glob("pair_stats-*.pt"))) == number
+
+
 # --------------------------------------------------------------------------- samples
 
 
@@ -263,43 +282,3 @@ def test_a_stored_entry_for_other_inputs_or_a_damaged_one_is_computed_again(
             again = reference_samples(tiny_model, tiny_tokenizer, PROMPTS, 0, SETTINGS, cache)
         assert again == expected and calls and message in caplog.text
         assert torch.load(path, weights_only=True)["key"] == stored["key"]  # stored again
-
-
-# --------------------------------------------------------------------------- policy log-probs
-
-
-def test_log_probs_read_off_sampling_equal_scoring_the_samples_again(tiny_model, tiny_tokenizer):
-    """Same draws with and without them; each equals `sequence_logprob` of the completion
-    (its EOS included when it stopped: half the rows stop early here) to float rounding."""
-    model = _perturbed(tiny_model)
-    boost = torch.zeros(model.config.vocab_size)
-    boost[2] = 3.0  # EOS: some completions stop, some are cut at max_new_tokens
-    model.get_output_embeddings().register_forward_hook(lambda m, a, out: out + boost)
-    args = (model, tiny_tokenizer, PROMPTS, 3, 7)
-    plain = sample_for_scoring(*args, batch_size=5, seed=2)
-    kept = sample_for_scoring(*args, batch_size=5, seed=2, with_logps=True)
-    assert plain.logps is None and kept.completion_ids == plain.completion_ids
-    assert kept.texts == plain.texts and 0 < sum(kept.stopped) < len(kept.stopped)
-    scored = sequence_logprob(model, 0, kept.prompt_ids, kept.completion_ids, 4, 3)
-    assert torch.allclose(torch.tensor(kept.logps), scored, rtol=0, atol=1e-5)
-
-
-def test_evaluation_equals_the_scoring_oracle(tiny_model, tiny_tokenizer, monkeypatch):
-    """The whole result of `evaluate_sentiment` against the old path (the policy's samples
-    scored again by the policy): equal but the KL log-ratios, equal to 1e-5 nats."""
-    policy, reference = _perturbed(tiny_model), tiny_model
-    settings = dict(num_samples=2, max_new_tokens=6, batch_size=3, seed=4)
-    run = lambda: evaluate_sentiment(  # noqa: E731
-        policy, reference, tiny_tokenizer, PROMPTS, LengthJudge(), **settings
-    )
-    result = run()
-    sample = sentiment.sample_for_scoring  # the old path: no log-probs kept, scored again
-    without = lambda *args, **kwargs: sample(*args, **{**kwargs, "with_logps": False})  # noqa: E731
-    monkeypatch.setattr(sentiment, "sample_for_scoring", without)
-    oracle = run()
-    ratios = [[row.pop("kl_log_ratio") for row in r["generations"]] for r in (result, oracle)]
-    assert torch.allclose(*map(torch.tensor, ratios), rtol=0, atol=1e-5)
-    assert min(map(abs, ratios[1])) > 1e-3  # the two models differ
-    for key in ("kl", "kl_stderr"):
-        assert result.pop(key) == pytest.approx(oracle.pop(key), rel=0, abs=1e-5)
-    assert result == oracle

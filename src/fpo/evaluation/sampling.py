@@ -55,8 +55,6 @@ class Samples:
     completion_ids: ``[N]`` the sampled ids, ending with EOS when the completion stopped.
     stopped: ``[N]`` True when the completion ended at EOS (False: cut at max_new_tokens).
     texts: ``[N]`` the decoded completions (special tokens skipped, leading space kept).
-    logps: ``[N]`` ``log pi(completion | prompt)`` (EOS included when it stopped) read off the
-        sampling pass itself (``with_logps``), else ``None``.
     """
 
     prompt_index: list[int]
@@ -64,7 +62,6 @@ class Samples:
     completion_ids: list[list[int]]
     stopped: list[bool]
     texts: list[str]
-    logps: list[float] | None = None
 
 
 def _check_plain_sampling(model: torch.nn.Module) -> None:
@@ -100,19 +97,14 @@ def sample_for_scoring(
     max_new_tokens: int,
     batch_size: int = 32,
     seed: int = 0,
-    with_logps: bool = False,
 ) -> Samples:
     """Sample ``num_samples`` completions per prompt at temperature 1 (no top-k / top-p).
 
     Seeding follows `fpo.generation.sample_completion_ids`: the result is a deterministic
-    function of the arguments. ``with_logps``: also each completion's log-probability under
-    ``model``, from the logits it was sampled from (no second pass; the same samples); it
-    equals `fpo.evaluation.scoring.sequence_logprob` up to float rounding (that pass sees
-    the rows right-padded and whole, sampling left-padded and token by token).
+    function of the arguments.
     """
     _check_plain_sampling(model)
     eos_id = single_eos_id(model, tokenizer)
-    logps: list[float] | None = [] if with_logps else None
     sampled = sample_completion_ids(
         model,
         tokenizer,
@@ -124,7 +116,6 @@ def sample_for_scoring(
         top_p=1.0,
         batch_size=batch_size,
         seed=seed,
-        logps=logps,
     )
     encoded = [tokenizer(prompt)["input_ids"] for prompt in prompts]
     prompt_index, prompt_ids, completion_ids, stopped, cut_ids = [], [], [], [], []
@@ -137,7 +128,7 @@ def sample_for_scoring(
             stopped.append(ended)
             cut_ids.append(ids)
     texts = tokenizer.batch_decode(cut_ids, skip_special_tokens=True) if cut_ids else []
-    return Samples(prompt_index, prompt_ids, completion_ids, stopped, list(texts), logps)
+    return Samples(prompt_index, prompt_ids, completion_ids, stopped, list(texts))
 
 
 def num_batches(num_sequences: int, batch_size: int) -> int:

@@ -125,9 +125,6 @@ def kl_log_ratios(
 ) -> Tensor:
     """``log pi(y_n | x_n) - log pi_ref(y_n | x_n)`` for the policy's samples: ``[N]``.
 
-    ``log pi`` is ``samples.logps`` when the sampling pass kept them (`sample_for_scoring`
-    with ``with_logps``; equal to scoring them again up to float rounding), else scored here.
-
     Their mean is the Monte-Carlo ``KL(pi || pi_ref)`` per completion, in nats:
     ``KL(pi || pi_ref) = E_x E_{y ~ pi(.|x)} [log pi(y|x) - log pi_ref(y|x)]``, when
     ``samples`` are the POLICY's own samples drawn at temperature 1 without top-k / top-p
@@ -144,8 +141,4 @@ def kl_log_ratios(
         batch_size,
         packing,
     )
-    if samples.logps is not None:
-        ours = torch.tensor(samples.logps, dtype=torch.float32)
-    else:
-        ours = sequence_logprob(policy, *args)
-    return ours - sequence_logprob(reference, *args)
+    return sequence_logprob(policy, *args) - sequence_logprob(reference, *args)

@@ -6,10 +6,8 @@ reference is sampled the same way under another seed, ``seed + num_batches`` (pa
 seed the policy's sampling could use, per call or per batch), so its samples are
 independent of the policy's and the win rate estimates ``P(J(y) > J(y_ref)) + P(tie) / 2``
 for independent draws (same seeds would couple the two, and a policy equal to its
-reference would tie on every prompt). The policy's log-probs of its samples are read off its
-sampling pass (`sample_for_scoring` with ``with_logps``); only the reference scores them.
-The reference's samples depend on nothing the run changes: ``cache`` keeps them across runs
-(`fpo.evaluation.reference_side`).
+reference would tie on every prompt). The reference's samples depend on nothing the run
+changes: ``cache`` keeps them across runs (`fpo.evaluation.reference_side`).
 
 Several judges can score the same samples (`fpo.evaluation.judges`: VADER, which labelled
 the training pairs, and AFINN, which did not). The first is the *main* judge: its numbers
@@ -220,7 +218,7 @@ def evaluate_sentiment(
     if not prompts:
         raise UserError("evaluation: no held-out prompts to evaluate on")
     sample = dict(num_samples=num_samples, max_new_tokens=max_new_tokens, batch_size=batch_size)
-    ours = sample_for_scoring(policy, tokenizer, prompts, seed=seed, with_logps=True, **sample)
+    ours = sample_for_scoring(policy, tokenizer, prompts, seed=seed, **sample)
     ref_seed = seed + num_batches(len(prompts) * num_samples, batch_size)
     theirs = reference_samples(reference, tokenizer, prompts, ref_seed, sample, cache)
 
