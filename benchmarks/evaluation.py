@@ -3,6 +3,9 @@ whole evaluation before and after (issue 23), on google/gemma-3-270m.
 
     python -m benchmarks.evaluation phases            # this checkout, phase by phase
     python -m benchmarks.evaluation compare --base /path/to/old/checkout [--rounds 1]
+    python -m benchmarks.evaluation flops [--samples-from <a compare run's cache>]
+
+``--num-prompts N`` cuts each to N test prompts and N pairs (batches stay full: 2N samples).
 
 ``phases`` times each phase of the main job's evaluation (``experiment=sentiment_gemma3``:
 88 test prompts x 2 samples of 24 tokens, the 88 test pairs) with this checkout's functions
@@ -88,6 +91,66 @@ class FlopCounter:
         trunk = sum(self.trunk(rows * length, length) for rows, length in shapes)
         return trunk + positions * (self.head + (self.sae if sae else 0))
 
+    def scoring(self, prompt_lengths: list[int], lengths: list[int], batch: int) -> float:
+        """`sequence_logprob` of the samples: rows sorted by length, ``batch`` at a time."""
+        totals = sorted(p + c for p, c in zip(prompt_lengths, lengths, strict=True))
+        shapes = [
+            (len(totals[s : s + batch]), max(totals[s : s + batch]))
+            for s in range(0, len(totals), batch)
+        ]
+        return self.padded(shapes, sum(lengths))
+
+    def pairs(self, batches: list[dict]) -> float:
+        """One model's side of the pair metrics (its trunk, head and SAE)."""
+        from fpo.logprobs import response_positions
+
+        shapes = [tuple(batch["input_ids"].shape) for batch in batches]
+        positions = sum(response_positions(b["labels"]).rows.numel() for b in batches)
+        return self.padded(shapes, positions, sae=True)
+
+
+def pair_batches(run) -> list[dict]:
+    """The held-out pair batches of the evaluation ``run`` (`EvaluationInputs`)."""
+    from fpo.evaluation.after_fit import heldout_loader
+
+    settings = run.settings
+    source, size = settings["prompts_file"], settings["pairs_batch_size"]
+    return list(heldout_loader(run.datamodule, source, settings.get("num_pairs"), size))
+
+
+def flops(peak: float, overrides: list[str], samples_dir: Path | None) -> list[dict]:
+    """The FLOPs of each phase without running it, and the seconds they take at ``peak``:
+    completion lengths from the reference's samples that a ``compare`` run stored under
+    ``samples_dir`` (fpo-eval's policy is the reference: the same law), else every row at
+    ``max_new_tokens`` (an upper bound)."""
+    from fpo.builder import build_run_parts
+    from fpo.evaluation.after_fit import read_prompts
+    from fpo.testing import compose_train
+
+    cfg = compose_train("experiment=sentiment_gemma3", "reference=online", *overrides)
+    parts = build_run_parts(cfg)
+    run = parts.evaluation_inputs(Path(tempfile.mkdtemp()))
+    settings, counter = run.settings, FlopCounter(parts.policy, run.sae)
+    prompts = read_prompts(settings["prompts_file"], settings.get("num_prompts"))
+    count, batch = settings["num_samples"], settings["batch_size"]
+    prompt_lengths = [len(run.tokenizer(p)["input_ids"]) for p in prompts for _ in range(count)]
+    lengths = [settings["max_new_tokens"]] * len(prompt_lengths)
+    for path in sorted(samples_dir.glob("samples-*.pt")) if samples_dir else []:
+        lengths = [
+            len(ids) for ids in torch.load(path, weights_only=True)["value"]["completion_ids"]
+        ]
+    rows = []
+    for phase, value in (
+        ("sampling (one model)", counter.sampling(prompt_lengths, lengths, batch)),
+        ("KL scoring (one model)", counter.scoring(prompt_lengths, lengths, batch)),
+        ("pair metrics (one model)", counter.pairs(pair_batches(run))),
+    ):
+        rows.append(
+            {"phase": phase, "gflop": round(value / 1e9), "seconds_at_peak": round(value / peak, 1)}
+        )
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
 
 def _timed(function, *args, **kwargs):
     started = time.perf_counter()
@@ -98,12 +161,11 @@ def _timed(function, *args, **kwargs):
 def phases(peak: float, overrides: list[str]) -> list[dict]:
     """Each phase of the main job's evaluation, timed, with its FLOPs (module docstring)."""
     from fpo.builder import build_run_parts
-    from fpo.evaluation.after_fit import heldout_loader, read_prompts
+    from fpo.evaluation.after_fit import read_prompts
     from fpo.evaluation.heldout import heldout_pair_metrics, reference_pair_side
     from fpo.evaluation.reference_side import reference_side_cache
     from fpo.evaluation.sampling import sample_for_scoring
     from fpo.evaluation.scoring import sequence_logprob
-    from fpo.logprobs import response_positions
     from fpo.testing import compose_train
 
     cfg = compose_train("experiment=sentiment_gemma3", "reference=online", *overrides)
@@ -128,21 +190,13 @@ def phases(peak: float, overrides: list[str]) -> list[dict]:
         lengths = [len(ids) for ids in samples.completion_ids]
         flops = counter.sampling(prompt_lengths, lengths, sample["batch_size"])
         row(f"sampling, {name}", seconds, flops)
-    totals = sorted(p + c for p, c in zip(prompt_lengths, lengths, strict=True))
-    shapes = [
-        (len(totals[s : s + sample["batch_size"]]), max(totals[s : s + sample["batch_size"]]))
-        for s in range(0, len(totals), sample["batch_size"])
-    ]
+    scoring_flops = counter.scoring(prompt_lengths, lengths, sample["batch_size"])
     for name, model in (("policy", policy), ("reference", reference)):
         args = (run.tokenizer.pad_token_id, samples.prompt_ids, samples.completion_ids, chunk)
         _, seconds = _timed(sequence_logprob, model, *args, sample["batch_size"])
-        row(f"KL scoring, {name}", seconds, counter.padded(shapes, sum(lengths)))
-    pairs_file, pairs_batch = settings["prompts_file"], settings["pairs_batch_size"]
-    num_pairs = settings.get("num_pairs")
-    batches = list(heldout_loader(run.datamodule, pairs_file, num_pairs, pairs_batch))
-    pair_shapes = [tuple(b["input_ids"].shape) for b in batches]
-    positions = sum(response_positions(b["labels"]).rows.numel() for b in batches)
-    pair_flops = counter.padded(pair_shapes, positions, sae=True)
+        row(f"KL scoring, {name}", seconds, scoring_flops)
+    batches = pair_batches(run)
+    pair_flops = counter.pairs(batches)
     side_args = (run.sae, run.hook_name, chunk, settings["feature_contexts"], run.packing, False)
     _, seconds = _timed(reference_pair_side, reference, batches, *side_args)
     row("pairs, reference side", seconds, pair_flops)
@@ -227,7 +281,7 @@ def compare(base: Path, rounds: int, overrides: list[str]) -> dict:
             runs[name].append(result)
             print(name, result["process_cpu"], json.dumps(result["seconds"]), flush=True)
     old = runs["old"][0]
-    report = {"rounds": rounds, "seconds": {}, "equal_to_old": {}}
+    report = {"rounds": rounds, "cache": str(work / "cache0"), "seconds": {}, "equal_to_old": {}}
     for name, results in runs.items():
         report["seconds"][name] = [r["seconds"] for r in results]
         report["seconds"][f"{name}_process_cpu"] = [r["process_cpu"] for r in results]
@@ -240,7 +294,8 @@ def compare(base: Path, rounds: int, overrides: list[str]) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("what", choices=["phases", "compare"])
+    parser.add_argument("what", choices=["phases", "compare", "flops"])
+    parser.add_argument("--samples-from", type=Path, help="flops: a compare run's cache")
     parser.add_argument("--base", type=Path, help="compare: the old checkout (its src/)")
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument(
@@ -258,6 +313,8 @@ def main(argv: list[str] | None = None) -> None:
     print(json.dumps(results["cpu"]), flush=True)
     if args.what == "phases":
         results["phases"] = phases(peak, overrides)
+    elif args.what == "flops":
+        results["flops"] = flops(peak, overrides, args.samples_from)
     else:
         if args.base is None:
             parser.error("compare needs --base")
