@@ -220,7 +220,7 @@ def evaluate_sentiment(
     sample = dict(num_samples=num_samples, max_new_tokens=max_new_tokens, batch_size=batch_size)
     ours = sample_for_scoring(policy, tokenizer, prompts, seed=seed, **sample)
     ref_seed = seed + num_batches(len(prompts) * num_samples, batch_size)
-    theirs = reference_samples(reference, tokenizer, prompts, ref_seed + 1, sample, cache)
+    theirs = reference_samples(reference, tokenizer, prompts, ref_seed, sample, cache)
 
     pad_id = tokenizer.pad_token_id
     pad_id = tokenizer.eos_token_id if pad_id is None else pad_id
