@@ -1,10 +1,14 @@
 """Metrics on held-out preference pairs: entropy, preference accuracy, SAE feature drift.
 
-One pass over the pairs (batches of chosen + rejected rows, the training layout) through
-`fpo.forward.response_stats`: each model runs its decoder trunk once; the two LM heads run
-together on response positions only, in chunks of ``logits_chunk_size`` positions (at most
-``chunk x vocab`` float32 logits per model at a time, never ``[B, T, vocab]``); the SAE
-encodes the hooked activations at the same positions.
+One pass per model over the pairs (batches of chosen + rejected rows, the training layout)
+through `fpo.forward.response_stats`: the reference's first (`reference_pair_side`: its
+log-probs, entropy and SAE features, which depend on nothing the run trains, so a
+`fpo.evaluation.reference_side` cache keeps them across runs), then the policy's. Each runs
+its decoder trunk once and its LM head on response positions only, in chunks of
+``logits_chunk_size`` positions (at most ``chunk x vocab`` float32 logits at a time, never
+``[B, T, vocab]``; TDPO's token KL runs the reference's head beside the policy's, on the
+reference's kept LM-head inputs); the SAE encodes the hooked activations at the same
+positions. The numbers are those of one fused pass of both models, bit for bit.
 
 With ``w`` chosen, ``l`` rejected, ``avg_lp`` the per-token mean response log-prob:
 
