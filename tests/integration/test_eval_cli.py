@@ -59,12 +59,20 @@ def test_fpo_eval_reproduces_the_after_fit_summary(sweep):
     after_fit = json.loads((run / "evaluation" / "summary.json").read_text())
     generations = (run / "evaluation" / "generations.jsonl").read_text()
     curves = sorted(run.glob("*/version_*/metrics.csv"))
-    result = run_module("fpo.commands.eval", f"run_dir={run}", f"paths.log_dir={sweep.parent}")
-    assert result.returncode == 0, result.stderr[-3000:]
-    again = json.loads((run / "evaluation" / "summary.json").read_text())
-    assert _stable(again) == _stable(after_fit)
+    cache = sweep.parent / "reference_side"
+    # the reference's side computed and stored, then read back: the same summary each time
+    for stored in (0, 2):
+        assert len(list(cache.glob("*.pt"))) == stored
+        result = run_module(
+            "fpo.commands.eval", f"run_dir={run}", f"paths.log_dir={sweep.parent}",
+            f"evaluation.reference_cache_dir={cache}",
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr[-3000:]
+        again = json.loads((run / "evaluation" / "summary.json").read_text())
+        assert _stable(again) == _stable(after_fit)
+        assert (run / "evaluation" / "generations.jsonl").read_text() == generations
+    assert "the reference's samples read from" in result.stdout + result.stderr
     assert after_fit["kl"] != 0 and after_fit["feature_drift"] > 0  # a trained policy
-    assert (run / "evaluation" / "generations.jsonl").read_text() == generations
     # the evaluation's own logger files stay out of the training curves fpo-compare reads
     assert sorted(run.glob("*/version_*/metrics.csv")) == curves
     assert list((run / "evaluation").glob("csv/version_*/metrics.csv"))

@@ -8,6 +8,7 @@ the reference, scored by a judge (mean score, win rate), and a Monte-Carlo estim
 - `scoring`: batched sequence log-probs and the log-ratios of the KL estimate.
 - `stats`: per-prompt means, standard errors and pairwise win rates.
 - `sentiment`: `evaluate_sentiment`, the controlled-sentiment evaluation.
+- `reference_side`: the reference's samples and pair statistics, kept across runs.
 - `report`: `write_evaluation` (summary.json, generations.jsonl, plot) and `format_summary`.
 """
 

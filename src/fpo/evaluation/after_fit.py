@@ -42,6 +42,7 @@ from fpo.data.datamodule import SplitSpec, build_split
 from fpo.errors import UserError
 from fpo.evaluation.features import feature_rows, write_feature_report
 from fpo.evaluation.heldout import DEFAULT_DRIFT_K, heldout_pair_metrics
+from fpo.evaluation.reference_side import ReferenceSideCache, reference_side_cache
 from fpo.evaluation.report import format_summary, write_evaluation
 from fpo.evaluation.sentiment import evaluate_sentiment
 from fpo.evaluation.wandb_report import log_evaluation_to_wandb
@@ -169,8 +170,10 @@ def sample_and_judge(
     settings: dict[str, Any],
     prompts_file: str,
     num_prompts: int | None,
+    cache: ReferenceSideCache | None = None,
 ) -> dict[str, Any]:
-    """`evaluate_sentiment` on the prompts of ``prompts_file`` with the evaluation settings."""
+    """`evaluate_sentiment` on the prompts of ``prompts_file`` with the evaluation settings
+    (the reference's samples read from / stored in ``cache``)."""
     return evaluate_sentiment(
         policy,
         reference,
@@ -182,6 +185,7 @@ def sample_and_judge(
         batch_size=settings.get("batch_size", 32),
         seed=settings.get("seed", 0),
         logits_chunk_size=settings.get("logits_chunk_size", 256),
+        cache=cache,
     )
 
 
@@ -211,6 +215,7 @@ def prompt_set_scalars(
     judges: dict[str, Any],
     settings: dict[str, Any],
     out: Path,
+    cache: ReferenceSideCache | None = None,
 ) -> dict[str, float]:
     """Judge scores, win rate, KL and degeneration on ``evaluation.<key>.prompts_file``
     (`PROMPT_SETS`), written to ``<out>/<key>/``; returns them under the set's prefix
@@ -227,6 +232,7 @@ def prompt_set_scalars(
         settings,
         chosen["prompts_file"],
         chosen.get("num_prompts"),
+        cache,
     )
     write_evaluation(result, out / key, title=title)
     return scalars_of(result, prefix)
@@ -238,12 +244,13 @@ def evaluate_validation_only(
     run: EvaluationInputs,
     judges: dict[str, Any],
     loggers: list,
+    cache: ReferenceSideCache | None = None,
 ) -> dict[str, float]:
     """``evaluation.validation_only``: step 4 alone (the validation prompts, ``val/sampled/*``
     and ``<out>/validation/``); no test prompt, test pair or second test set is touched. For
     runs that only choose (e.g. ``fpo-calibrate``'s, which read the validation KL)."""
     scalars = prompt_set_scalars(
-        "validation", policy, reference, run.tokenizer, judges, run.settings, run.out_dir
+        "validation", policy, reference, run.tokenizer, judges, run.settings, run.out_dir, cache
     )
     if not scalars:
         raise UserError(
@@ -280,8 +287,9 @@ def evaluate_run(
     device = torch.device(device) if device is not None else next(policy.parameters()).device
     policy.to(device)
     reference.to(device)
+    cache = reference_side_cache(settings.get("reference_cache_dir"), reference)
     if settings.get("validation_only"):
-        return evaluate_validation_only(policy, reference, run, judges, loggers)
+        return evaluate_validation_only(policy, reference, run, judges, loggers, cache)
     chunk = settings.get("logits_chunk_size", 256)
     result = sample_and_judge(
         policy,
@@ -291,6 +299,7 @@ def evaluate_run(
         settings,
         settings["prompts_file"],
         settings.get("num_prompts"),
+        cache,
     )
     sampled = time.perf_counter()
     rows, shift = None, None
@@ -317,6 +326,7 @@ def evaluate_run(
             logits_chunk_size=chunk,
             contexts=settings.get("feature_contexts", 3),
             packing=run.packing,
+            cache=cache,
         )
         result.update(metrics)
         result["settings"]["pairs_file"] = str(pairs_file)
@@ -331,7 +341,9 @@ def evaluate_run(
     other_sets: dict[str, float] = {}  # validation (val/sampled/*), ood_test (eval/ood_test/*)
     for key, (prefix, _) in PROMPT_SETS.items():
         began = time.perf_counter()
-        found = prompt_set_scalars(key, policy, reference, run.tokenizer, judges, settings, out)
+        found = prompt_set_scalars(
+            key, policy, reference, run.tokenizer, judges, settings, out, cache
+        )
         if found:
             result["seconds"][key] = round(time.perf_counter() - began, 2)
             result[key] = {k.removeprefix(f"{prefix}/"): v for k, v in found.items()}

@@ -6,7 +6,8 @@ reference is sampled the same way under another seed, ``seed + num_batches`` (pa
 seed the policy's sampling could use, per call or per batch), so its samples are
 independent of the policy's and the win rate estimates ``P(J(y) > J(y_ref)) + P(tie) / 2``
 for independent draws (same seeds would couple the two, and a policy equal to its
-reference would tie on every prompt).
+reference would tie on every prompt). The reference's samples depend on nothing the run
+changes: ``cache`` keeps them across runs (`fpo.evaluation.reference_side`).
 
 Several judges can score the same samples (`fpo.evaluation.judges`: VADER, which labelled
 the training pairs, and AFINN, which did not). The first is the *main* judge: its numbers
@@ -17,16 +18,20 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Mapping, Sequence
+from dataclasses import asdict
 from typing import Any
 
 from torch import nn
 
+from fpo.data.tokenize import tokenizer_fingerprint
 from fpo.errors import UserError
 from fpo.evaluation.degeneration import degeneration_metrics
 from fpo.evaluation.judges import is_pairwise
-from fpo.evaluation.sampling import num_batches, sample_for_scoring
+from fpo.evaluation.reference_side import ReferenceSideCache
+from fpo.evaluation.sampling import Samples, num_batches, sample_for_scoring
 from fpo.evaluation.scoring import kl_log_ratios
 from fpo.evaluation.stats import grouped_mean_stderr, pairwise_wins
+from fpo.generation import eos_token_ids
 
 Judge = Any  # ``judge(texts)``, ``judge.score(prompts, completions)`` or ``judge.compare(...)``
 
@@ -143,6 +148,37 @@ def sample_rows(
     return rows
 
 
+def reference_samples(
+    reference: nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    seed: int,
+    sample: dict[str, int],
+    cache: ReferenceSideCache | None = None,
+) -> Samples:
+    """`sample_for_scoring` of the reference under ``seed`` with the ``sample`` settings
+    (``num_samples``, ``max_new_tokens``, ``batch_size``), read from ``cache`` when it holds
+    them (keyed by the prompts as token ids, the tokenizer, the stop and pad ids, the seed
+    and the settings, besides the reference itself) and stored there otherwise."""
+
+    def compute() -> dict[str, Any]:
+        return asdict(sample_for_scoring(reference, tokenizer, prompts, seed=seed, **sample))
+
+    if cache is None:
+        return Samples(**compute())
+    components = {
+        "prompts": list(prompts),
+        "prompt_ids": [tokenizer(prompt)["input_ids"] for prompt in prompts],
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "stop_ids": sorted(eos_token_ids(reference, tokenizer)),
+        "pad_id": tokenizer.pad_token_id,
+        "seed": seed,
+        "sampler": "inverse-cdf, temperature 1, top_k 0, top_p 1",
+        **sample,
+    }
+    return Samples(**cache.fetch("samples", components, compute))
+
+
 def evaluate_sentiment(
     policy: nn.Module,
     reference: nn.Module,
@@ -154,6 +190,7 @@ def evaluate_sentiment(
     batch_size: int = 32,
     seed: int = 0,
     logits_chunk_size: int | None = 256,
+    cache: ReferenceSideCache | None = None,
 ) -> dict[str, Any]:
     """Sample, judge and compare the policy and the reference on held-out ``prompts``.
 
@@ -164,6 +201,7 @@ def evaluate_sentiment(
             (``judge.compare``; not first).
         num_samples: completions per prompt and model (``N = P * num_samples`` each).
         logits_chunk_size: response positions per LM-head chunk when scoring log-probs.
+        cache: where the reference's samples are kept across runs (`reference_samples`).
 
     Returns:
         A JSON-ready dict: ``policy_judge_mean``, ``reference_judge_mean``, ``win_rate``
@@ -182,7 +220,7 @@ def evaluate_sentiment(
     sample = dict(num_samples=num_samples, max_new_tokens=max_new_tokens, batch_size=batch_size)
     ours = sample_for_scoring(policy, tokenizer, prompts, seed=seed, **sample)
     ref_seed = seed + num_batches(len(prompts) * num_samples, batch_size)
-    theirs = sample_for_scoring(reference, tokenizer, prompts, seed=ref_seed, **sample)
+    theirs = reference_samples(reference, tokenizer, prompts, ref_seed, sample, cache)
 
     pad_id = tokenizer.pad_token_id
     pad_id = tokenizer.eos_token_id if pad_id is None else pad_id
