@@ -26,7 +26,7 @@ NODES = ("objective", "optimizer", "scheduler", "step", "data", "cache", "traine
 #: Null leaves of the configs that hold no number when set.
 NULL_TEXT_KEYS = {"data.subset", "data.val_source", "data.cache_dir"}
 NULL_TEXT_KEYS |= {f"evaluation.{split}.prompts_file" for split in ("validation", "ood_test")}
-NULL_TEXT_KEYS |= {"evaluation.latest_dir"}
+NULL_TEXT_KEYS |= {"evaluation.latest_dir", "evaluation.reference_cache_dir"}
 #: Keys no shipped config sets (Lightning's and AdamW's defaults apply) that count.
 INTEGER_KEYS_NOT_IN_CONFIGS = {"trainer.max_steps", "trainer.min_steps", "trainer.num_nodes"}
 INTEGER_KEYS_NOT_IN_CONFIGS |= {"scheduler.num_training_steps", "data.max_train_samples"}
