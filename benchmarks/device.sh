@@ -41,9 +41,11 @@ if [ $# -eq 0 ]; then
   set -- --set cuda.rounds=1 cuda.gemma2_2b.warmup=1 cuda.gemma2_2b.steps=3 \
     'row_sets=[spread,fixed]' \
     'plan.spread.ours=[DPO online,SimPO,FPO cached,SimPO (packed)]' \
-    'plan.spread.trl=[TRL DPO online,TRL SimPO]' 'plan.spread.trl_checkpointing=[true]' \
+    'plan.spread.trl=[TRL DPO online,TRL SimPO,TRL DPO online (liger)]' \
+    'plan.spread.trl_checkpointing=[true]' \
     'plan.fixed.ours=[DPO online,SimPO]' \
-    'plan.fixed.trl=[TRL DPO online,TRL SimPO]' 'plan.fixed.trl_checkpointing=[false]'
+    'plan.fixed.trl=[TRL DPO online,TRL SimPO,TRL DPO online (liger)]' \
+    'plan.fixed.trl_checkpointing=[false]'
 fi
 timeout "${BENCH_TIMEOUT:-480}" python3 -m benchmarks.run --device cuda --out "$out" \
   --docs "$out/docs-section.md" "$@" 2>&1 | tee "$out/log.txt"

@@ -19,6 +19,7 @@ wheels=(
   datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19
   sae-lens==6.54.12 transformer-lens==3.9.0 better-abc==0.0.3
   simple-parsing==0.1.9 docstring-parser==0.18.0
+  liger-kernel==0.8.5
 )
 "$py" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   "${platforms[@]}" -d "$dest" "${wheels[@]}"

@@ -7,7 +7,9 @@ but not handed back (``mallinfo2``'s free bytes): tensors under its mmap thresho
 grows to 32 MiB as big blocks are freed) come from its heap, so activations freed in
 backward stay resident and count in the RSS (``MALLOC_MMAP_THRESHOLD_=65536`` in the
 environment hands them back at once, at the cost of a page fault per page of every new
-tensor).
+tensor). Ours returns them once per backward, before the tied LM head's ``[V, H]`` gradient
+(`fpo.heap`); ``--keep-heap`` turns that off (``FPO_RELEASE_FREE_HEAP=0``), to measure what
+it saves and what it costs (the step times are printed; run both on a quiet machine).
 
     python -m benchmarks.memory_phases --config "DPO online" --rows fixed
     python -m benchmarks.memory_phases --config "TRL DPO online" --rows fixed
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import os
 import resource
 import tempfile
 
@@ -97,10 +100,17 @@ def main() -> None:
     parser.add_argument("--config", default="DPO online", help="an ours/trl entry of config.yaml")
     parser.add_argument("--rows", default="fixed", choices=["fixed", "spread"])
     parser.add_argument("--model", default="gemma3_270m")
+    parser.add_argument("--steps", type=int, help="measured steps (default: config.yaml's)")
+    parser.add_argument(
+        "--keep-heap", action="store_true", help="ours without the heap release in backward"
+    )
     args = parser.parse_args()
+    if args.keep_heap:
+        os.environ["FPO_RELEASE_FREE_HEAP"] = "0"
     framework = "trl" if args.config.startswith("TRL") else "ours"
     with tempfile.TemporaryDirectory(prefix="fpo-memory-") as workdir:
-        spec = model_specs(load_config(CONFIG, []), "cpu", args.model, workdir)
+        sets = [f"cpu.{args.model}.steps={args.steps}"] if args.steps else []
+        spec = model_specs(load_config(CONFIG, sets), "cpu", args.model, workdir)
         spec |= {"row_set": args.rows, "cache": framework == "ours" and "cached" in args.config}
         worker("prepare", spec)
         spec |= {"framework": framework, "config": args.config, "gradient_checkpointing": False}
@@ -111,6 +121,9 @@ def main() -> None:
     for name, rss, peak, heap in MARKS:
         print(f"{name:45s} {rss:8.3f} {peak:9.3f} {heap:14.3f}")
     print(f"peak RSS {out['peak_memory'] / GIB:.3f} GiB (imports {out['base_rss'] / GIB:.3f})")
+    times = ", ".join(f"{t:.3f}" for t in out["step_times"])
+    cpu = ", ".join(f"{t:.3f}" for t in out.get("step_cpu_times", []))
+    print(f"step times (s): {times}; process CPU per step (s): {cpu}")
 
 
 if __name__ == "__main__":

@@ -11,9 +11,14 @@ from unittest import mock
 from benchmarks.common import Stopwatch, objective_preset
 from benchmarks.rows import cpo_item, dpo_item
 
-#: TRL configurations: (trainer, extra config keys).
+#: TRL configurations: (trainer, extra config keys). "(liger)": ``use_liger_kernel=True``,
+#: which in TRL 1.16's DPOTrainer swaps in Liger's Triton kernels for the decoder layers
+#: (RMSNorm, RoPE, the gated MLP); its LM head is TRL's own chunked one either way (TRL
+#: refuses Liger's fused linear cross-entropy there, and CPOTrainer takes no Liger option).
+#: CUDA only (Triton); needs the ``liger-kernel`` package.
 TRL = {
     "TRL DPO online": ("dpo", {}),
+    "TRL DPO online (liger)": ("dpo", {"use_liger_kernel": True}),
     "TRL DPO precomputed": ("dpo", {"precompute_ref_log_probs": True}),
     "TRL SimPO": ("cpo", {"loss_type": "simpo", "cpo_alpha": 0.0}),
 }
@@ -112,7 +117,7 @@ def train(spec: dict, config: str, rows: list[dict]) -> dict:
     model, tokenizer = load_model(spec["model"], spec["device"], spec["seed"])
     timer = step_timer(spec["device"])
     ref_model = None
-    if config == "TRL DPO online":
+    if config.startswith("TRL DPO online"):
         ref_model = load_model(spec["model"], spec["device"], spec["seed"])[0].eval()
     trainer = build(spec, config, model, tokenizer, rows, callbacks=[timer], ref_model=ref_model)
     trainer.train()

@@ -202,3 +202,24 @@ def test_tied_lookup_without_the_head_gives_the_dense_gradient():
     parts.decoder(inputs_embeds=tie.embed(input_ids)).last_hidden_state.square().sum().backward()
     grad = model.get_input_embeddings().weight.grad
     assert grad.layout == torch.strided and torch.equal(grad, expected)
+
+
+def test_tied_backward_returns_the_freed_heap_before_the_vocab_gradient(monkeypatch):
+    """The lookup's backward hands malloc's freed pages (the activations) back to the OS
+    once per backward, before it allocates the head's ``[V, H]`` gradient: on gemma-3-270m
+    that takes DPO's peak RSS from 6.71 to 6.08 GiB (docs/benchmarks.md)."""
+    import fpo.models.tied as tied
+
+    events = []
+    real_mm = torch.Tensor.mm
+    monkeypatch.setattr(tied, "release_free_heap", lambda: events.append("trim"))
+    monkeypatch.setattr(
+        torch.Tensor, "mm", lambda self, other: events.append("mm") or real_mm(self, other)
+    )
+    torch.manual_seed(0)
+    model = build_tiny_model().float()
+    parts = split_causal_lm(model)
+    loss = _tied_loss(parts, torch.randint(3, 40, (3, 9)), parts.tie())
+    events.clear()
+    loss.backward()
+    assert events == ["trim", "mm", "mm"]  # then one mm per held head call

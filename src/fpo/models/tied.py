@@ -16,7 +16,8 @@ Its rows are torch's own dense kernel (``embedding_dense_backward``) run on the 
 so each sums the same token gradients in the same order: the weight's gradient is bit for
 bit the dense path's (up to the sign of an exact zero). No zero-filled ``[V, H]`` is built,
 and the head's ``[V, H]`` gradient is allocated after the trunk's backward has freed the
-activations instead of beside them. A lookup whose forward no head call read returns
+activations instead of beside them; just before, the pages malloc holds freed (those
+activations) go back to the OS (`fpo.heap`), so the gradient does not stack on them. A lookup whose forward no head call read returns
 torch's dense gradient.
 """
 
@@ -29,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
+
+from fpo.heap import release_free_heap
 
 #: ``F.embedding``'s arguments, in order (``nn.Embedding.forward`` passes them all).
 EMBEDDING_ARGS = (
@@ -85,6 +88,7 @@ class _Lookup(torch.autograd.Function):
                 grad, ids.reshape(-1), ctx.num_weights, padding, False
             )
             return dense, None, None, None
+        release_free_heap()  # the freed activations, before the [V, H] gradient is allocated
         total = None
         while held:  # MmBackward's weight gradient per call, added as autograd adds them
             grad_logits, hidden = held.pop(0)
