@@ -5,7 +5,8 @@ Writes ``comparison.csv``, ``comparison.md``, ``frontier.png`` and ``curves.png`
 with nothing to draw is not written, and the note says why, e.g. runs never evaluated).
 With ``--at-kl`` also ``matched_kl.csv`` and ``matched_kl.md``: each objective's judge
 scores at those KLs, with bootstrap intervals and differences from ``--baseline``
-(`fpo.compare.matched`). A folder with no runs is a user error (exit 2).
+(`fpo.compare.matched`), and ``matched_kl_metrics.csv``: degeneration metrics and training
+cost at those KLs (`fpo.compare.matched_metrics`). A folder with no runs is a user error (exit 2).
 """
 
 from __future__ import annotations

@@ -58,6 +58,7 @@ class MatchedKL:
     baseline: str
     replicates: int
     notes: list[str] = field(default_factory=list)
+    split: str | None = None  # the test set read: None = evaluation/, else evaluation/<split>
 
 
 @dataclass
@@ -262,4 +263,4 @@ def matched_kl_table(
         if name != baseline and base is not None:
             _difference_columns(cell, base, row)
         rows.append(row)
-    return MatchedKL(rows, scores, judges, targets, baseline, bootstrap, notes)
+    return MatchedKL(rows, scores, judges, targets, baseline, bootstrap, notes, split)

@@ -2,23 +2,18 @@
 
 from __future__ import annotations
 
-import csv
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from fpo.compare.matched import COLUMNS, MatchedKL
+from fpo.compare.table import write_csv
 
 
 def write_matched_csv(result: MatchedKL, path: str | os.PathLike) -> Path:
     """Every row, every `COLUMNS` column; missing values are empty cells."""
-    path = Path(path)
-    with path.open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=COLUMNS)
-        writer.writeheader()
-        for row in result.rows:
-            writer.writerow({k: "" if v is None else v for k, v in row.items()})
-    return path
+    return write_csv(result.rows, path, COLUMNS)
 
 
 def _number(value: float | None) -> str:
@@ -38,8 +33,11 @@ def _seeds(row: dict[str, Any]) -> str:
     return f"{row['n_seeds']}" + (f" ({excluded} not bracketing)" if excluded else "")
 
 
-def write_matched_markdown(result: MatchedKL, path: str | os.PathLike) -> Path:
-    """One table (objective x judge x target) with intervals, differences and p-values."""
+def write_matched_markdown(
+    result: MatchedKL, path: str | os.PathLike, sections: Sequence[str] = ()
+) -> Path:
+    """One table (objective x judge x target) with intervals, differences and p-values, then
+    ``sections`` (markdown lines, e.g. `fpo.compare.matched_metrics.metrics_markdown`)."""
     base = result.baseline
     lines = [
         "# Judge scores at matched KL",
@@ -72,6 +70,8 @@ def write_matched_markdown(result: MatchedKL, path: str | os.PathLike) -> Path:
             "" if outside else row["note"] or "",
         ]
         lines.append("| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |")
+    if sections:
+        lines += ["", *sections]
     if result.notes:
         lines += ["", "Notes:", "", *(f"- {note}" for note in result.notes)]
     path = Path(path)

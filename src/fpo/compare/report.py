@@ -10,6 +10,12 @@ from typing import Any
 
 from fpo.compare.markdown import write_markdown
 from fpo.compare.matched import MatchedKL, matched_kl_table
+from fpo.compare.matched_metrics import (
+    matched_run_metrics,
+    metrics_markdown,
+    reference_degeneration,
+    write_metrics_csv,
+)
 from fpo.compare.matched_report import write_matched_csv, write_matched_markdown
 from fpo.compare.plots import plot_curves, plot_frontier
 from fpo.compare.runs import SUMMARY, Run, load_runs
@@ -69,8 +75,9 @@ def compare(
 
     With ``at_kl`` (target KLs) also ``matched_kl.csv`` and ``matched_kl.md``
     (`fpo.compare.matched.matched_kl_table`, given ``matched_options``: ``baseline``,
-    ``judges``, ``bootstrap``, ``seed``, ``split``), and the frontier plot shows the first
-    judge's runs and matched estimates.
+    ``judges``, ``bootstrap``, ``seed``, ``split``), ``matched_kl_metrics.csv`` (degeneration
+    and cost at the same KLs, `fpo.compare.matched_metrics`, also a section of the markdown),
+    and the frontier plot shows the first judge's runs and matched estimates.
 
     Returns ``{"runs", "configurations", "files", "frontier", "curves", "notes"}``:
     counts, the paths written, whether each figure has data, and notes for the user
@@ -92,7 +99,10 @@ def compare(
     if at_kl:
         matched = matched_kl_table(runs, at_kl, **matched_options)
         files["matched_csv"] = write_matched_csv(matched, out / "matched_kl.csv")
-        files["matched_markdown"] = write_matched_markdown(matched, out / "matched_kl.md")
+        metrics = matched_run_metrics(matched.scores, at_kl, matched.split, matched.baseline)
+        files["matched_metrics_csv"] = write_metrics_csv(metrics, out / "matched_kl_metrics.csv")
+        section = metrics_markdown(metrics, reference_degeneration(matched.scores, matched.split))
+        files["matched_markdown"] = write_matched_markdown(matched, out / "matched_kl.md", section)
         notes += matched.notes
         judge = matched.judges[0]
         plotted = frontier_rows(matched, judge, rows)

@@ -17,8 +17,8 @@ so each sums the same token gradients in the same order: the weight's gradient i
 bit the dense path's (up to the sign of an exact zero). No zero-filled ``[V, H]`` is built,
 and the head's ``[V, H]`` gradient is allocated after the trunk's backward has freed the
 activations instead of beside them; just before, the pages malloc holds freed (those
-activations) go back to the OS (`fpo.heap`), so the gradient does not stack on them. A lookup whose forward no head call read returns
-torch's dense gradient.
+activations) go back to the OS (`fpo.heap`), so the gradient does not stack on them. A
+lookup whose forward no head call read returns torch's dense gradient.
 """
 
 from __future__ import annotations
