@@ -14,7 +14,7 @@ import yaml
 
 from fpo.commands.compare import main
 from fpo.compare import config_rows, load_runs, matched_kl_table, run_rows
-from fpo.compare.bootstrap import interpolate, p_value
+from fpo.compare.bootstrap import holm, interpolate, p_value
 from fpo.compare.plots import frontier_figure
 from fpo.compare.report import frontier_rows
 from fpo.errors import UserError
@@ -185,6 +185,16 @@ def test_difference_from_the_baseline_with_its_p_value(tmp_path):
     assert same["diff"] == 0.0 and same["diff_low"] < 0 < same["diff_high"]
     assert same["p_value"] > 0.5
     assert rows[("fpo", "vader-compound", 3.0)]["diff"] is None  # the baseline itself
+    # Holm over the judge's family (dpo and simpo against fpo at KL 3): m = 2
+    assert worse["p_holm"] == pytest.approx(2 / 500)
+    assert same["p_holm"] == pytest.approx(max(2 / 500, same["p_value"]))
+    assert rows[("fpo", "vader-compound", 3.0)]["p_holm"] is None
+
+
+def test_holm_adjustment_by_hand():
+    assert holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert holm([0.6, 0.5]) == pytest.approx([1.0, 1.0])
+    assert holm([]) == []
 
 
 def test_p_value_of_identical_distributions_is_large_and_floors_at_one_over_b():

@@ -94,3 +94,14 @@ def p_value(differences: np.ndarray) -> tuple[float, bool] | None:
 def format_p(value: float, floored: bool) -> str:
     """``"0.032"``, or ``"< 0.0005"`` (``1/B``) when the p-value sits at the floor."""
     return f"< {value:.2g}" if floored else f"{value:.3g}"
+
+
+def holm(p_values: list[float]) -> list[float]:
+    """Holm's step-down adjustment of ``m`` p-values (family-wise error), in input order:
+    with ``p_(1) <= ... <= p_(m)`` sorted, ``q_(i) = max_{j <= i} min(1, (m - j + 1) p_(j))``."""
+    order = sorted(range(len(p_values)), key=lambda i: p_values[i])
+    adjusted, running = [0.0] * len(p_values), 0.0
+    for rank, index in enumerate(order):
+        running = max(running, min(1.0, (len(p_values) - rank) * p_values[index]))
+        adjusted[index] = running
+    return adjusted

@@ -15,7 +15,9 @@ prompts), recompute each run's mean KL and mean score from its per-prompt means,
 re-interpolate. ``score_low``/``score_high`` are the 2.5th and 97.5th percentiles of the
 replicates. The difference from the baseline objective is taken replicate by replicate
 (the same prompt draw on both sides); its p-value is two-sided,
-``2 * min(P(d <= 0), P(d >= 0))``, floored at ``1/B``.
+``2 * min(P(d <= 0), P(d >= 0))``, floored at ``1/B``. ``p_holm`` is that p-value
+Holm-adjusted over its family: every difference of the same judge in the table (each
+objective against the baseline at each target, on the one test set read).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import numpy as np
 
 from fpo.compare.bootstrap import (
     format_p,
+    holm,
     interpolate,
     interval,
     p_value,
@@ -42,7 +45,7 @@ from fpo.errors import UserError
 COLUMNS = [
     "objective", "judge", "target_kl", "score", "score_low", "score_high", "n_seeds",
     "n_seeds_excluded", "kl_low", "kl_high", "baseline", "diff", "diff_low", "diff_high",
-    "p_value", "p_value_text", "note",
+    "p_value", "p_value_text", "p_holm", "note",
 ]  # fmt: skip
 
 
@@ -263,4 +266,8 @@ def matched_kl_table(
         if name != baseline and base is not None:
             _difference_columns(cell, base, row)
         rows.append(row)
+    for judge in judges:  # one family per judge
+        family = [row for row in rows if row["judge"] == judge and row["p_value"] is not None]
+        for row, adjusted in zip(family, holm([row["p_value"] for row in family]), strict=True):
+            row["p_holm"] = adjusted
     return MatchedKL(rows, scores, judges, targets, baseline, bootstrap, notes, split)

@@ -52,10 +52,12 @@ def write_matched_markdown(
         "each run's mean KL and score recomputed and re-interpolated). "
         f"`Δ vs {base}`: the objective's score minus {base}'s at the same KL and judge, "
         "with its interval; `p`: two-sided bootstrap p-value of no difference, "
-        "2 min(P(Δ ≤ 0), P(Δ ≥ 0)); `< x` means below the bootstrap's resolution 1/B.",
+        "2 min(P(Δ ≤ 0), P(Δ ≥ 0)); `< x` means below the bootstrap's resolution 1/B; "
+        "`p (Holm)`: Holm-adjusted over every difference of the same judge in this table.",
         "",
-        f"| objective | judge | KL | score [95% CI] | seeds | Δ vs {base} [95% CI] | p | note |",
-        "|---|---|---|---|---|---|---|---|",
+        f"| objective | judge | KL | score [95% CI] | seeds | Δ vs {base} [95% CI] | p | p (Holm) "
+        "| note |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in result.rows:
         outside = row["score"] is None
@@ -67,6 +69,7 @@ def write_matched_markdown(
             _seeds(row),
             _with_interval(row, "diff") if row["diff"] is not None else "",
             row["p_value_text"] or "",
+            _number(row["p_holm"]),
             "" if outside else row["note"] or "",
         ]
         lines.append("| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |")
