@@ -107,6 +107,29 @@ def test_export_keeps_every_sample_of_both_test_sets(in_tmp):
     assert row["run"] == f"{sweep.name}__0" and row["objective"] == "fpo"
 
 
+def test_export_states_the_compute_so_far(in_tmp):
+    write_report("fpo", [1e-4, 3e-4], [])
+    calibration = matched_kl.series_dir("fpo") / "alpha=1e-4" / "run"
+    seed_runs = [matched_kl.seed_sweep("fpo") / str(n) for n in (0, 1)]
+    for folder, cpu in ((calibration, 1800.0), (seed_runs[0], 3600.0), (seed_runs[1], 5400.0)):
+        (folder / ".hydra").mkdir(parents=True)
+        (folder / ".hydra" / "config.yaml").write_text("seed: 1\nobjective: {name: fpo}\n")
+        metrics = {"run/fit_cpu_seconds": cpu, "run/wall_seconds": 2 * cpu, "val/sampled/kl": 4.25}
+        (folder / "metrics.json").write_text(json.dumps(metrics))
+    rows = {(r["objective"], r["stage"]): r for r in matched_kl.compute_rows()}
+    assert rows[("fpo", "calibration")]["runs"] == 1
+    assert rows[("fpo", "calibration")]["fit_cpu_hours"] == pytest.approx(0.5)
+    assert rows[("fpo", "seeds")]["runs"] == 2
+    assert rows[("fpo", "seeds")]["wall_hours"] == pytest.approx(5.0)
+    assert rows[("dpo", "seeds")]["runs"] == 0  # not calibrated yet
+    matched_kl.stage_export()
+    text = (in_tmp / "results" / "compute.md").read_text()
+    assert "| fpo | seeds | 2 | 2.50 | 5.00 |" in text
+    assert "| **all** | | 3 | 3.00 | 6.00 |" in text
+    assert "| fpo | `alpha=1e-4` | 4.25 |" in text  # the calibration run, not the seeds'
+    assert text.count("4.25") == 1
+
+
 def test_fpo_study_refuses_a_stage_of_the_other_protocol():
     result = subprocess.run(
         [sys.executable, "-m", "fpo.study.comparison", "--protocol", "matched_kl", "--stage",

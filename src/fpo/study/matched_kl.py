@@ -17,8 +17,8 @@ Stages (each runs again safely: finished runs are read, interrupted ones resume)
 4. ``compare``: ``fpo-compare --at-kl`` over the seed sweeps, FPO the baseline, on the test
    prompts and on the second test set (``docs/results/matched_kl/{test,ood_test}/``).
 5. ``export``: each objective's ``calibration.{json,md}``, every seed run's generations of
-   both test sets (all samples, every field) and ``runs.csv`` into
-   ``docs/results/matched_kl/``.
+   both test sets (all samples, every field), ``runs.csv`` and ``compute.md`` (the study's
+   total compute so far, per objective and stage) into ``docs/results/matched_kl/``.
 """
 
 from __future__ import annotations
@@ -173,6 +173,78 @@ def export_generations(source: Path, target: Path) -> None:
     shutil.copyfile(source, target)
 
 
+def compute_rows() -> list[dict]:
+    """Per objective and stage (calibration, seeds): finished runs (a ``metrics.json``) and
+    the sums of their training CPU time (``run/fit_cpu_seconds``, process CPU) and wall time
+    (``run/wall_seconds``: training and evaluation, pauses included), in hours."""
+    rows = []
+    for objective in ORDER:
+        stages = {"calibration": series_dir(objective), "seeds": seed_sweep(objective)}
+        for stage, folder in stages.items():
+            found = sorted(folder.rglob("metrics.json")) if folder and folder.is_dir() else []
+            metrics = [json.loads(path.read_text()) for path in found]
+            rows.append(
+                {
+                    "objective": objective,
+                    "stage": stage,
+                    "runs": len(metrics),
+                    "fit_cpu_hours": sum(m.get("run/fit_cpu_seconds", 0) for m in metrics) / 3600,
+                    "wall_hours": sum(m.get("run/wall_seconds", 0) for m in metrics) / 3600,
+                }
+            )
+    return rows
+
+
+def calibration_points() -> list[tuple[str, str, float | None]]:
+    """Every finished calibration run so far: (objective, ``knob=value``, validation KL), in
+    the order they finished, read before each objective's ``calibration.json`` exists."""
+    points = []
+    for objective in ORDER:
+        folder = series_dir(objective)
+        found = list(folder.glob("*/run/metrics.json")) if folder.is_dir() else []
+        for path in sorted(found, key=lambda p: p.stat().st_mtime):
+            kl = json.loads(path.read_text()).get("val/sampled/kl")
+            points.append((objective, path.parent.parent.name, kl))
+    return points
+
+
+def write_compute(rows: list[dict], path: Path) -> None:
+    total = {key: sum(row[key] for row in rows) for key in ("runs", "fit_cpu_hours", "wall_hours")}
+    lines = [
+        "# Protocol 2: compute so far",
+        "",
+        "Finished runs per objective and stage; training CPU time is the process's CPU time "
+        "(both cores count), wall time covers training and evaluation and includes any pause; "
+        "a run resumed after an interruption counts its last attempt only "
+        "(`fpo-study --protocol matched_kl --stage export` rewrites this file).",
+        "",
+        "| objective | stage | runs | training CPU (h) | wall (h) |",
+        "|---|---|---|---|---|",
+        *(
+            f"| {r['objective']} | {r['stage']} | {r['runs']} | {r['fit_cpu_hours']:.2f} | "
+            f"{r['wall_hours']:.2f} |"
+            for r in rows
+        ),
+        f"| **all** | | {total['runs']} | {total['fit_cpu_hours']:.2f} | "
+        f"{total['wall_hours']:.2f} |",
+        "",
+        "## Calibration runs finished so far",
+        "",
+        "Validation KL (nats per completion, the policy's samples on the validation prompts) "
+        "of each finished calibration run, in the order they finished; each objective's "
+        "`calibration/<objective>/calibration.md` replaces this once its search is done.",
+        "",
+        "| objective | knob | validation KL |",
+        "|---|---|---|",
+        *(
+            f"| {objective} | `{knob}` | {'' if kl is None else f'{kl:.3g}'} |"
+            for objective, knob, kl in calibration_points()
+        ),
+        "",
+    ]
+    path.write_text("\n".join(lines), encoding="utf-8")
+
+
 def stage_export() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     for objective in ORDER:
@@ -194,7 +266,8 @@ def stage_export() -> None:
             (row,) = run_rows([run_])
             rows.append({**row, "run": name})
     write_csv(sorted(rows, key=lambda r: r["run"]), OUT / "runs.csv", RUN_COLUMNS)
-    print(f"export: {len(rows)} seed runs' generations and runs.csv in {OUT}")
+    write_compute(compute_rows(), OUT / "compute.md")
+    print(f"export: {len(rows)} seed runs' generations, runs.csv and compute.md in {OUT}")
 
 
 STAGES = ("cache", "calibrate", "seeds", "compare", "export")
