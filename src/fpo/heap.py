@@ -19,10 +19,11 @@ from collections.abc import Callable
 
 @functools.cache
 def _malloc_trim() -> Callable[[int], int] | None:
-    """glibc's ``malloc_trim``, or ``None`` where the C library has none (musl, macOS)."""
+    """glibc's ``malloc_trim``, or ``None`` where the C library has none (musl, macOS,
+    Windows, where ``CDLL(None)`` itself fails)."""
     try:
         trim = ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError):
+    except (OSError, AttributeError, TypeError):
         return None
     trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
     return trim

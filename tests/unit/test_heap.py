@@ -50,3 +50,18 @@ def test_the_release_can_be_turned_off(monkeypatch):
     assert release_free_heap() is True and calls == [0]
     monkeypatch.setenv("FPO_RELEASE_FREE_HEAP", "0")
     assert release_free_heap() is False and calls == [0]
+
+
+def test_without_malloc_trim_nothing_is_released(monkeypatch):
+    """A C library without ``malloc_trim`` (musl, macOS) or no ``CDLL(None)`` (Windows)."""
+    import fpo.heap
+
+    def no_c_library(name):
+        raise TypeError("expected a library name")
+
+    fpo.heap._malloc_trim.cache_clear()
+    monkeypatch.setattr(fpo.heap.ctypes, "CDLL", no_c_library)
+    try:
+        assert release_free_heap() is False
+    finally:
+        fpo.heap._malloc_trim.cache_clear()
