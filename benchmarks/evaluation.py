@@ -4,6 +4,7 @@ whole evaluation before and after (issue 23), on google/gemma-3-270m.
     python -m benchmarks.evaluation phases            # this checkout, phase by phase
     python -m benchmarks.evaluation compare --base /path/to/old/checkout [--rounds 1]
     python -m benchmarks.evaluation flops [--samples-from <a compare run's cache>]
+    python -m benchmarks.evaluation profile           # top operators; sampling by batch size
 
 ``--num-prompts N`` cuts each to N test prompts and N pairs (batches stay full: 2N samples).
 
@@ -118,11 +119,8 @@ def pair_batches(run) -> list[dict]:
     return list(heldout_loader(run.datamodule, source, settings.get("num_pairs"), size))
 
 
-def flops(peak: float, overrides: list[str], samples_dir: Path | None) -> list[dict]:
-    """The FLOPs of each phase without running it, and the seconds they take at ``peak``:
-    completion lengths from the reference's samples that a ``compare`` run stored under
-    ``samples_dir`` (fpo-eval's policy is the reference: the same law), else every row at
-    ``max_new_tokens`` (an upper bound)."""
+def _main_job(overrides: list[str]):
+    """The main job's run parts, evaluation inputs and test prompts."""
     from fpo.builder import build_run_parts
     from fpo.evaluation.after_fit import read_prompts
     from fpo.testing import compose_train
@@ -130,8 +128,16 @@ def flops(peak: float, overrides: list[str], samples_dir: Path | None) -> list[d
     cfg = compose_train("experiment=sentiment_gemma3", "reference=online", *overrides)
     parts = build_run_parts(cfg)
     run = parts.evaluation_inputs(Path(tempfile.mkdtemp()))
+    return parts, run, read_prompts(run.settings["prompts_file"], run.settings.get("num_prompts"))
+
+
+def flops(peak: float, overrides: list[str], samples_dir: Path | None) -> list[dict]:
+    """The FLOPs of each phase without running it, and the seconds they take at ``peak``:
+    completion lengths from the reference's samples that a ``compare`` run stored under
+    ``samples_dir`` (fpo-eval's policy is the reference: the same law), else every row at
+    ``max_new_tokens`` (an upper bound)."""
+    parts, run, prompts = _main_job(overrides)
     settings, counter = run.settings, FlopCounter(parts.policy, run.sae)
-    prompts = read_prompts(settings["prompts_file"], settings.get("num_prompts"))
     count, batch = settings["num_samples"], settings["batch_size"]
     prompt_lengths = [len(run.tokenizer(p)["input_ids"]) for p in prompts for _ in range(count)]
     lengths = [settings["max_new_tokens"]] * len(prompt_lengths)
@@ -158,22 +164,49 @@ def _timed(function, *args, **kwargs):
     return value, time.perf_counter() - started
 
 
+def profile(overrides: list[str], profiled_prompts: int = 32, top: int = 12) -> dict:
+    """Where the policy's sampling and scoring spend their time: ``torch.profiler``'s top
+    operators (self CPU) over ``profiled_prompts`` prompts, and the sampling of every test
+    prompt timed at batch sizes 32, 64 and all at once (other batches draw other samples)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    from fpo.evaluation.sampling import sample_for_scoring
+    from fpo.evaluation.scoring import sequence_logprob
+
+    parts, run, prompts = _main_job(overrides)
+    settings, out = run.settings, {"operators": {}, "sampling_seconds_by_batch": {}}
+    sample = {k: settings[k] for k in ("num_samples", "max_new_tokens")}
+    pad, chunk = run.tokenizer.pad_token_id, settings["logits_chunk_size"]
+    with torch_profile(activities=[ProfilerActivity.CPU]) as sampling:
+        few = sample_for_scoring(parts.policy, run.tokenizer, prompts[:profiled_prompts], **sample)
+    with torch_profile(activities=[ProfilerActivity.CPU]) as scoring:
+        sequence_logprob(parts.policy, pad, few.prompt_ids, few.completion_ids, chunk, 32)
+    for name, result in (("sampling", sampling), ("scoring", scoring)):
+        events = sorted(result.key_averages(), key=lambda e: -e.self_cpu_time_total)
+        total = sum(e.self_cpu_time_total for e in events)
+        out["operators"][name] = {e.key: round(e.self_cpu_time_total / total, 3) for e in events}
+        out["operators"][name] = dict(list(out["operators"][name].items())[:top])
+        print(name, json.dumps(out["operators"][name]), flush=True)
+    for batch in (32, 64, len(prompts) * sample["num_samples"]):
+        _, seconds = _timed(
+            sample_for_scoring, parts.policy, run.tokenizer, prompts, batch_size=batch, **sample
+        )
+        out["sampling_seconds_by_batch"][str(batch)] = round(seconds, 1)
+        print(f"sampling {len(prompts)} prompts, batch {batch}: {seconds:.1f} s", flush=True)
+    return out
+
+
 def phases(peak: float, overrides: list[str]) -> list[dict]:
     """Each phase of the main job's evaluation, timed, with its FLOPs (module docstring)."""
-    from fpo.builder import build_run_parts
-    from fpo.evaluation.after_fit import read_prompts
     from fpo.evaluation.heldout import heldout_pair_metrics, reference_pair_side
     from fpo.evaluation.reference_side import reference_side_cache
     from fpo.evaluation.sampling import sample_for_scoring
     from fpo.evaluation.scoring import sequence_logprob
-    from fpo.testing import compose_train
 
-    cfg = compose_train("experiment=sentiment_gemma3", "reference=online", *overrides)
-    parts = build_run_parts(cfg)
-    run = parts.evaluation_inputs(Path(tempfile.mkdtemp()))
+    parts, run, prompts = _main_job(overrides)
     policy, reference, settings = parts.policy, parts.load_reference_model(), run.settings
     counter = FlopCounter(policy, run.sae)
-    prompts = read_prompts(settings["prompts_file"], settings.get("num_prompts"))
     sample = {k: settings[k] for k in ("num_samples", "max_new_tokens", "batch_size")}
     chunk, rows = settings["logits_chunk_size"], []
 
@@ -294,7 +327,7 @@ def compare(base: Path, rounds: int, overrides: list[str]) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("what", choices=["phases", "compare", "flops"])
+    parser.add_argument("what", choices=["phases", "compare", "flops", "profile"])
     parser.add_argument("--samples-from", type=Path, help="flops: a compare run's cache")
     parser.add_argument("--base", type=Path, help="compare: the old checkout (its src/)")
     parser.add_argument("--rounds", type=int, default=1)
@@ -315,6 +348,8 @@ def main(argv: list[str] | None = None) -> None:
         results["phases"] = phases(peak, overrides)
     elif args.what == "flops":
         results["flops"] = flops(peak, overrides, args.samples_from)
+    elif args.what == "profile":
+        results["profile"] = profile(overrides)
     else:
         if args.base is None:
             parser.error("compare needs --base")
