@@ -52,15 +52,15 @@ def run_metrics(each: RunScores, split: str | None) -> dict[str, float]:
 
 
 def reference_degeneration(scores: Sequence[RunScores], split: str | None) -> dict[str, float]:
-    """The reference's completions' degeneration metrics (KL 0), from the first run that has
-    them: every run against the same reference samples it the same way."""
+    """The reference's completions' degeneration metrics (KL 0): the mean over the runs that
+    have them (each run samples the reference with its own seed)."""
+    found: dict[str, list[float]] = {}
     for each in scores:
         block = (_summary(each, split).get("degeneration") or {}).get("reference") or {}
-        numbers = {f"degeneration/{k}": as_number(v) for k, v in block.items()}
-        numbers = {k: v for k, v in numbers.items() if v is not None}
-        if numbers:
-            return numbers
-    return {}
+        for key, value in block.items():
+            if (number := as_number(value)) is not None:
+                found.setdefault(f"degeneration/{key}", []).append(number)
+    return {key: float(np.mean(values)) for key, values in found.items()}
 
 
 def matched_run_metrics(
