@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 
 @functools.cache
-def _malloc_trim() -> Callable[[int], int] | None:
+def c_malloc_trim() -> Callable[[int], int] | None:
     """glibc's ``malloc_trim``, or ``None`` where the C library has none (musl, macOS,
     Windows, where ``CDLL(None)`` itself fails)."""
     try:
@@ -33,5 +33,5 @@ def release_free_heap() -> bool:
     """Return the heap's free pages to the OS; True when memory was released."""
     if os.environ.get("FPO_RELEASE_FREE_HEAP", "1") == "0":
         return False
-    trim = _malloc_trim()
+    trim = c_malloc_trim()
     return bool(trim(0)) if trim is not None else False

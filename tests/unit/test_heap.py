@@ -46,7 +46,7 @@ def test_the_release_can_be_turned_off(monkeypatch):
     import fpo.heap
 
     calls = []
-    monkeypatch.setattr(fpo.heap, "_malloc_trim", lambda: lambda pad: calls.append(pad) or 1)
+    monkeypatch.setattr(fpo.heap, "c_malloc_trim", lambda: lambda pad: calls.append(pad) or 1)
     assert release_free_heap() is True and calls == [0]
     monkeypatch.setenv("FPO_RELEASE_FREE_HEAP", "0")
     assert release_free_heap() is False and calls == [0]
@@ -59,9 +59,9 @@ def test_without_malloc_trim_nothing_is_released(monkeypatch):
     def no_c_library(name):
         raise TypeError("expected a library name")
 
-    fpo.heap._malloc_trim.cache_clear()
+    fpo.heap.c_malloc_trim.cache_clear()
     monkeypatch.setattr(fpo.heap.ctypes, "CDLL", no_c_library)
     try:
         assert release_free_heap() is False
     finally:
-        fpo.heap._malloc_trim.cache_clear()
+        fpo.heap.c_malloc_trim.cache_clear()
