@@ -27,8 +27,8 @@ from typing import Any
 import numpy as np
 
 from fpo.compare.bootstrap import interpolate
-from fpo.compare.runs import as_number, read_json
-from fpo.compare.sample_scores import SUMMARY, RunScores, evaluation_folder
+from fpo.compare.runs import as_number
+from fpo.compare.sample_scores import RunScores, split_summary
 from fpo.compare.table import write_csv
 
 COST_METRICS = {"fit_cpu_seconds": "run/fit_cpu_seconds", "peak_memory_gb": "run/peak_memory_gb"}
@@ -37,15 +37,9 @@ COLUMNS = [
 ]  # fmt: skip
 
 
-def _summary(each: RunScores, split: str | None) -> dict[str, Any]:
-    if split is None:
-        return each.run.evaluation
-    return read_json(evaluation_folder(each.run, split) / SUMMARY, each.run.problems)
-
-
 def run_metrics(each: RunScores, split: str | None) -> dict[str, float]:
     """The run's degeneration metrics on ``split`` and its training cost, by metric name."""
-    block = (_summary(each, split).get("degeneration") or {}).get("policy") or {}
+    block = (split_summary(each.run, split).get("degeneration") or {}).get("policy") or {}
     found = {f"degeneration/{key}": as_number(value) for key, value in block.items()}
     found |= {name: as_number(each.run.metrics.get(key)) for name, key in COST_METRICS.items()}
     return {name: value for name, value in found.items() if value is not None}
@@ -56,7 +50,7 @@ def reference_degeneration(scores: Sequence[RunScores], split: str | None) -> di
     have them (each run samples the reference with its own seed)."""
     found: dict[str, list[float]] = {}
     for each in scores:
-        block = (_summary(each, split).get("degeneration") or {}).get("reference") or {}
+        block = (split_summary(each.run, split).get("degeneration") or {}).get("reference") or {}
         for key, value in block.items():
             if (number := as_number(value)) is not None:
                 found.setdefault(f"degeneration/{key}", []).append(number)

@@ -56,6 +56,14 @@ def evaluation_folder(run: Run, split: str | None = None) -> Path:
     return folder / split if split else folder
 
 
+def split_summary(run: Run, split: str | None = None) -> dict[str, Any]:
+    """The ``summary.json`` of the main test set (``split=None``, read with the run) or of
+    ``evaluation/<split>``; ``{}`` when there is none (the problem is noted on the run)."""
+    if split is None:
+        return run.evaluation
+    return read_json(evaluation_folder(run, split) / SUMMARY, run.problems)
+
+
 def _per_prompt_means(values: list[float], positions: np.ndarray, count: int) -> np.ndarray:
     """Means of ``values`` (``(N,)``) per prompt position (``positions``, ``(N,)``) -> ``(P,)``."""
     sums = np.bincount(positions, weights=np.asarray(values, dtype=np.float64), minlength=count)
@@ -121,7 +129,7 @@ def read_run_scores(run: Run, split: str | None = None) -> RunScores | None:
             return _from_samples(run, folder / GENERATIONS, lines)
         except (TypeError, ValueError, AttributeError) as error:
             raise UserError(f"{folder / GENERATIONS}: a line with a bad value ({error}).") from None
-    summary = run.evaluation if split is None else read_json(folder / SUMMARY, run.problems)
+    summary = split_summary(run, split)
     kl = as_number(summary.get("kl"))
     scores = _summary_scores(summary)
     if kl is None or not scores:
