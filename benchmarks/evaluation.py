@@ -181,7 +181,9 @@ def profile(overrides: list[str], profiled_prompts: int = 32, top: int = 12) -> 
     with torch_profile(activities=[ProfilerActivity.CPU]) as sampling:
         few = sample_for_scoring(parts.policy, run.tokenizer, prompts[:profiled_prompts], **sample)
     with torch_profile(activities=[ProfilerActivity.CPU]) as scoring:
-        sequence_logprob(parts.policy, pad, few.prompt_ids, few.completion_ids, chunk, 32)
+        sequence_logprob(
+            parts.policy, pad, few.prompt_ids, few.completion_ids, chunk, settings["batch_size"]
+        )
     for name, result in (("sampling", sampling), ("scoring", scoring)):
         events = sorted(result.key_averages(), key=lambda e: -e.self_cpu_time_total)
         total = sum(e.self_cpu_time_total for e in events)
