@@ -31,6 +31,7 @@ from torch import nn
 
 from fpo.checkpoints import AtomicCheckpointIO
 from fpo.errors import UserError
+from fpo.fit_clock import FitClock
 from fpo.lora import AdapterFreeReference, add_adapters, is_lora, lora_settings
 from fpo.module import FPOLightningModule
 from fpo.objective import Objective, build_objective
@@ -181,9 +182,8 @@ def parse_objective(node: DictConfig) -> Objective:
 
 
 def load_run_sae(sae_cfg: DictConfig, model: nn.Module) -> tuple[nn.Module, str]:
-    """The frozen SAE of ``cfg.sae.loader``, checked against ``model``, and its resolved
-    hook. A loader that takes a ``model`` (the random SAE) gets it, to read sizes and
-    layers."""
+    """The frozen SAE of ``cfg.sae.loader``, checked against ``model``, and its resolved hook.
+    A loader that takes a ``model`` (the random SAE) gets it, to read sizes and layers."""
     takes_model = "model" in inspect.signature(get_object(sae_cfg.loader._target_)).parameters
     sae = instantiate(sae_cfg.loader, **({"model": model} if takes_model else {}))
     check_sae_fits_model(sae, model)
@@ -324,10 +324,10 @@ class RunParts:
         return instantiate_all(OmegaConf.create(loggers))
 
     def build_trainer(self, loggers: list | None = None, **overrides: Any) -> L.Trainer:
-        """``cfg.trainer`` with the run's callbacks, the given loggers and gradient
+        """``cfg.trainer`` with the run's callbacks and a `FitClock`, the given loggers and
         accumulation set from ``step.global_batch_size``; ``overrides`` replace trainer args."""
         overrides.setdefault("logger", loggers or False)
-        overrides.setdefault("callbacks", instantiate_all(self.cfg.get("callbacks")))
+        overrides.setdefault("callbacks", [*instantiate_all(self.cfg.get("callbacks")), FitClock()])
         if not self.cfg.trainer.get("plugins"):  # atomic writes, weights-only loads
             overrides.setdefault("plugins", [AtomicCheckpointIO()])
         trainer: L.Trainer = instantiate(self.cfg.trainer, **overrides)

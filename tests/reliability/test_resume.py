@@ -73,6 +73,8 @@ def test_sigkilled_run_resumes_to_the_uninterrupted_result(uninterrupted, tmp_pa
     ]
     assert {"optimizer_states", "lr_schedulers", "fpo"} <= last.keys()
     assert not list((killed_run / "checkpoints").glob(".*tmp*")), "a temp file was left"
+    clock = last["callbacks"]["FitClock"]  # the killed attempt's cost, up to step 6
+    assert clock["attempts"] == 1 and clock["cpu_seconds"] > 0
 
     resumed = train(tmp_path, "ckpt_path=last")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -83,6 +85,11 @@ def test_sigkilled_run_resumes_to_the_uninterrupted_result(uninterrupted, tmp_pa
     assert resumed_run != killed_run
 
     assert stable_metrics(resumed_run) == stable_metrics(uninterrupted)
+    cost = json.loads((resumed_run / "metrics.json").read_text())
+    assert cost["run/fit_attempts"] == 2  # the resumed run counts the killed attempt's time
+    assert cost["run/fit_cpu_seconds"] > clock["cpu_seconds"]
+    assert cost["run/fit_seconds"] > clock["seconds"]
+    assert cost["run/fit_load_average"] > 0 and cost["run/cpu_count"] >= 1
     ours, theirs = (
         load(resumed_run / "checkpoints/last.ckpt"),
         load(uninterrupted / "checkpoints/last.ckpt"),

@@ -16,9 +16,12 @@ from fpo.compare import load_runs, matched_kl_table
 from fpo.compare.matched_metrics import matched_run_metrics, reference_degeneration
 
 
-def make_run(root: Path, objective: str, seed: int, beta: float, kl: float, folder: str = ""):
+def make_run(
+    root: Path, objective: str, seed: int, beta: float, kl: float, folder: str = "", load=None
+):
     """A run whose test set ``folder`` has KL ``kl``, a judge score, degeneration metrics that
-    are linear in the KL (distinct-1 = 0.5 - 0.05 KL) and a cost of 100 KL CPU seconds."""
+    are linear in the KL (distinct-1 = 0.5 - 0.05 KL) and a cost of 100 KL CPU seconds; its
+    fit ran at mean load average ``load`` on 2 CPUs (``None``: not recorded)."""
     run = root / f"{objective}_beta{beta}_seed{seed}"
     (run / ".hydra").mkdir(parents=True, exist_ok=True)
     config = {"seed": seed, "objective": {"name": objective, "beta": beta}}
@@ -38,6 +41,8 @@ def make_run(root: Path, objective: str, seed: int, beta: float, kl: float, fold
     (run / "evaluation" / folder).mkdir(parents=True, exist_ok=True)
     (run / "evaluation" / folder / "summary.json").write_text(json.dumps(summary))
     metrics = {"run/fit_cpu_seconds": 100.0 * kl + seed, "run/peak_memory_gb": 6.0}
+    if load is not None:
+        metrics |= {"run/fit_load_average": load, "run/cpu_count": 2.0}
     (run / "metrics.json").write_text(json.dumps(metrics))
     return run
 
@@ -66,6 +71,22 @@ def test_metrics_are_interpolated_per_seed_and_averaged(tmp_path):
     assert reference_degeneration(matched.scores, None) == pytest.approx(
         {"degeneration/distinct_1": 0.47, "degeneration/on_topic_rate": 0.95}
     )  # the mean over the runs: seeds 0, 0, 1, 1, 2, 2
+
+
+def test_cpu_seconds_come_only_from_runs_that_had_the_machine_to_themselves(tmp_path):
+    """A run trained beside other jobs (load 4 on 2 CPUs) gives no CPU seconds, so its seed
+    has no cost at the target; its peak memory and degeneration metrics still count."""
+    make_run(tmp_path, "dpo", 0, 0.3, 2.0, load=2.1)
+    make_run(tmp_path, "dpo", 0, 0.1, 4.0, load=2.4)  # 2.4 <= 1.25 x 2: alone
+    make_run(tmp_path, "dpo", 1, 0.3, 2.0, load=4.0)  # shared
+    make_run(tmp_path, "dpo", 1, 0.1, 4.0, load=2.0)
+    matched = matched_kl_table(load_runs([tmp_path]), [3.0], bootstrap=0)
+    rows = rows_by_key(matched_run_metrics(matched.scores, [3.0]))
+    cost = rows[("dpo", "fit_cpu_seconds", 3.0)]
+    assert cost["mean"] == pytest.approx(300.0)  # seed 0 only
+    assert cost["n_seeds"] == 1 and cost["n_seeds_excluded"] == 1
+    assert rows[("dpo", "peak_memory_gb", 3.0)]["n_seeds"] == 2
+    assert rows[("dpo", "degeneration/distinct_1", 3.0)]["n_seeds"] == 2
 
 
 def test_a_split_uses_its_own_summary_and_kl(tmp_path):

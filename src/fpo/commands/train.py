@@ -76,6 +76,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     from fpo.builder import build_training
     from fpo.checkpoints import resolve_ckpt_path
     from fpo.commands.card import card_values
+    from fpo.fit_clock import FitClock
     from fpo.interrupts import Interrupted, report, resume_command, stop_on_signals
     from fpo.model_card import refresh_card_evaluation
     from fpo.policy_io import POLICY_DIR, save_policy, should_save_policy
@@ -94,7 +95,6 @@ def train(cfg: DictConfig) -> dict[str, float]:
     config = OmegaConf.to_container(cfg, resolve=True)
     for logger in run.loggers:
         logger.log_hyperparams(config)
-    fit_started, fit_cpu_started = time.perf_counter(), time.process_time()
     try:
         with stop_on_signals(trainer):  # SIGTERM/SIGINT: last.ckpt saved, exit 143/130
             trainer.fit(run.module, datamodule=parts.datamodule, ckpt_path=ckpt_path)
@@ -104,10 +104,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
             report(stop.signum, last, in_multirun(), stop.ranks)
         raise
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
-    metrics["run/fit_seconds"] = time.perf_counter() - fit_started
-    # CPU time of this process (all its threads): unlike wall time, barely moved by other
-    # jobs on a shared machine; compare it between runs on the same thread count.
-    metrics["run/fit_cpu_seconds"] = time.process_time() - fit_cpu_started
+    # fit wall and CPU time summed over every attempt (a resumed run counts its earlier
+    # ones) and the machine's load meanwhile: `fpo.fit_clock`
+    (clock,) = (callback for callback in trainer.callbacks if isinstance(callback, FitClock))
+    metrics.update(clock.totals())
     metrics["run/peak_memory_gb"] = peak_memory_gb()
     has_evaluation = bool(cfg.get("evaluation"))
     save = cfg.get("save_policy", "auto")

@@ -8,7 +8,8 @@ choice. So the same interpolation runs on run-level numbers:
   test set (``summary.json``'s ``degeneration.policy`` block: distinct-1/2, mean length,
   repeat-3, positive-word density and stacking, on-topic rate; `fpo.evaluation.degeneration`);
 - ``fit_cpu_seconds`` and ``peak_memory_gb``: the run's training cost (``run/*`` in
-  ``metrics.json``).
+  ``metrics.json``); the CPU time only of runs that had the machine to themselves
+  (`fpo.machine_load.ran_alone`; older runs that did not record the load count as alone).
 
 Per seed, the value at the target is the linear interpolation between the seed's two runs whose
 KLs bracket it (the KL of the same test set); seeds that do not bracket it are left out and
@@ -30,6 +31,7 @@ from fpo.compare.bootstrap import interpolate
 from fpo.compare.runs import as_number
 from fpo.compare.sample_scores import RunScores, split_summary
 from fpo.compare.table import write_csv
+from fpo.machine_load import ran_alone
 
 COST_METRICS = {"fit_cpu_seconds": "run/fit_cpu_seconds", "peak_memory_gb": "run/peak_memory_gb"}
 COLUMNS = [
@@ -41,7 +43,10 @@ def run_metrics(each: RunScores, split: str | None) -> dict[str, float]:
     """The run's degeneration metrics on ``split`` and its training cost, by metric name."""
     block = (split_summary(each.run, split).get("degeneration") or {}).get("policy") or {}
     found = {f"degeneration/{key}": as_number(value) for key, value in block.items()}
-    found |= {name: as_number(each.run.metrics.get(key)) for name, key in COST_METRICS.items()}
+    cost = dict(COST_METRICS)
+    if ran_alone(each.run.metrics) is False:  # a shared machine's times measure the sharing
+        cost.pop("fit_cpu_seconds")
+    found |= {name: as_number(each.run.metrics.get(key)) for name, key in cost.items()}
     return {name: value for name, value in found.items() if value is not None}
 
 
@@ -122,7 +127,8 @@ def metrics_markdown(rows: Sequence[dict[str, Any]], reference: dict[str, float]
         "that bracket it (never extrapolated), then averaged over seeds: `mean ± sd over "
         "seeds (seeds)`; `outside`: no seed brackets the target. Degeneration metrics are the "
         "policy's completions on this test set; cost is the run's training (fit CPU seconds, "
-        "peak memory in GB).",
+        "peak memory in GB; the CPU seconds only of runs that had the machine to "
+        "themselves).",
         "",
         "| objective | KL | " + " | ".join(metrics) + " |",
         "|---|---|" + "---|" * len(metrics),

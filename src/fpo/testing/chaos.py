@@ -53,7 +53,9 @@ CACHE_ARGS = ("experiment=smoke", "objective=fpo", "cache.shard_size=2", "cache.
 SWEEP_PHASES = ("training", "checkpoint", "evaluation", "summary")
 CACHE_PHASES = ("shard write", "manifest write", "computing")
 #: Keys (at any depth) whose values are wall-clock, memory or restart bookkeeping.
-VOLATILE = ("seconds", "memory", "per_sec", "time", "attempts", "resumed_from", "sweep_dir")
+VOLATILE = (
+    "seconds", "memory", "load_average", "per_sec", "time", "attempts", "resumed_from", "sweep_dir"
+)  # fmt: skip
 TIMEOUT = 600
 
 
