@@ -66,23 +66,32 @@ def test_an_unreachable_target_widens_the_named_side_once():
 
 def test_seeds_run_both_bracketing_values_of_every_target_and_skip_the_uncalibrated(in_tmp, capsys):
     write_report("fpo", [2e-05, 5e-05, 0.0001, 0.0003], [])
+    write_report("dpo", [0.25, 0.5, 2.5, 4.5], [])
     matched_kl.stage_seeds(dry_run=True)
     out = capsys.readouterr().out
-    (command,) = [line for line in out.splitlines() if line.startswith("$")]
-    assert command.endswith(
-        "fpo-train -m experiment=matched_kl/fpo "
-        "objective.constraints.features.alpha=2e-05,5e-05,0.0001,0.0003 seed=1,2,3,4,5"
-    )
-    assert "seeds: dpo: no calibration with bracketing values yet; skipped" in out
-    # the folder fpo-train -m gives these overrides is where compare and export look
-    sweep = matched_kl.seed_sweep("fpo")
-    assert sweep.parent == in_tmp / "logs" / "matched_kl" / "multiruns"
-    assert sweep.name.startswith("experiment=matched_kl_fpo_objective.constraints")
+    commands = [line for line in out.splitlines() if line.startswith("$")]
+    # seed by seed, each calibrated objective at its four knob values: a study stopped
+    # part-way has every objective at the same seeds
+    expected = [
+        f"fpo-train -m experiment=matched_kl/{objective} "
+        f"objective.constraints.features.alpha={knobs} seed={seed}"
+        for seed in (1, 2, 3, 4, 5)
+        for objective, knobs in (("fpo", "2e-05,5e-05,0.0001,0.0003"), ("dpo", "0.25,0.5,2.5,4.5"))
+    ]
+    assert len(commands) == len(expected)
+    assert all(c.endswith(e) for c, e in zip(commands, expected, strict=True)), commands
+    assert "seeds: tdpo2: no calibration with bracketing values yet; skipped" in out
+    # the folders fpo-train -m gives these overrides are where compare and export look
+    sweeps = matched_kl.seed_sweeps("fpo")
+    assert len(set(sweeps)) == 5
+    assert all(s.parent == in_tmp / "logs" / "matched_kl" / "multiruns" for s in sweeps)
+    assert all(s.name.startswith("experiment=matched_kl_fpo_objective.constraints") for s in sweeps)
+    assert matched_kl.seed_sweeps("tdpo2") == []
 
 
 def test_export_keeps_every_sample_of_both_test_sets(in_tmp):
     write_report("fpo", [1e-4, 3e-4], [])
-    sweep = matched_kl.seed_sweep("fpo")
+    sweep = matched_kl.seed_sweeps("fpo")[0]
     run = sweep / "0"
     (run / ".hydra").mkdir(parents=True)
     (run / ".hydra" / "config.yaml").write_text("seed: 1\nobjective: {name: fpo}\n")
@@ -110,12 +119,18 @@ def test_export_keeps_every_sample_of_both_test_sets(in_tmp):
 def test_export_states_the_compute_so_far(in_tmp):
     write_report("fpo", [1e-4, 3e-4], [])
     calibration = matched_kl.series_dir("fpo") / "alpha=1e-4" / "run"
-    seed_runs = [matched_kl.seed_sweep("fpo") / str(n) for n in (0, 1)]
-    for folder, cpu in ((calibration, 1800.0), (seed_runs[0], 3600.0), (seed_runs[1], 5400.0)):
+    seed_runs = [matched_kl.seed_sweeps("fpo")[0] / "0", matched_kl.seed_sweeps("fpo")[4] / "1"]
+    clocks = (  # an older run; a resumed run on a quiet machine; a run beside other jobs
+        {},
+        {"run/fit_attempts": 2.0, "run/fit_load_average": 2.1, "run/cpu_count": 2.0},
+        {"run/fit_attempts": 1.0, "run/fit_load_average": 3.9, "run/cpu_count": 2.0},
+    )
+    folders = ((calibration, 1800.0), (seed_runs[0], 3600.0), (seed_runs[1], 5400.0))
+    for (folder, cpu), clock in zip(folders, clocks, strict=True):
         (folder / ".hydra").mkdir(parents=True)
         (folder / ".hydra" / "config.yaml").write_text("seed: 1\nobjective: {name: fpo}\n")
         metrics = {"run/fit_cpu_seconds": cpu, "run/wall_seconds": 2 * cpu, "val/sampled/kl": 4.25}
-        (folder / "metrics.json").write_text(json.dumps(metrics))
+        (folder / "metrics.json").write_text(json.dumps(metrics | clock))
     rows = {(r["objective"], r["stage"]): r for r in matched_kl.compute_rows()}
     assert rows[("fpo", "calibration")]["runs"] == 1
     assert rows[("fpo", "calibration")]["fit_cpu_hours"] == pytest.approx(0.5)
@@ -124,9 +139,12 @@ def test_export_states_the_compute_so_far(in_tmp):
     assert rows[("dpo", "seeds")]["runs"] == 0  # not calibrated yet
     matched_kl.stage_export()
     text = (in_tmp / "results" / "compute.md").read_text()
-    assert "| fpo | seeds | 2 | 2.50 | 5.00 |" in text
-    assert "| **all** | | 3 | 3.00 | 6.00 |" in text
+    assert "| fpo | calibration | 1 | 0.50 | 1.00 | 0 | 0 | 1 |" in text
+    assert "| fpo | seeds | 2 | 2.50 | 5.00 | 1 | 1 | 0 |" in text
+    assert "| **all** | | 3 | 3.00 | 6.00 | 1 | 1 | 1 |" in text
     assert "| fpo | `alpha=1e-4` | 4.25 |" in text  # the calibration run, not the seeds'
+    assert "| 1 | 1/2 | - | - | - | - |" in text  # seed 1: one of FPO's two knob values
+    assert "| 5 | 1/2 | - | - | - | - |" in text and "| 3 | 0/2 | - | - | - | - |" in text
     assert text.count("4.25") == 1
 
 

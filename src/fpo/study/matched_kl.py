@@ -11,14 +11,16 @@ Stages (each runs again safely: finished runs are read, interrupted ones resume)
 2. ``calibrate``: ``fpo-calibrate`` per objective to :data:`TARGET_KLS` in its search range
    (:data:`RANGES`, validation prompts only). A target every run of the range misses is
    tried once more with the range widened 10x on the side the report names.
-3. ``seeds``: per calibrated objective, one ``fpo-train -m`` sweep over both bracketing knob
-   values of every target and :data:`SEEDS`; an objective whose calibration has not
-   finished is skipped with a note.
+3. ``seeds``: per seed of :data:`SEEDS`, then per calibrated objective, one ``fpo-train -m``
+   sweep over both bracketing knob values of every target: seed by seed, so that a study
+   stopped part-way has every objective at the same seeds; an objective whose calibration
+   has not finished is skipped with a note.
 4. ``compare``: ``fpo-compare --at-kl`` over the seed sweeps, FPO the baseline, on the test
    prompts and on the second test set (``docs/results/matched_kl/{test,ood_test}/``).
 5. ``export``: each objective's ``calibration.{json,md}``, every seed run's generations of
    both test sets (all samples, every field), ``runs.csv`` and ``compute.md`` (the study's
-   total compute so far, per objective and stage) into ``docs/results/matched_kl/``.
+   total compute so far, per objective and stage, and the seed runs finished per seed) into
+   ``docs/results/matched_kl/``.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from pathlib import Path
 
 from fpo.calibration.runs import format_knob, series_folder
 from fpo.compare import load_runs, run_rows, write_csv
+from fpo.machine_load import ran_alone
 from fpo.study.comparison import BIN, OBJECTIVES, RESULTS, RUN_COLUMNS
 from fpo.sweep import derive_sweep_name
 
@@ -103,24 +106,29 @@ def widened(report: dict, low: float, high: float) -> tuple[float, float] | None
     return None
 
 
-def seed_overrides(objective: str, report: dict) -> list[str] | None:
-    """The seed sweep's task overrides (``None``: no target has two bracketing values)."""
+def seed_overrides(objective: str, report: dict, seed: int) -> list[str] | None:
+    """The task overrides of ``seed``'s sweep over the seed knob values (``None``: no target
+    has two bracketing values)."""
     values = report.get("seed_knobs") or []
     if not values:
         return None
     knobs = ",".join(format_knob(v) for v in values)
-    seeds = ",".join(map(str, SEEDS))
-    return [*experiment(objective), f"{report['knob']}={knobs}", f"seed={seeds}"]
+    return [*experiment(objective), f"{report['knob']}={knobs}", f"seed={seed}"]
 
 
-def seed_sweep(objective: str) -> Path | None:
-    """The seed sweep's folder (``fpo-train -m`` derives it from the same overrides)."""
+def seed_sweeps(objective: str) -> list[Path]:
+    """The seed sweeps' folders, one per seed of :data:`SEEDS`, run or not (``fpo-train -m``
+    derives each from the same overrides); none before the objective is calibrated."""
     report = read_calibration(objective)
-    overrides = report and seed_overrides(objective, report)
-    if not overrides:
-        return None
+    found = [report and seed_overrides(objective, report, seed) for seed in SEEDS]
     # <paths.log_dir>/matched_kl/multiruns/<name>: fpo-train -m's folder for these overrides
-    return series_dir(objective).parents[2] / "multiruns" / derive_sweep_name(overrides)
+    multiruns = series_dir(objective).parents[2] / "multiruns"
+    return [multiruns / derive_sweep_name(overrides) for overrides in found if overrides]
+
+
+def started_seed_sweeps() -> list[Path]:
+    """Every objective's seed sweeps that have started (their folder exists)."""
+    return [folder for objective in ORDER for folder in seed_sweeps(objective) if folder.is_dir()]
 
 
 def run(command: list[str], dry_run: bool) -> int:
@@ -145,17 +153,18 @@ def stage_calibrate(dry_run: bool) -> None:
 
 
 def stage_seeds(dry_run: bool) -> None:
-    for objective in ORDER:
-        report = read_calibration(objective)
-        overrides = report and seed_overrides(objective, report)
-        if not overrides:
-            print(f"seeds: {objective}: no calibration with bracketing values yet; skipped")
-            continue
-        run([str(BIN / "fpo-train"), "-m", *overrides], dry_run)
+    for seed in SEEDS:
+        for objective in ORDER:
+            report = read_calibration(objective)
+            overrides = report and seed_overrides(objective, report, seed)
+            if not overrides:
+                print(f"seeds: {objective}: no calibration with bracketing values yet; skipped")
+                continue
+            run([str(BIN / "fpo-train"), "-m", *overrides], dry_run)
 
 
 def stage_compare(dry_run: bool) -> None:
-    sweeps = [s for s in map(seed_sweep, ORDER) if s is not None and s.is_dir()]
+    sweeps = started_seed_sweeps()
     if not sweeps:
         print("compare: no seed sweep has run yet")
         return
@@ -174,15 +183,23 @@ def export_generations(source: Path, target: Path) -> None:
 
 
 def compute_rows() -> list[dict]:
-    """Per objective and stage (calibration, seeds): finished runs (a ``metrics.json``) and
-    the sums of their training CPU time (``run/fit_cpu_seconds``, process CPU) and wall time
-    (``run/wall_seconds``: training and evaluation, pauses included), in hours."""
+    """Per objective and stage (calibration, seeds): finished runs (a ``metrics.json``), the
+    sums of their training CPU time (``run/fit_cpu_seconds``, process CPU, every attempt) and
+    wall time (``run/wall_seconds``: training and evaluation, pauses included), in hours, and
+    how many runs were resumed, trained beside other jobs (`fpo.machine_load.ran_alone`) or
+    predate those records (timed over their last attempt only)."""
     rows = []
     for objective in ORDER:
-        stages = {"calibration": series_dir(objective), "seeds": seed_sweep(objective)}
-        for stage, folder in stages.items():
-            found = sorted(folder.rglob("metrics.json")) if folder and folder.is_dir() else []
+        stages = {"calibration": [series_dir(objective)], "seeds": seed_sweeps(objective)}
+        for stage, folders in stages.items():
+            found = [
+                path
+                for folder in folders
+                if folder.is_dir()
+                for path in folder.rglob("metrics.json")
+            ]
             metrics = [json.loads(path.read_text()) for path in found]
+            alone = [ran_alone(m) for m in metrics]
             rows.append(
                 {
                     "objective": objective,
@@ -190,6 +207,9 @@ def compute_rows() -> list[dict]:
                     "runs": len(metrics),
                     "fit_cpu_hours": sum(m.get("run/fit_cpu_seconds", 0) for m in metrics) / 3600,
                     "wall_hours": sum(m.get("run/wall_seconds", 0) for m in metrics) / 3600,
+                    "resumed": sum(m.get("run/fit_attempts", 1) > 1 for m in metrics),
+                    "shared": alone.count(False),
+                    "unrecorded": alone.count(None),
                 }
             )
     return rows
@@ -208,25 +228,60 @@ def calibration_points() -> list[tuple[str, str, float | None]]:
     return points
 
 
+def seed_progress() -> list[str]:
+    """A markdown table: per seed, each objective's finished seed runs of its knob values
+    (``-``: not calibrated yet)."""
+    counts = {}
+    for objective in ORDER:
+        report = read_calibration(objective) or {}
+        knobs = len(report.get("seed_knobs") or [])
+        for seed, folder in zip(SEEDS, seed_sweeps(objective), strict=False):
+            done = len(list(folder.glob("*/metrics.json"))) if folder.is_dir() else 0
+            counts[seed, objective] = f"{done}/{knobs}"
+    return [
+        "| seed | " + " | ".join(ORDER) + " |",
+        "|---|" + "---|" * len(ORDER),
+        *(
+            f"| {seed} | " + " | ".join(counts.get((seed, o), "-") for o in ORDER) + " |"
+            for seed in SEEDS
+        ),
+    ]
+
+
+COMPUTE_COLUMNS = ("runs", "fit_cpu_hours", "wall_hours", "resumed", "shared", "unrecorded")
+
+
 def write_compute(rows: list[dict], path: Path) -> None:
-    total = {key: sum(row[key] for row in rows) for key in ("runs", "fit_cpu_hours", "wall_hours")}
+    total = {key: sum(row[key] for row in rows) for key in COMPUTE_COLUMNS}
+
+    def cells(row: dict) -> str:
+        return (
+            f"{row['runs']} | {row['fit_cpu_hours']:.2f} | {row['wall_hours']:.2f} | "
+            f"{row['resumed']} | {row['shared']} | {row['unrecorded']} |"
+        )
+
     lines = [
         "# Protocol 2: compute so far",
         "",
         "Finished runs per objective and stage; training CPU time is the process's CPU time "
-        "(both cores count), wall time covers training and evaluation and includes any pause; "
-        "a run resumed after an interruption counts its last attempt only "
-        "(`fpo-study --protocol matched_kl --stage export` rewrites this file).",
+        "(both cores count) summed over every attempt of a resumed run, wall time covers the "
+        "last attempt's training and evaluation and includes any pause. `resumed`: runs "
+        "trained over more than one attempt; `shared`: runs whose training shared the machine "
+        "with other jobs (mean load average above 1.25 x the CPU count), so their times are "
+        "inflated; `unrecorded`: runs from before these were recorded, timed over their last "
+        "attempt only (`fpo-study --protocol matched_kl --stage export` rewrites this file).",
         "",
-        "| objective | stage | runs | training CPU (h) | wall (h) |",
-        "|---|---|---|---|---|",
-        *(
-            f"| {r['objective']} | {r['stage']} | {r['runs']} | {r['fit_cpu_hours']:.2f} | "
-            f"{r['wall_hours']:.2f} |"
-            for r in rows
-        ),
-        f"| **all** | | {total['runs']} | {total['fit_cpu_hours']:.2f} | "
-        f"{total['wall_hours']:.2f} |",
+        "| objective | stage | runs | training CPU (h) | wall (h) | resumed | shared | "
+        "unrecorded |",
+        "|---|---|---|---|---|---|---|---|",
+        *(f"| {r['objective']} | {r['stage']} | {cells(r)}" for r in rows),
+        f"| **all** | | {cells(total)}",
+        "",
+        "## Seed runs finished so far",
+        "",
+        "Finished runs of each seed at the objective's seed knob values (run seed by seed).",
+        "",
+        *seed_progress(),
         "",
         "## Calibration runs finished so far",
         "",
@@ -255,8 +310,7 @@ def stage_export() -> None:
             for name in ("calibration.json", "calibration.md"):
                 shutil.copyfile(path.parent / name, target / name)
     rows = []
-    sweeps = [s for s in map(seed_sweep, ORDER) if s is not None and s.is_dir()]
-    for run_ in load_runs(sweeps):
+    for run_ in load_runs(started_seed_sweeps()):
         name = f"{run_.path.parent.name}__{run_.path.name}"  # <sweep>__<job>
         for folder, split in TEST_SETS.items():
             source = run_.path / "evaluation" / (split or "") / "generations.jsonl"
