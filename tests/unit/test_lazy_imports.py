@@ -48,7 +48,13 @@ def test_dpo_run_does_not_import_sae_lens(tmp_path):
 
 @pytest.mark.parametrize(
     ("command", "args"),
-    [("train", ["--help"]), ("eval", ["--help"]), ("train", ["experiment=no_such_preset"])],
+    [
+        ("train", ["--help"]),
+        ("eval", ["--help"]),
+        ("train", ["experiment=no_such_preset"]),
+        ("judge_check", ["--help"]),
+        ("push", ["--help"]),
+    ],
 )
 def test_help_and_config_errors_import_no_model_library(command, args):
     script = HELP.format(libraries=MODEL_LIBRARIES, command=command, args=args)

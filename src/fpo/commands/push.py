@@ -23,7 +23,6 @@ from pathlib import Path
 from fpo.commands.common import user_errors
 from fpo.errors import UserError
 from fpo.model_card import CARD_FILE, refresh_card_evaluation
-from fpo.policy_io import POLICY_DIR
 
 #: One of these marks a folder as a saved policy (``save_pretrained``: whole weights,
 #: sharded weights, or PEFT adapters).
@@ -39,6 +38,8 @@ NO_TOKEN = (
 def policy_folder(run_dir: str | Path) -> Path:
     """``<run>/policy/``, or ``run_dir`` itself when it is a policy folder; refused when
     neither holds saved weights."""
+    from fpo.policy_io import POLICY_DIR  # imports Lightning: not for --help
+
     run_dir = Path(run_dir)
     for folder in (run_dir / POLICY_DIR, run_dir):
         if any((folder / name).is_file() for name in WEIGHT_FILES):

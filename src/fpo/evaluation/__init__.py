@@ -10,24 +10,34 @@ the reference, scored by a judge (mean score, win rate), and a Monte-Carlo estim
 - `sentiment`: `evaluate_sentiment`, the controlled-sentiment evaluation.
 - `reference_side`: the reference's samples and pair statistics, kept across runs.
 - `report`: `write_evaluation` (summary.json, generations.jsonl, plot) and `format_summary`.
+
+Its names are imported on first use (PEP 562), so a command that needs one light submodule
+(``fpo-judge-check``: `judge_check`) does not load torch with the package.
 """
 
-from fpo.evaluation.report import format_summary, plot_judge_vs_kl, write_evaluation
-from fpo.evaluation.sampling import Samples, sample_for_scoring
-from fpo.evaluation.scoring import kl_log_ratios, scoring_batch, sequence_logprob
-from fpo.evaluation.sentiment import evaluate_sentiment
-from fpo.evaluation.stats import grouped_mean_stderr, pairwise_wins
+from __future__ import annotations
 
-__all__ = [
-    "Samples",
-    "evaluate_sentiment",
-    "format_summary",
-    "grouped_mean_stderr",
-    "kl_log_ratios",
-    "pairwise_wins",
-    "plot_judge_vs_kl",
-    "sample_for_scoring",
-    "scoring_batch",
-    "sequence_logprob",
-    "write_evaluation",
-]
+import importlib
+from typing import Any
+
+#: name -> the submodule that defines it
+EXPORTS = {
+    "Samples": "sampling",
+    "evaluate_sentiment": "sentiment",
+    "format_summary": "report",
+    "grouped_mean_stderr": "stats",
+    "kl_log_ratios": "scoring",
+    "pairwise_wins": "stats",
+    "plot_judge_vs_kl": "report",
+    "sample_for_scoring": "sampling",
+    "scoring_batch": "scoring",
+    "sequence_logprob": "scoring",
+    "write_evaluation": "report",
+}
+__all__ = sorted(EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in EXPORTS:
+        return getattr(importlib.import_module(f"{__name__}.{EXPORTS[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
