@@ -24,13 +24,14 @@ def in_tmp(tmp_path, monkeypatch):
 
 
 def write_report(objective: str, seed_knobs: list[float], targets: list[dict]) -> dict:
+    path = matched_kl.calibration_file(objective)
     report = {
         "objective": objective,
         "knob": "objective.constraints.features.alpha",
         "seed_knobs": seed_knobs,
         "targets": targets,
+        "runs": [{"run": str(path.parent.parent / "x" / "run")}],  # absolute, as written
     }
-    path = matched_kl.calibration_file(objective)
     path.parent.mkdir(parents=True)
     path.write_text(json.dumps(report))
     (path.parent / "calibration.md").write_text("# Calibration\n")
@@ -111,7 +112,8 @@ def test_export_keeps_every_sample_of_both_test_sets(in_tmp):
     for folder in ("test", "ood_test"):
         (exported,) = (out / "generations" / folder).iterdir()
         assert [json.loads(line) for line in exported.read_text().splitlines()] == rows
-    assert (out / "calibration" / "fpo" / "calibration.json").is_file()
+    exported = json.loads((out / "calibration" / "fpo" / "calibration.json").read_text())
+    assert exported["runs"] == [{"run": "logs/matched_kl/calibration/fpo/x/run"}]  # not /tmp/...
     (row,) = csv.DictReader((out / "runs.csv").open())
     assert row["run"] == f"{sweep.name}__0" and row["objective"] == "fpo"
 

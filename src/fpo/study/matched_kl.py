@@ -307,8 +307,11 @@ def stage_export() -> None:
         if path.is_file():
             target = OUT / "calibration" / objective
             target.mkdir(parents=True, exist_ok=True)
+            # run folders relative to the folder that holds logs/, not this machine's paths
+            root = f"{log_dir().parent}/".replace("\\", "/")
             for name in ("calibration.json", "calibration.md"):
-                shutil.copyfile(path.parent / name, target / name)
+                text = (path.parent / name).read_text(encoding="utf-8")
+                (target / name).write_text(text.replace(root, ""), encoding="utf-8")
     rows = []
     for run_ in load_runs(started_seed_sweeps()):
         name = f"{run_.path.parent.name}__{run_.path.name}"  # <sweep>__<job>
