@@ -10,7 +10,8 @@ they are bit-identical).
 
 FPO reads its reference from the offline cache (built once, by one process): this checks
 that the cache's rows join to each rank's shard of the data. TDPO-2 runs the online
-reference (full-vocabulary token KL) on each rank.
+reference (full-vocabulary token KL) on each rank, once with a full policy and once with LoRA
+adapters (the reference: the same DDP-wrapped model with its adapters off).
 """
 
 from __future__ import annotations
@@ -69,11 +70,18 @@ def metrics(run_dir: Path) -> dict[str, float]:
     }
 
 
+#: LoRA adapters, the reference their adapter-free base; no adapter dropout, whose masks would
+#: come from each rank's RNG instead of the one process's.
+LORA = ("model.lora.enabled=true", "model.lora.r=4", "model.lora.alpha=8", "model.lora.dropout=0")
+
+
 @pytest.mark.parametrize(
-    ("objective", "reference"), [("fpo", "cached"), ("tdpo2", "online")], ids=["fpo-cache", "tdpo2"]
+    ("objective", "reference", "extra"),
+    [("fpo", "cached", ()), ("tdpo2", "online", ()), ("tdpo2", "online", LORA)],
+    ids=["fpo-cache", "tdpo2", "tdpo2-lora"],
 )
-def test_two_ddp_processes_equal_one_process(tmp_path, objective, reference):
-    overrides = (f"objective={objective}", f"reference={reference}")
+def test_two_ddp_processes_equal_one_process(tmp_path, objective, reference, extra):
+    overrides = (f"objective={objective}", f"reference={reference}", *extra)
     if reference == "cached":
         run("fpo.commands.cache", tmp_path, tmp_path / "cache_run", *overrides)
     single, double = tmp_path / "single", tmp_path / "ddp"
