@@ -71,7 +71,7 @@ def metrics(run_dir: Path) -> dict[str, float]:
 
 
 #: LoRA adapters, the reference their adapter-free base; no adapter dropout, whose masks would
-#: come from each rank's RNG instead of the one process's.
+#: come from each rank's generator instead of in sequence from the one process's.
 LORA = ("model.lora.enabled=true", "model.lora.r=4", "model.lora.alpha=8", "model.lora.dropout=0")
 
 
