@@ -97,6 +97,8 @@ def test_export_keeps_every_sample_of_both_test_sets(in_tmp):
     (run / ".hydra").mkdir(parents=True)
     (run / ".hydra" / "config.yaml").write_text("seed: 1\nobjective: {name: fpo}\n")
     (run / ".hydra" / "overrides.yaml").write_text("- seed=1\n")
+    clock = {"run/fit_attempts": 2.0, "run/fit_load_average": 1.9}  # resumed once, alone
+    (run / "metrics.json").write_text(json.dumps(clock))
     rows = [
         {"prompt_index": 0, "sample": s, "policy": "p", "reference": "r", "kl_log_ratio": 1.5}
         for s in (0, 1)
@@ -116,6 +118,7 @@ def test_export_keeps_every_sample_of_both_test_sets(in_tmp):
     assert exported["runs"] == [{"run": "logs/matched_kl/calibration/fpo/x/run"}]  # not /tmp/...
     (row,) = csv.DictReader((out / "runs.csv").open())
     assert row["run"] == f"{sweep.name}__0" and row["objective"] == "fpo"
+    assert row["fit_attempts"] == "2.0" and row["fit_load_average"] == "1.9"
 
 
 def test_export_states_the_compute_so_far(in_tmp):

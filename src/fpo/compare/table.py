@@ -25,6 +25,8 @@ TRAIN_METRICS = {
     "accuracy": "val/rewards/accuracies",
     "wall_seconds": "run/wall_seconds",
     "fit_cpu_seconds": "run/fit_cpu_seconds",
+    "fit_attempts": "run/fit_attempts",
+    "fit_load_average": "run/fit_load_average",
     "peak_memory_gb": "run/peak_memory_gb",
     "tokens_per_sec": "train/tokens_per_sec",
 }

@@ -322,7 +322,8 @@ def stage_export() -> None:
         if (run_.path / "evaluation" / "summary.json").is_file():
             (row,) = run_rows([run_])
             rows.append({**row, "run": name})
-    write_csv(sorted(rows, key=lambda r: r["run"]), OUT / "runs.csv", RUN_COLUMNS)
+    columns = [*RUN_COLUMNS, "fit_attempts", "fit_load_average"]  # which runs' times count
+    write_csv(sorted(rows, key=lambda r: r["run"]), OUT / "runs.csv", columns)
     write_compute(compute_rows(), OUT / "compute.md")
     print(f"export: {len(rows)} seed runs' generations, runs.csv and compute.md in {OUT}")
 
