@@ -8,8 +8,10 @@ adds the current attempt's:
 - ``run/fit_seconds``: wall time of ``trainer.fit``, every attempt;
 - ``run/fit_cpu_seconds``: CPU time of the process (all its threads), every attempt;
 - ``run/fit_attempts``: how many processes trained the run (1 when never resumed);
-- ``run/fit_load_average``: the machine's mean 1-minute load average over the training
-  batches (``os.getloadavg``), and ``run/cpu_count``: its CPUs. A load well above the CPU
+- ``run/fit_load_average``: the machine's 1-minute load average (``os.getloadavg``) read at
+  the end of every training batch, averaged with the wall time since the previous reading as
+  weight (a batch slowed by other jobs counts for as long as it took), and
+  ``run/cpu_count``: its CPUs. A load well above the CPU
   count means other jobs shared the machine, so the times above measure the sharing as much
   as the run (`fpo.machine_load.ran_alone`).
 
@@ -33,17 +35,21 @@ class FitClock(Callback):
 
     def __init__(self) -> None:
         self.earlier = {"seconds": 0.0, "cpu_seconds": 0.0, "attempts": 0}
-        self.load_sum, self.load_samples = 0.0, 0
+        self.load_sum, self.load_seconds = 0.0, 0.0  # sum of load x seconds, and the seconds
         self.started: tuple[float, float] | None = None
+        self.last_reading: float | None = None
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if stage == "fit":
             self.started = (time.perf_counter(), time.process_time())
+            self.last_reading = self.started[0]
 
     def on_train_batch_end(self, *args: Any, **kwargs: Any) -> None:
+        now = time.perf_counter()
+        seconds, self.last_reading = now - (self.last_reading or now), now
         if (load := load_average()) is not None:
-            self.load_sum += load
-            self.load_samples += 1
+            self.load_sum += load * seconds
+            self.load_seconds += seconds
 
     def totals(self) -> dict[str, float]:
         """The run's ``run/*`` cost metrics so far (this attempt up to now included)."""
@@ -54,8 +60,8 @@ class FitClock(Callback):
             "run/fit_attempts": float(self.earlier["attempts"] + 1),
             "run/cpu_count": float(os.cpu_count() or 1),
         }
-        if self.load_samples:
-            totals["run/fit_load_average"] = self.load_sum / self.load_samples
+        if self.load_seconds > 0:
+            totals["run/fit_load_average"] = self.load_sum / self.load_seconds
         return totals
 
     def state_dict(self) -> dict[str, float]:
@@ -65,7 +71,7 @@ class FitClock(Callback):
             "cpu_seconds": totals["run/fit_cpu_seconds"],
             "attempts": int(totals["run/fit_attempts"]),
             "load_sum": self.load_sum,
-            "load_samples": self.load_samples,
+            "load_seconds": self.load_seconds,
         }
 
     def load_state_dict(self, state_dict: Mapping[str, float]) -> None:
@@ -75,4 +81,4 @@ class FitClock(Callback):
             "attempts": int(state_dict["attempts"]),
         }
         self.load_sum = float(state_dict.get("load_sum", 0.0))
-        self.load_samples = int(state_dict.get("load_samples", 0))
+        self.load_seconds = float(state_dict.get("load_seconds", 0.0))

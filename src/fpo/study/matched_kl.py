@@ -33,7 +33,7 @@ from pathlib import Path
 
 from fpo.calibration.runs import format_knob, series_folder
 from fpo.compare import load_runs, run_rows, write_csv
-from fpo.machine_load import ran_alone
+from fpo.machine_load import SHARED_LOAD_FACTOR, ran_alone
 from fpo.study.comparison import BIN, OBJECTIVES, RESULTS, RUN_COLUMNS
 from fpo.sweep import derive_sweep_name
 
@@ -267,9 +267,10 @@ def write_compute(rows: list[dict], path: Path) -> None:
         "(both cores count) summed over every attempt of a resumed run, wall time covers the "
         "last attempt's training and evaluation and includes any pause. `resumed`: runs "
         "trained over more than one attempt; `shared`: runs whose training shared the machine "
-        "with other jobs (mean load average above 1.25 x the CPU count), so their times are "
-        "inflated; `unrecorded`: runs from before these were recorded, timed over their last "
-        "attempt only (`fpo-study --protocol matched_kl --stage export` rewrites this file).",
+        f"with other jobs (mean load average above {SHARED_LOAD_FACTOR:g} x the CPU count), so "
+        "their times are inflated; `unrecorded`: runs from before these were recorded, timed "
+        "over their last attempt only (`fpo-study --protocol matched_kl --stage export` "
+        "rewrites this file).",
         "",
         "| objective | stage | runs | training CPU (h) | wall (h) | resumed | shared | "
         "unrecorded |",
