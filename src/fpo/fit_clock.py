@@ -11,9 +11,9 @@ adds the current attempt's:
 - ``run/fit_load_average``: the machine's 1-minute load average (``os.getloadavg``) read at
   the end of every training batch, averaged with the wall time since the previous reading as
   weight (a batch slowed by other jobs counts for as long as it took), and
-  ``run/cpu_count``: its CPUs. A load well above the CPU
-  count means other jobs shared the machine, so the times above measure the sharing as much
-  as the run (`fpo.machine_load.ran_alone`).
+  ``run/cpu_count``: its CPUs. A load well above the CPU count means other jobs shared the
+  machine, so the times above measure the sharing as much as the run
+  (`fpo.machine_load.ran_alone`).
 
 Work done after the last checkpoint of a killed attempt is lost with it and not counted.
 """
