@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from fpo.errors import UserError
+from fpo.hook_sites import SAE_SITES  # blocks.{L}.hook_{site}
 
 if TYPE_CHECKING:  # sae-lens (and TransformerLens, ~80 MB) load only where an SAE is built
     from sae_lens import SAE
@@ -54,7 +55,6 @@ RANDOM_SAE_ARCHITECTURES = ("topk", "standard", "jumprelu")
 # while still exercising the jump.
 _RANDOM_JUMPRELU_THRESHOLD = 0.05
 
-SAE_SITES = ("resid_post", "mlp_out")  # blocks.{L}.hook_{site}
 _SITE_HOOK = re.compile(r"^blocks\.(\d+)\.hook_(resid_post|mlp_out)$")
 # The norm Gemma 2/3 apply to the MLP output before adding it to the residual stream.
 _POST_MLP_NORM = "post_feedforward_layernorm"

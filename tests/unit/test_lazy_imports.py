@@ -18,8 +18,8 @@ MODEL_LIBRARIES = ("torch", "lightning", "transformers", "sae_lens", "wandb")
 HELP = """
 import atexit, sys
 atexit.register(lambda: print("LOADED", sorted(m for m in {libraries} if m in sys.modules)))
-sys.argv = ["fpo-{command}", *{args}]
-from fpo.commands.{command} import main
+sys.argv = ["{command}", *{args}]
+from {module} import main
 main()
 """
 
@@ -47,17 +47,20 @@ def test_dpo_run_does_not_import_sae_lens(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("command", "args"),
+    ("module", "args"),
     [
-        ("train", ["--help"]),
-        ("eval", ["--help"]),
-        ("train", ["experiment=no_such_preset"]),
-        ("judge_check", ["--help"]),
-        ("push", ["--help"]),
+        ("fpo.commands.train", ["--help"]),
+        ("fpo.commands.eval", ["--help"]),
+        ("fpo.commands.train", ["experiment=no_such_preset"]),
+        ("fpo.commands.judge_check", ["--help"]),
+        ("fpo.commands.push", ["--help"]),
+        ("fpo.sae_maker.cli", ["--help"]),
+        ("fpo.sae_maker.cli", ["--architecture", "no_such_kind", "--out", "x"]),
     ],
 )
-def test_help_and_config_errors_import_no_model_library(command, args):
-    script = HELP.format(libraries=MODEL_LIBRARIES, command=command, args=args)
+def test_help_and_config_errors_import_no_model_library(module, args):
+    command = "fpo-" + module.rsplit(".", 1)[-1]
+    script = HELP.format(libraries=MODEL_LIBRARIES, command=command, module=module, args=args)
     done = run_python("-c", script, timeout=120)
     assert done.returncode in (0, 2), done.stderr[-3000:]
     assert "LOADED []" in done.stdout, done.stdout[-2000:]

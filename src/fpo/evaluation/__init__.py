@@ -17,8 +17,7 @@ Its names are imported on first use (PEP 562), so a command that needs one light
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from fpo.lazy import lazy_exports
 
 #: name -> the submodule that defines it
 EXPORTS = {
@@ -36,8 +35,4 @@ EXPORTS = {
 }
 __all__ = sorted(EXPORTS)
 
-
-def __getattr__(name: str) -> Any:
-    if name in EXPORTS:
-        return getattr(importlib.import_module(f"{__name__}.{EXPORTS[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, EXPORTS)

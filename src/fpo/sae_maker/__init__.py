@@ -15,17 +15,26 @@ Pipeline, each step a function so tests can run it end to end on a tiny model:
 The command (`fpo.sae_maker.cli`, ``fpo-make-sae``) builds its offline English corpus from
 the preference rows and text already on the machine (`fpo.sae_maker.corpus`), then runs the
 pipeline; each shipped SAE's ``SAE_CARD.md`` records the command that made it.
+
+Its names are imported on first use (PEP 562), so ``fpo-make-sae --help`` loads neither
+torch nor sae-lens.
 """
 
-from fpo.sae_maker.activations import collect_activations, hook_name_for_layer
-from fpo.sae_maker.io import render_card, save_sae
-from fpo.sae_maker.trainer import evaluate_sae, train_sae
+from __future__ import annotations
 
-__all__ = [
-    "collect_activations",
-    "evaluate_sae",
-    "hook_name_for_layer",
-    "render_card",
-    "save_sae",
-    "train_sae",
-]
+from fpo.lazy import lazy_exports
+
+#: the SAE kinds ``fpo-make-sae --architecture`` trains
+ARCHITECTURES = ("topk", "jumprelu")
+#: name -> the submodule that defines it
+EXPORTS = {
+    "collect_activations": "activations",
+    "evaluate_sae": "trainer",
+    "hook_name_for_layer": "activations",
+    "render_card": "io",
+    "save_sae": "io",
+    "train_sae": "trainer",
+}
+__all__ = ["ARCHITECTURES", *sorted(EXPORTS)]
+
+__getattr__ = lazy_exports(__name__, EXPORTS)

@@ -1,6 +1,6 @@
 """Collect activations at one decoder layer's hook site, once, into a tensor.
 
-The hooked activation is ``blocks.{L}.hook_{site}`` (`fpo.sae.SAE_SITES`): ``resid_post`` =
+The hooked activation is ``blocks.{L}.hook_{site}`` (`fpo.hook_sites.SAE_SITES`): ``resid_post`` =
 the output of ``model.model.layers[L]`` (before the final norm), ``mlp_out`` = what layer L's
 MLP adds to the residual stream (Gemma 2/3: after ``post_feedforward_layernorm``); the module
 is the one `fpo.sae.resolve_hook_module` finds during training. The forward is stopped right
@@ -23,14 +23,8 @@ from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 
 from fpo.errors import UserError
-from fpo.sae import SAE_SITES, resolve_hook_module
-
-
-def hook_name_for_layer(layer: int, site: str = "resid_post") -> str:
-    """sae-lens hook name of decoder layer `layer` at `site`: ``blocks.{layer}.hook_{site}``."""
-    if site not in SAE_SITES:
-        raise UserError(f"unknown SAE hook site {site!r}; choose one of {SAE_SITES}")
-    return f"blocks.{layer}.hook_{site}"
+from fpo.hook_sites import hook_name_for_layer
+from fpo.sae import resolve_hook_module
 
 
 def token_windows(

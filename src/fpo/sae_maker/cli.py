@@ -28,17 +28,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-import sae_lens
-import torch
-
 from fpo.atomic import atomic_save_bytes
 from fpo.commands.common import user_errors
 from fpo.errors import UserError
-from fpo.sae import SAE_SITES
-from fpo.sae_maker import corpus
-from fpo.sae_maker.activations import collect_activations, hook_name_for_layer
-from fpo.sae_maker.io import folder_size_bytes, round_to_storage, save_sae
-from fpo.sae_maker.trainer import ARCHITECTURES, evaluate_sae, train_sae
+from fpo.hook_sites import SAE_SITES, hook_name_for_layer
+from fpo.sae_maker import ARCHITECTURES, corpus
+
+# torch, sae-lens and the pipeline's modules are imported where they are used, so that
+# --help and a bad option answer at once.
 
 CHARS_PER_TOKEN = 4.7  # measured on this corpus with the Gemma-3 tokenizer
 # What each --site hooks, for the card (L = --layer).
@@ -165,6 +162,10 @@ def activations_for(args: argparse.Namespace, model, tokenizer) -> tuple[dict[st
     }
     if args.site != "resid_post":
         key["site"] = args.site
+    import torch
+
+    from fpo.sae_maker.activations import collect_activations
+
     cache = args.activation_cache
     if cache is not None and cache.is_file():
         stored = torch.load(cache, weights_only=True)
@@ -208,6 +209,9 @@ def file_sha256(path: Path | None) -> str:
 
 def build_card(args, argv, model_name, sae, data, metrics, times) -> dict[str, Any]:
     """The fields of ``SAE_CARD.md``."""
+    import sae_lens
+    import torch
+
     itemsize = torch.empty(0, dtype=getattr(torch, args.storage_dtype)).element_size()
     weights_bytes = sum(p.numel() for p in sae.state_dict().values()) * itemsize
     n_train, d_in = data["train"].shape
@@ -260,6 +264,11 @@ def build_card(args, argv, model_name, sae, data, metrics, times) -> dict[str, A
 def run(argv: list[str]) -> dict[str, Any]:
     """The whole pipeline; returns the card fields."""
     args = parse_args(argv)
+    import torch
+
+    from fpo.sae_maker.io import folder_size_bytes, round_to_storage, save_sae
+    from fpo.sae_maker.trainer import evaluate_sae, train_sae
+
     torch.manual_seed(args.seed)
     model, tokenizer, model_name = load_model(args.model)
     data, collect_s = activations_for(args, model, tokenizer)

@@ -38,8 +38,8 @@ from sae_lens.training.sae_trainer import SAETrainer
 
 from fpo.errors import UserError
 from fpo.sae import reconstruction_report
+from fpo.sae_maker import ARCHITECTURES
 
-ARCHITECTURES = ("topk", "jumprelu")
 # JumpReLU: initial threshold in the normalised units training sees (|s * x| ~ sqrt(d_in)).
 # sae-lens's 0.01 is far too low for gemma-3-270m layer 17 (L0 still ~1,400 of 2,048 after
 # 78 steps at lr 1e-3), 0.5 is above the initial pre-activations (every latent dead at once).
