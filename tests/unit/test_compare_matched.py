@@ -263,6 +263,17 @@ def test_a_bad_value_in_generations_names_the_file(tmp_path):
         matched_kl_table(load_runs([tmp_path]), [1.0])
 
 
+def test_a_completion_with_a_unicode_line_separator_is_one_sample(tmp_path):
+    """The evaluation writes non-ASCII text raw; U+2028 inside a completion is not a row end."""
+    run = make_run(tmp_path, "fpo", 0, 0.1)
+    write_samples(run, np.full((2, 1), 1.0), np.full((2, 1), 0.5))
+    path = run / "evaluation" / "generations.jsonl"
+    path.write_text(path.read_text().replace('" text"', '" a\u2028b"'), encoding="utf-8")
+    assert "\u2028" in path.read_text(encoding="utf-8")
+    (run_scores,) = matched_kl_table(load_runs([tmp_path]), [1.0], bootstrap=0).scores
+    assert run_scores.kl == pytest.approx(1.0)
+
+
 def test_runs_on_different_prompts_are_resampled_separately_and_say_so(tmp_path):
     exact_frontier(tmp_path / "a", "fpo", 0, np.zeros(4))
     exact_frontier(tmp_path / "b", "dpo", 0, np.zeros(6))  # two more prompts

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ from fpo.evaluation import (
     grouped_mean_stderr,
     kl_log_ratios,
     pairwise_wins,
+    read_generations,
     sample_for_scoring,
     scoring_batch,
     sequence_logprob,
@@ -254,9 +256,7 @@ def test_write_evaluation_files(tiny_model, tiny_tokenizer, tmp_path):
     assert set(summary) >= REQUIRED_KEYS
     assert summary["win_rate"] == pytest.approx(0.5)
     assert {"seed", "num_prompts", "num_samples", "settings", "kl_stderr"} <= set(summary)
-    with open(summary["generations"], encoding="utf-8") as handle:
-        lines = handle.read().splitlines()
-    rows = [json.loads(line) for line in lines]
+    rows = read_generations(summary["generations"])
     assert len(rows) == len(PROMPTS)
     assert all(set(row) == GENERATION_KEYS for row in rows)
     assert [row["prompt"] for row in rows] == PROMPTS
@@ -265,6 +265,25 @@ def test_write_evaluation_files(tiny_model, tiny_tokenizer, tmp_path):
     assert summary["plot"] == str(tmp_path.resolve() / "eval" / "judge_vs_kl.png")
     text = format_summary(result)
     assert "win rate     0.500" in text and f"{result['kl']:.3f}" in text
+
+
+def test_a_completion_with_unicode_line_separators_reads_back_as_one_row(
+    tiny_model, tiny_tokenizer, tmp_path
+):
+    """The writer keeps U+2028, U+2029 and U+0085 raw (``ensure_ascii=False``); the readers
+    (fpo-compare, the W&B tables) split rows at "\\n" only, as ``str.splitlines`` would not."""
+    judge = FixedJudge([0.4, -0.1, 0.2], [0.0, -0.1, 0.3])
+    result = evaluate_sentiment(
+        tiny_model, tiny_model, tiny_tokenizer, PROMPTS, judge, max_new_tokens=3
+    )
+    texts = [" one\u2028two", " three\u2029four", " five\x85six"]
+    for row, text in zip(result["generations"], texts, strict=True):
+        row["policy"] = text
+    summary = json.loads(write_evaluation(result, tmp_path).read_text())
+    assert "\u2028" in Path(summary["generations"]).read_text(encoding="utf-8")  # kept raw
+    rows = read_generations(summary["generations"])
+    assert [row["policy"] for row in rows] == texts
+    assert read_generations(summary["generations"], limit=2) == rows[:2]
 
 
 def _recomputed(rows: list[dict]) -> dict:

@@ -69,6 +69,13 @@ def test_check_set_rows_are_validated(tmp_path):
         read_check_set(tmp_path / "missing.jsonl")
 
 
+def test_a_unicode_line_separator_inside_a_text_does_not_split_its_row(tmp_path):
+    row = {"text": "Great film.\u2028Truly.", "label": "positive", "category": "plain_positive"}
+    path = tmp_path / "set.jsonl"
+    path.write_text(json.dumps(row, ensure_ascii=False) + "\n", encoding="utf-8")
+    assert [r["text"] for r in read_check_set(path)] == [row["text"]]
+
+
 def test_shipped_check_set_has_every_kind_of_text():
     rows = read_check_set(CHECK_SET)
     assert len(rows) >= 150 and len({row["text"] for row in rows}) == len(rows)

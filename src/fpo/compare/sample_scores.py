@@ -12,7 +12,6 @@ gives only its ``summary.json`` means (``kl``; ``judges.<name>.policy_judge_mean
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ import numpy as np
 
 from fpo.compare.runs import Run, as_number, read_json
 from fpo.errors import UserError
+from fpo.evaluation.report import read_generations
 
 GENERATIONS = "generations.jsonl"
 SUMMARY = "summary.json"
@@ -112,8 +112,7 @@ def _summary_scores(summary: dict[str, Any]) -> dict[str, float]:
 
 def _read_lines(path: Path) -> list[dict[str, Any]]:
     try:
-        text = path.read_text(encoding="utf-8")
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
+        return read_generations(path)
     except (OSError, ValueError) as error:
         raise UserError(f"{path}: unreadable ({error}).") from None
 

@@ -9,7 +9,8 @@ the reference, scored by a judge (mean score, win rate), and a Monte-Carlo estim
 - `stats`: per-prompt means, standard errors and pairwise win rates.
 - `sentiment`: `evaluate_sentiment`, the controlled-sentiment evaluation.
 - `reference_side`: the reference's samples and pair statistics, kept across runs.
-- `report`: `write_evaluation` (summary.json, generations.jsonl, plot) and `format_summary`.
+- `report`: `write_evaluation` (summary.json, generations.jsonl, plot), `read_generations`
+  and `format_summary`.
 
 Its names are imported on first use (PEP 562), so a command that needs one light submodule
 (``fpo-judge-check``: `judge_check`) does not load torch with the package.
@@ -28,6 +29,7 @@ EXPORTS = {
     "kl_log_ratios": "scoring",
     "pairwise_wins": "stats",
     "plot_judge_vs_kl": "report",
+    "read_generations": "report",
     "sample_for_scoring": "sampling",
     "scoring_batch": "scoring",
     "sequence_logprob": "scoring",

@@ -49,7 +49,7 @@ def read_check_set(path: str | Path) -> list[dict[str, str]]:
     if not path.is_file():
         raise UserError(f"--data: {path} does not exist (the check set, a JSONL file).")
     rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(path.read_text(encoding="utf-8").split("\n"), start=1):
         if not line.strip():
             continue
         try:

@@ -94,3 +94,12 @@ def write_evaluation(
     summary_path = out / SUMMARY_NAME
     summary_path.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     return summary_path
+
+
+def read_generations(path: str | os.PathLike, limit: int | None = None) -> list[dict[str, Any]]:
+    """The rows of a ``generations.jsonl`` (the first ``limit``), as `write_evaluation` wrote
+    them. A row ends at ``"\\n"`` only: the writer keeps non-ASCII text as it is, so a
+    completion may hold U+2028, U+2029 or U+0085, which ``str.splitlines`` would also break
+    at. Raises ``OSError`` or ``ValueError`` (a line that is not JSON)."""
+    lines = [line for line in Path(path).read_text(encoding="utf-8").split("\n") if line.strip()]
+    return [json.loads(line) for line in lines[:limit]]

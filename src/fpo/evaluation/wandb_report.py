@@ -8,6 +8,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from fpo.evaluation.report import read_generations
+
 SCALAR_TYPES = (int, float, str, bool)
 
 
@@ -64,8 +66,7 @@ def log_evaluation_to_wandb(
             ],
         )
     if generations_path and Path(generations_path).is_file():
-        lines = Path(generations_path).read_text(encoding="utf-8").splitlines()[:max_generations]
-        rows = [json.loads(line) for line in lines]
+        rows = read_generations(generations_path, max_generations)
         judge = summary.get("settings", {}).get("judge")
         columns = ["prompt", "sample", "policy", "reference", "kl_log_ratio"]
         payload["eval/generations"] = wandb.Table(
