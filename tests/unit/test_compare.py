@@ -271,6 +271,19 @@ def test_several_directories_prefix_run_names(sweep, tmp_path):
     assert find_runs(sweep.parent) == sorted(p for p in sweep.iterdir())
 
 
+def test_run_folders_of_the_same_name_get_distinct_names(tmp_path):
+    """Calibration runs are ``<series>/<knob>=<value>/run``: given one by one, each keeps
+    its own name, so its row and its frontier point keep their own configuration."""
+    folders = [tmp_path / f"objective.beta={beta}" for beta in (0.1, 0.3)]
+    for folder in folders:
+        make_run(folder, "run", DPO, 5, {})
+    names = [run.name for run in load_runs([folder / "run" for folder in folders])]
+    assert names == ["objective.beta=0.1/run", "objective.beta=0.3/run"]
+    single = tmp_path / "single"
+    make_run(single, "run", DPO, 5, {})
+    assert [run.name for run in load_runs([single / "run"])] == ["run"]  # no clash, as given
+
+
 def test_cli_writes_outputs_and_names_a_folder_without_runs(sweep, tmp_path, capsys):
     main([str(sweep), "--out", str(tmp_path / "out")])
     assert "compared 4 runs in 2 configurations" in capsys.readouterr().out

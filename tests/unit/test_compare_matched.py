@@ -254,6 +254,19 @@ def test_frontier_shows_every_run_per_seed_the_targets_and_short_labels(tmp_path
     assert len(diamonds) == 2  # both objectives at KL 3; KL 6 is outside their range
 
 
+def test_single_run_folders_all_called_run_keep_their_own_frontier_points(tmp_path):
+    """Calibration runs are ``<series>/<knob>=<value>/run``, passed one by one."""
+    folders = []
+    for beta, kl in ((0.3, 2.0), (0.1, 4.0)):
+        made = make_run(tmp_path / f"objective.beta={beta}", "fpo", 0, beta)
+        folders.append(made.rename(made.parent / "run"))
+        write_samples(folders[-1], np.full((4, 2), kl), np.full((4, 2), kl / 10))
+    runs = load_runs(folders)
+    matched = matched_kl_table(runs, [3.0], bootstrap=20)
+    plotted = frontier_rows(matched, "vader-compound", run_rows(runs))
+    assert sorted(row["kl"] for row in config_rows(plotted)) == pytest.approx([2.0, 4.0])
+
+
 def test_a_bad_value_in_generations_names_the_file(tmp_path):
     run = make_run(tmp_path, "fpo", 0, 0.1)
     write_samples(run, np.ones((2, 1)), np.ones((2, 1)))

@@ -189,19 +189,41 @@ def _tokens_per_sec(curves: Path) -> float | None:
     return float(last["train/lengths"]) / float(last["train/time"])
 
 
+def distinct_names(paths: Sequence[Path], names: Sequence[str]) -> list[str]:
+    """``names``, with each name that several runs share replaced by the shortest tail of its
+    run's path that no other run of that name has (run folders given one by one can all be
+    called ``run``: ``<series>/objective.beta=0.1/run``, ``<series>/objective.beta=1/run``
+    become ``objective.beta=0.1/run`` and ``objective.beta=1/run``)."""
+    result = list(names)
+    for name in set(names):
+        clash = [i for i, n in enumerate(names) if n == name]
+        if len(clash) < 2:
+            continue
+        parts = {i: Path(paths[i]).resolve().parts for i in clash}
+        for depth in range(2, max(len(p) for p in parts.values()) + 1):
+            tails = {i: "/".join(parts[i][-depth:]) for i in clash}
+            if len(set(tails.values())) == len(clash):
+                break
+        for i in clash:
+            result[i] = tails[i]
+    return result
+
+
 def load_runs(directories: Sequence[str | os.PathLike] | Iterable[str]) -> list[Run]:
     """Every run under ``directories``; names are paths relative to the folder given
-    (prefixed by that folder's name when several are given)."""
+    (prefixed by that folder's name when several are given; a name that several runs would
+    share is lengthened until it is not, `distinct_names`)."""
     directories = [Path(d) for d in directories]
-    runs = []
+    paths, names = [], []
     for directory in directories:
         for path in find_runs(directory):
             relative = path.relative_to(directory).as_posix()
             name = directory.resolve().name if relative == "." else relative
             if len(directories) > 1 and relative != ".":
                 name = f"{directory.resolve().name}/{relative}"
-            runs.append(load_run(path, name))
-    return runs
+            paths.append(path)
+            names.append(name)
+    return [load_run(p, n) for p, n in zip(paths, distinct_names(paths, names), strict=True)]
 
 
 def newest_sweep(logs: str | os.PathLike) -> Path:
