@@ -229,6 +229,9 @@ def test_cli_writes_the_matched_table_and_frontier(tmp_path, capsys):
     assert "| dpo | vader-compound | 3 |" in markdown and "Δ vs fpo" in markdown
     assert "| dpo | vader-compound | 6 | outside measured KL range [" in markdown
     assert (out / "frontier.png").read_bytes().startswith(b"\x89PNG")
+    # the first judge's frontier is frontier.png, every other judge's has its own file
+    assert (out / "frontier_afinn.png").read_bytes().startswith(b"\x89PNG")
+    assert [p.name for p in out.glob("frontier_*.png")] == ["frontier_afinn.png"]
     for argv in (["--at-kl", "3", "--judges", "nope"], ["--baseline", "dpo"]):
         with pytest.raises(SystemExit) as exit_info:
             main([str(tmp_path / "runs"), "--out", str(out), *argv])

@@ -45,6 +45,15 @@ def frontier_rows(
     ]
 
 
+def _judge_frontier(
+    matched: MatchedKL, judge: str, rows: Sequence[dict[str, Any]]
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
+    """``judge``'s frontier plot data: its run rows, their configuration rows and its
+    matched-KL rows."""
+    plotted = frontier_rows(matched, judge, rows)
+    return plotted, config_rows(plotted), [row for row in matched.rows if row["judge"] == judge]
+
+
 def no_frontier_reason(runs: Sequence[Run], matched: bool = False) -> str:
     """Why the judge-vs-KL frontier has no point: which runs lack an evaluation, and the
     command that gives them one."""
@@ -77,7 +86,8 @@ def compare(
     (`fpo.compare.matched.matched_kl_table`, given ``matched_options``: ``baseline``,
     ``judges``, ``bootstrap``, ``seed``, ``split``), ``matched_kl_metrics.csv`` (degeneration
     and cost at the same KLs, `fpo.compare.matched_metrics`, also a section of the markdown),
-    and the frontier plot shows the first judge's runs and matched estimates.
+    and the frontier plot shows the first judge's runs and matched estimates
+    (``frontier_<judge>.png`` each other judge's).
 
     Returns ``{"runs", "configurations", "files", "frontier", "curves", "notes"}``:
     counts, the paths written, whether each figure has data, and notes for the user
@@ -105,9 +115,12 @@ def compare(
         files["matched_markdown"] = write_matched_markdown(matched, out / "matched_kl.md", section)
         notes += matched.notes
         judge = matched.judges[0]
-        plotted = frontier_rows(matched, judge, rows)
-        plotted_configs = config_rows(plotted)
-        matched_rows = [row for row in matched.rows if row["judge"] == judge]
+        plotted, plotted_configs, matched_rows = _judge_frontier(matched, judge, rows)
+        for other in matched.judges[1:]:  # the first judge's is frontier.png
+            judge_rows, judge_configs, judge_matched = _judge_frontier(matched, other, rows)
+            path = out / f"frontier_{other}.png"
+            if plot_frontier(judge_configs, path, judge_rows, at_kl, judge_matched):
+                files[f"frontier_{other}"] = path
     has_frontier = plot_frontier(plotted_configs, files["frontier"], plotted, at_kl, matched_rows)
     if not has_frontier:
         notes.append(no_frontier_reason(runs, matched=bool(at_kl)))
