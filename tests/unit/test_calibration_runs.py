@@ -133,6 +133,27 @@ def test_plan_defaults_and_checks(tmp_path):
             make_plan(overrides, seed=0, **options)
 
 
+def test_a_reached_target_with_no_run_under_it_names_the_end_to_move(tmp_path):
+    """KL levels off at 3.1 (over the target 3, within its tolerance): the target is reached,
+    but no seed's two runs could straddle it, so the report names the side to widen."""
+    launch, _ = fake_job(lambda lr: max(3.1, curve(lr)))
+    plan = make_plan(
+        [f"paths.log_dir={tmp_path}", "experiment=matched_kl/simpo"], seed=0, low=1e-7, high=1e-5
+    )
+    runner = Runner(plan.series_dir, plan.knob.key, plan.overrides, launcher=launch)
+    result = calibrate_target(runner.measure, 3.0, plan.low, plan.high, max_runs=10)
+    report = build_report(
+        plan, [result], runner.points, tolerance=Tolerance(), max_runs=10, seeds=[1],
+        command="fpo-calibrate ...",
+    )  # fmt: skip
+    (target,) = report["targets"]
+    assert target["status"] == "converged" and target["below"] is None
+    assert target["finding"].endswith(
+        "; no run under 3 in [1e-07, 1e-05] (lower --low to reach it)"
+    )
+    assert report["seed_command"] is None
+
+
 def test_report_names_unreachable_targets_and_the_seed_command(tmp_path):
     launch, _ = fake_job(curve)
     plan = make_plan(
@@ -154,6 +175,7 @@ def test_report_names_unreachable_targets_and_the_seed_command(tmp_path):
         "reach it)"
     )
     assert unreachable["seed_knobs"] is None
+    assert ";" not in reached["finding"]  # runs on both sides: nothing to widen
     values = ",".join(format_knob(v) for v in sorted(reached["seed_knobs"]))
     assert report["seed_command"] == (
         f"fpo-train -m paths.log_dir={tmp_path} experiment=matched_kl/simpo "

@@ -63,6 +63,15 @@ def test_an_unreachable_target_widens_the_named_side_once():
     lower = {**unreachable, "finding": "out of reach (lower --low to reach it)"}
     assert matched_kl.widened({"targets": [lower]}, 0.1, 10.0) == (0.01, 10.0)
     assert matched_kl.widened({"targets": [reached]}, 0.1, 10.0) is None
+    # reached, but no run under it: no seed could straddle it (TDPO-2's KL levels off at 3.1)
+    one_sided = {
+        "status": "converged",
+        "finding": "KL 3.14 at 0.424 (within 0.3 of 3); no run under 3 in [0.003, 3] (raise "
+        "--high to reach it)",
+    }
+    assert matched_kl.widened({"targets": [one_sided]}, 0.003, 3.0) == (0.003, 30.0)
+    both = {"targets": [one_sided, lower]}  # each side a target names is widened
+    assert matched_kl.widened(both, 0.003, 3.0) == pytest.approx((0.0003, 30.0))
 
 
 def test_seeds_run_both_bracketing_values_of_every_target_and_skip_the_uncalibrated(in_tmp, capsys):

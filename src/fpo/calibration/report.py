@@ -12,7 +12,7 @@ from typing import Any
 
 from fpo.calibration.knobs import VAL_KL, VAL_SCORE, Plan
 from fpo.calibration.runs import Point, format_knob
-from fpo.calibration.search import Calibration, TargetCalibration, Tolerance
+from fpo.calibration.search import Calibration, Status, TargetCalibration, Tolerance
 
 
 def seed_knobs(results: Sequence[TargetCalibration]) -> list[float]:
@@ -45,7 +45,7 @@ def _status(search: Calibration | None) -> str | None:
 
 
 def target_entry(
-    result: TargetCalibration, points: dict[float, Point], hint: str
+    result: TargetCalibration, points: dict[float, Point], hint: str, gap: str = ""
 ) -> dict[str, Any]:
     def point(knob: float | None) -> dict | None:
         return points[knob].as_dict() if knob is not None else None
@@ -54,6 +54,8 @@ def target_entry(
     finding = on_target.finding
     if on_target.status == "unreachable" and hint:
         finding += f" ({hint})"
+    if gap:
+        finding += f"; {gap}"
     return {
         "target_kl": on_target.target,
         "allowed": on_target.allowed,
@@ -79,6 +81,24 @@ def widen_hint(plan: Plan, result: Calibration) -> str:
     return f"{'raise --high' if raise_knob else 'lower --low'} to reach it"
 
 
+def side_gap(plan: Plan, result: TargetCalibration) -> str:
+    """For a target with no run at all on one side of it (so no seed's two runs can straddle
+    it, e.g. a KL that levels off just above the target): which side, and which end of the
+    range to move (``""`` when both sides have a run or the target is unreachable)."""
+    if result.on_target.status is Status.unreachable:
+        return ""
+    on_target, gaps = result.on_target, []
+    sides = (("under", result.below, result.lower), ("over", result.above, result.upper))
+    for word, knob, search in sides:
+        if knob is None and search is not None and search.status is Status.unreachable:
+            hint = widen_hint(plan, search)
+            gaps.append(
+                f"no run {word} {on_target.target:g} in [{on_target.low:g}, {on_target.high:g}]"
+                + (f" ({hint})" if hint else "")
+            )
+    return "; ".join(gaps)
+
+
 def build_report(
     plan: Plan,
     results: Sequence[Calibration],
@@ -100,7 +120,10 @@ def build_report(
         "tolerance": {"relative": tolerance.relative, "absolute": tolerance.absolute},
         "max_runs_per_target": max_runs,
         "points": [points[k].as_dict() for k in sorted(points)],
-        "targets": [target_entry(r, points, widen_hint(plan, r.on_target)) for r in results],
+        "targets": [
+            target_entry(r, points, widen_hint(plan, r.on_target), side_gap(plan, r))
+            for r in results
+        ],
         "seed_knobs": seed_knobs(results),
         "seed_command": seed_command(plan, results, seeds),
     }

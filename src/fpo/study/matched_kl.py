@@ -9,8 +9,9 @@ Stages (each runs again safely: finished runs are read, interrupted ones resume)
 
 1. ``cache``: the offline reference caches of DPO and FPO (``experiment=matched_kl/<obj>``).
 2. ``calibrate``: ``fpo-calibrate`` per objective to :data:`TARGET_KLS` in its search range
-   (:data:`RANGES`, validation prompts only). A target every run of the range misses is
-   tried once more with the range widened 10x on the side the report names.
+   (:data:`RANGES`, validation prompts only). A target every run of the range misses, or
+   one with no run at all on one side of it (no seed could straddle it), is tried once more
+   with the range widened 10x on the side the report names.
 3. ``seeds``: per seed of :data:`SEEDS`, then per calibrated objective, one ``fpo-train -m``
    sweep over both bracketing knob values of every target: seed by seed, so that a study
    stopped part-way has every objective at the same seeds; an objective whose calibration
@@ -94,16 +95,15 @@ def calibrate_command(objective: str, low: float, high: float) -> list[str]:
 
 
 def widened(report: dict, low: float, high: float) -> tuple[float, float] | None:
-    """The range widened once by :data:`WIDEN` on the side an unreachable target names
-    (``raise --high`` / ``lower --low``); ``None`` when every target was reached."""
-    findings = " ".join(
-        t.get("finding") or "" for t in report["targets"] if t["status"] == "unreachable"
+    """The range widened once by :data:`WIDEN` on every side a target's finding names
+    (``raise --high`` / ``lower --low``): an unreachable target, or a reached one with no run
+    on one side of it (`fpo.calibration.report.side_gap`); ``None`` when none does."""
+    findings = " ".join(t.get("finding") or "" for t in report["targets"])
+    wider = (
+        low / WIDEN if "lower --low" in findings else low,
+        high * WIDEN if "raise --high" in findings else high,
     )
-    if "raise --high" in findings:
-        return low, high * WIDEN
-    if "lower --low" in findings:
-        return low / WIDEN, high
-    return None
+    return None if wider == (low, high) else wider
 
 
 def seed_overrides(objective: str, report: dict, seed: int) -> list[str] | None:
