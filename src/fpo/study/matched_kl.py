@@ -148,7 +148,8 @@ def stage_calibrate(dry_run: bool) -> None:
         report = None if dry_run else read_calibration(objective)
         wider = report and widened(report, *RANGES[objective])
         if code == 0 and wider:
-            print(f"calibrate: {objective}: a target is out of reach; widening once to {wider}")
+            why = "a target is out of reach or has no run on one side"
+            print(f"calibrate: {objective}: {why}; widening once to {wider}")
             run(calibrate_command(objective, *wider), dry_run)
 
 
