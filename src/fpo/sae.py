@@ -55,7 +55,7 @@ RANDOM_SAE_ARCHITECTURES = ("topk", "standard", "jumprelu")
 # while still exercising the jump.
 _RANDOM_JUMPRELU_THRESHOLD = 0.05
 
-_SITE_HOOK = re.compile(r"^blocks\.(\d+)\.hook_(resid_post|mlp_out)$")
+_SITE_HOOK = re.compile(rf"^blocks\.(\d+)\.hook_({'|'.join(SAE_SITES)})$")
 # The norm Gemma 2/3 apply to the MLP output before adding it to the residual stream.
 _POST_MLP_NORM = "post_feedforward_layernorm"
 _TRANSFORMER_LENS_NAME = re.compile(r"^(blocks\.|hook_)")
