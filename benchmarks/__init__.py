@@ -9,7 +9,8 @@ benchmarks.<name>`` (``benchmarks`` is a package there, not an installed one; ea
 - ``strategy_step``: a few optimizer steps of the paper setting under one trainer strategy
   on a GPU (``device_strategies.sh`` runs every strategy);
 - ``bf16_feature_drift``: FPO's feature distance at step 0 under bf16 autocast
-  (``device_bf16.sh`` on a GPU).
+  (``device_bf16.sh`` on a GPU);
+- ``subnormals``: a CPU matmul on subnormal floats, with and without flushing them.
 
 ``device_checks.sh`` runs every GPU-only measurement in one device call.
 """

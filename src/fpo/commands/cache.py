@@ -24,7 +24,7 @@ from omegaconf import DictConfig
 
 import fpo.objective  # noqa: F401  (registers the objective schema the configs name)
 from fpo.cache_checksums import unverified
-from fpo.commands.common import CONFIG_DIR, run_hydra, user_errors
+from fpo.commands.common import CONFIG_DIR, run_hydra, start_torch, user_errors
 from fpo.errors import UserError
 from fpo.folders import ensure_writable
 from fpo.reference.store import (
@@ -147,11 +147,9 @@ def report(root: Path, results: dict[str, dict]) -> str:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="cache")
 def hydra_main(cfg: DictConfig) -> None:
-    import torch
+    start_torch()
     from lightning.pytorch.utilities import rank_zero_only
 
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    torch.set_float32_matmul_precision("high")
     with user_errors():
         root, results = build(cfg)
         if rank_zero_only.rank == 0:

@@ -1,5 +1,6 @@
 """What every command-line entry point shares: user errors as one paragraph (exit 2), the
-config folder, the CUDA allocator default and the known warnings silenced."""
+config folder, the CUDA allocator default, torch's process settings and the known warnings
+silenced."""
 
 from __future__ import annotations
 
@@ -41,6 +42,20 @@ def default_cuda_allocator() -> None:
     ``PYTORCH_ALLOC_CONF`` is set. Read when CUDA first allocates, so call it before that."""
     if not any(os.environ.get(name) for name in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")):
         os.environ["PYTORCH_CUDA_ALLOC_CONF"] = CUDA_ALLOCATOR
+
+
+def start_torch() -> None:
+    """Torch's process settings for a command that computes, before its first tensor work:
+    no tokenizer threads beside torch's, TF32 matmuls where the GPU has them, and subnormal
+    floats flushed to zero on every CPU thread (`fpo.subnormals`)."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import torch
+
+    from fpo.subnormals import flush_subnormals
+
+    torch.set_float32_matmul_precision("high")
+    if flush_subnormals():
+        log.info("subnormal floats flushed to zero on all %d CPU threads", torch.get_num_threads())
 
 
 #: Warnings known to say nothing about the run, silenced by message and category in every

@@ -26,7 +26,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 import fpo.objective  # noqa: F401  (registers the objective schema the configs name)
-from fpo.commands.common import CONFIG_DIR, run_hydra, user_errors
+from fpo.commands.common import CONFIG_DIR, run_hydra, start_torch, user_errors
 from fpo.errors import UserError
 from fpo.folders import ensure_writable
 from fpo.model_card import CARD_FILE, refresh_card_evaluation
@@ -174,10 +174,7 @@ def finish_wandb() -> None:
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")
 def hydra_main(cfg: DictConfig) -> float | None:
     """Hydra entry point; returns the main judge's win rate."""
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import torch
-
-    torch.set_float32_matmul_precision("high")
+    start_torch()
     with user_errors():
         return evaluate(cfg).get("eval/win_rate")
 

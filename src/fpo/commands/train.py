@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import resource
 import time
 from pathlib import Path
@@ -15,7 +14,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 import fpo.objective  # noqa: F401  (registers the objective schema the configs name)
-from fpo.commands.common import CONFIG_DIR, run_hydra, user_errors
+from fpo.commands.common import CONFIG_DIR, run_hydra, start_torch, user_errors
 from fpo.commands.summary import run_summary
 from fpo.errors import UserError
 from fpo.run_lock import folder_lock
@@ -162,10 +161,7 @@ def hydra_main(cfg: DictConfig) -> float | None:
     In multirun mode `fpo.sweep.sweep_job` keeps each job's status, skips a finished job
     and resumes an interrupted one; then `train` runs the job.
     """
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import torch
-
-    torch.set_float32_matmul_precision("high")
+    start_torch()
     settings = job_settings(cfg)
     # One process per run folder (each job's own folder in a multirun).
     lock = folder_lock(settings.job_dir, "paths.output_dir")
