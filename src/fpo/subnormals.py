@@ -9,7 +9,9 @@ subnormals, and a run trained 2-4x slower than the same run at a small beta. Flu
 to zero (the CPU's FTZ and DAZ flags, `torch.set_flush_denormal`) changes nothing that can
 reach a weight: a gradient under 1.2e-38 moves no float32 parameter through AdamW (its
 update is ``lr * m / (sqrt(v) + eps)`` with ``eps`` 1e-8) and vanishes when added to any
-normal gradient. GPUs are unaffected either way.
+normal gradient; a DPO run at beta 10 on gemma-3-270m trained both ways gave byte-identical
+generations and metrics in a third of the CPU time (docs/benchmarks.md). GPUs are
+unaffected either way.
 
 The flags are per thread, and torch's intra-op threads copy them from the main thread when
 they start, on its first parallel operation. So :func:`flush_subnormals` must run before
