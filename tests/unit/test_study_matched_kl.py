@@ -130,6 +130,21 @@ def test_export_keeps_every_sample_of_both_test_sets(in_tmp):
     assert row["fit_attempts"] == "2.0" and row["fit_load_average"] == "1.9"
 
 
+def test_a_sweep_stopped_before_its_first_run_is_not_compared_or_exported(in_tmp, capsys):
+    write_report("fpo", [1e-4, 3e-4], [])
+    first, second = matched_kl.seed_sweeps("fpo")[:2]
+    (first / "0" / ".hydra").mkdir(parents=True)
+    (first / "0" / ".hydra" / "config.yaml").write_text("seed: 1\nobjective: {name: fpo}\n")
+    (second / "0").mkdir(parents=True)  # stopped before the job wrote its config
+    (second / "multirun.yaml").write_text("{}\n")
+    assert matched_kl.started_seed_sweeps() == [first]
+    matched_kl.stage_compare(dry_run=True)
+    commands = [line for line in capsys.readouterr().out.splitlines() if line.startswith("$")]
+    assert commands and all(str(second) not in c and str(first) in c for c in commands)
+    matched_kl.stage_export()  # before: "... holds no runs", a traceback
+    assert (in_tmp / "results" / "runs.csv").is_file()
+
+
 def test_export_states_the_compute_so_far(in_tmp):
     write_report("fpo", [1e-4, 3e-4], [])
     calibration = matched_kl.series_dir("fpo") / "alpha=1e-4" / "run"
@@ -170,3 +185,20 @@ def test_fpo_study_refuses_a_stage_of_the_other_protocol():
     )  # fmt: skip
     assert result.returncode == 2
     assert "--protocol matched_kl has the stages cache, calibrate" in result.stderr
+
+
+def test_fpo_study_reports_a_user_error_as_one_paragraph(monkeypatch, capsys):
+    from fpo.commands import common
+    from fpo.errors import UserError
+    from fpo.study import comparison
+
+    def broken(stage, dry_run):
+        raise UserError("logs/matched_kl/multiruns/x holds no runs")
+
+    monkeypatch.setattr(common, "_task_started", False)  # restored after the test
+    monkeypatch.setattr(matched_kl, "main", broken)
+    monkeypatch.setattr(sys, "argv", ["fpo-study", "--protocol", "matched_kl", "--stage", "export"])
+    with pytest.raises(SystemExit) as exit_:
+        comparison.main()
+    assert exit_.value.code == 2
+    assert "error: logs/matched_kl/multiruns/x holds no runs" in capsys.readouterr().err

@@ -1,9 +1,7 @@
 """The comparison of issue 10, end to end and resumable: FPO vs DPO, SimPO, TDPO-1, TDPO-2 on
 the embedded sentiment task (gemma-3-270m, CPU). ``docs/results.md`` reports it.
 
-    fpo-study                 # every stage, in order
-    fpo-study --stage export  # one stage
-    fpo-study --dry-run       # print the commands only
+    fpo-study [--stage export] [--dry-run]  # every stage or one; print the commands only
 
 Stages (each command is a resumable ``fpo-train -m`` sweep: run the script again after an
 interruption and finished jobs are skipped, an interrupted job resumes from its last.ckpt):
@@ -33,6 +31,7 @@ from pathlib import Path
 
 import yaml
 
+from fpo.commands.common import user_errors
 from fpo.compare import compare, load_runs, mean_stderr, run_rows, write_csv
 from fpo.sweep import derive_sweep_name
 
@@ -356,6 +355,12 @@ def export() -> None:
 
 
 def main() -> None:
+    """``fpo-study``; a user error (e.g. a folder with no runs) as one paragraph, exit 2."""
+    with user_errors():
+        run_study()
+
+
+def run_study() -> None:
     from fpo.study import matched_kl
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

@@ -127,8 +127,10 @@ def seed_sweeps(objective: str) -> list[Path]:
 
 
 def started_seed_sweeps() -> list[Path]:
-    """Every objective's seed sweeps that have started (their folder exists)."""
-    return [folder for objective in ORDER for folder in seed_sweeps(objective) if folder.is_dir()]
+    """Every objective's seed sweeps that hold a run (a job folder with its config): a sweep
+    stopped before its first job wrote one holds nothing to compare or export yet."""
+    sweeps = [folder for objective in ORDER for folder in seed_sweeps(objective)]
+    return [folder for folder in sweeps if any(folder.glob("*/.hydra/config.yaml"))]
 
 
 def run(command: list[str], dry_run: bool) -> int:
