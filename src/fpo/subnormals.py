@@ -4,7 +4,7 @@ A float32 under 1.2e-38 in magnitude is *subnormal*, and x86 CPUs do arithmetic 
 numbers in microcode, about 100-200x slower (a matmul whose input is subnormal: 0.20 s
 normal, 34 s subnormal, 0.18 s flushed, on this project's 2-core machine). Preference
 losses produce them: when ``sigmoid(-beta * margin)`` underflows (DPO at beta 10 on a pair
-it already ranks by 9 nats gives 3.7e-44), that pair's whole backward pass runs on
+it already ranks by 9 nats gives 8.2e-40), that pair's whole backward pass runs on
 subnormals, and a run trained 2-4x slower than the same run at a small beta. Flushing them
 to zero (the CPU's FTZ and DAZ flags, `torch.set_flush_denormal`) changes nothing that can
 reach a weight: a gradient under 1.2e-38 moves no float32 parameter through AdamW (its
