@@ -50,8 +50,9 @@ def test_calibrate_runs_reads_back_and_reuses_runs(tmp_path):
     for run_dir, stamp in stamps.items():
         assert os.stat(Path(run_dir) / "metrics.json").st_mtime_ns == stamp  # not rerun
     reached, unreachable = report["targets"]
-    (new,) = reached["new_runs"]
-    assert 1e-5 < new < 1e-2 and unreachable["new_runs"] == []
+    (new,) = [p["knob"] for p in report["points"] if p["run_dir"] not in stamps]
+    assert 1e-5 < new < 1e-2 and "this invocation started 1 new run\n" in second.stdout
+    assert unreachable["status"] == "unreachable" and unreachable["seed_knobs"] is None
     assert reached["below"]["val_kl"] < 0.3 <= reached["above"]["val_kl"]
     assert report["seed_command"].endswith(
         f"optimizer.lr={','.join(repr(k) for k in sorted(reached['seed_knobs']))} seed=1,2,3,4,5"

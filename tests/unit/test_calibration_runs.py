@@ -184,3 +184,32 @@ def test_report_names_unreachable_targets_and_the_seed_command(tmp_path):
     text = markdown(report)
     assert "| 40 | unreachable | - |" in text and report["seed_command"] in text
     assert all("eval/" not in json.dumps(p) for p in report["points"])
+
+
+def test_a_report_rewritten_from_finished_runs_is_the_same(tmp_path):
+    """A second invocation that finds every run finished (the study calls ``fpo-calibrate``
+    again on each restart) writes the same report: nothing in it counts one invocation's
+    runs, and the markdown counts the series' runs."""
+    launch, launched = fake_job(curve)
+    plan = make_plan(
+        [f"paths.log_dir={tmp_path}", "experiment=matched_kl/simpo"], seed=0, low=1e-7, high=1e-5
+    )
+
+    def invocation() -> dict:
+        runner = Runner(plan.series_dir, plan.knob.key, plan.overrides, launcher=launch)
+        runner.finished()
+        results = []
+        for target in (3.0, 6.0):
+            known = {k: p.val_kl for k, p in runner.points.items()}
+            results.append(
+                calibrate_target(runner.measure, target, plan.low, plan.high, known=known)
+            )
+        return build_report(
+            plan, results, runner.points, tolerance=Tolerance(), max_runs=6, seeds=[1],
+            command="fpo-calibrate ...",
+        )  # fmt: skip
+
+    first = invocation()
+    count = len(launched)
+    assert invocation() == first and len(launched) == count > 2
+    assert f"new runs per target in each invocation; {count} runs in all" in markdown(first)

@@ -67,7 +67,6 @@ def target_entry(
         "above": point(result.above),
         "side_searches": {"lower": _status(result.lower), "upper": _status(result.upper)},
         "seed_knobs": list(result.seed_knobs) if result.seed_knobs else None,
-        "new_runs": result.new_runs,
     }
 
 
@@ -142,17 +141,18 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         f"Validation KL (`{report['measured']['kl']}`) on target within max({tol['absolute']}, "
         f"{tol['relative']:g} x target) nats; range [{report['range'][0]:g}, "
-        f"{report['range'][1]:g}]; at most {report['max_runs_per_target']} new runs per target.",
+        f"{report['range'][1]:g}]; at most {report['max_runs_per_target']} new runs per target in "
+        f"each invocation; {len(report['points'])} runs in all (below).",
         "Seed runs at `below` and `above` (knob / val KL): a KL one to three tolerances under",
         "and over the target when the side searches found one, else the closest run.",
         "",
-        "| target KL | status | chosen (knob / val KL) | below | above | new runs | finding |",
-        "|---|---|---|---|---|---|---|",
+        "| target KL | status | chosen (knob / val KL) | below | above | finding |",
+        "|---|---|---|---|---|---|",
     ]
     for t in report["targets"]:
         lines.append(
             f"| {t['target_kl']:g} | {t['status']} | {_cell(t['chosen'])} | {_cell(t['below'])} "
-            f"| {_cell(t['above'])} | {len(t['new_runs'])} | {t['finding']} |"
+            f"| {_cell(t['above'])} | {t['finding']} |"
         )
     lines += ["", "Every run (validation only):", "", "| knob | val KL | val score | run |"]
     lines.append("|---|---|---|---|")

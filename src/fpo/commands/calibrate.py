@@ -94,6 +94,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             )  # fmt: skip
             json_path, md_path = write_report(report, plan.series_dir)
             print(markdown(report))
+            new = sum(len(result.new_runs) for result in results)
+            print(f"this invocation started {new} new run{'s' * (new != 1)}")
             print(f"wrote {json_path} and {md_path}")
 
 
