@@ -189,12 +189,24 @@ def test_difference_from_the_baseline_with_its_p_value(tmp_path):
     assert worse["p_holm"] == pytest.approx(2 / 500)
     assert same["p_holm"] == pytest.approx(max(2 / 500, same["p_value"]))
     assert rows[("fpo", "vader-compound", 3.0)]["p_holm"] is None
+    # a family the comparison names in full (e.g. four baselines x two targets = 8): the
+    # differences without a value count as p = 1, so the smallest p-value is multiplied by 8
+    named = by_key(matched_kl_table(load_runs([tmp_path]), [3.0], bootstrap=500, holm_family=8))
+    assert named[("dpo", "vader-compound", 3.0)]["p_holm"] == pytest.approx(8 / 500)
+    same_p = named[("simpo", "vader-compound", 3.0)]["p_value"]
+    assert named[("simpo", "vader-compound", 3.0)]["p_holm"] == pytest.approx(min(1, 7 * same_p))
+    with pytest.raises(UserError, match="--holm-family 1: judge 'vader-compound' has 2"):
+        matched_kl_table(load_runs([tmp_path]), [3.0], bootstrap=50, holm_family=1)
 
 
 def test_holm_adjustment_by_hand():
     assert holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
     assert holm([0.6, 0.5]) == pytest.approx([1.0, 1.0])
     assert holm([]) == []
+    # a family of 6 with only these 3 p-values: factors 6, 5, 4 (the missing three are p = 1)
+    assert holm([0.02, 0.001, 0.01], family_size=6) == pytest.approx([0.08, 0.006, 0.05])
+    with pytest.raises(ValueError, match="family_size 1 is smaller than the 2"):
+        holm([0.1, 0.2], family_size=1)
 
 
 def test_p_value_of_identical_distributions_is_large_and_floors_at_one_over_b():
@@ -228,15 +240,27 @@ def test_cli_writes_the_matched_table_and_frontier(tmp_path, capsys):
     markdown = (out / "matched_kl.md").read_text()
     assert "| dpo | vader-compound | 3 |" in markdown and "Δ vs fpo" in markdown
     assert "| dpo | vader-compound | 6 | outside measured KL range [" in markdown
+    assert "over every difference of the same judge in this table" in markdown
+    family_of_8 = ["--at-kl", "3", "--bootstrap", "200", "--holm-family", "8"]
+    main([str(tmp_path / "runs"), "--out", str(out), *family_of_8])
+    with (out / "matched_kl.csv").open() as handle:
+        dpo_3 = next(r for r in csv.DictReader(handle) if r["objective"] == "dpo")
+    assert float(dpo_3["p_holm"]) == pytest.approx(min(1, 8 * float(dpo_3["p_value"])))
+    assert "over a family of 8 differences" in (out / "matched_kl.md").read_text()
     assert (out / "frontier.png").read_bytes().startswith(b"\x89PNG")
     # the first judge's frontier is frontier.png, every other judge's has its own file
     assert (out / "frontier_afinn.png").read_bytes().startswith(b"\x89PNG")
     assert [p.name for p in out.glob("frontier_*.png")] == ["frontier_afinn.png"]
-    for argv in (["--at-kl", "3", "--judges", "nope"], ["--baseline", "dpo"]):
+    for argv in (
+        ["--at-kl", "3", "--judges", "nope"],
+        ["--baseline", "dpo"],
+        ["--holm-family", "8"],
+    ):
         with pytest.raises(SystemExit) as exit_info:
             main([str(tmp_path / "runs"), "--out", str(out), *argv])
         assert exit_info.value.code == 2
-    assert "nope" in capsys.readouterr().err
+    errors = capsys.readouterr().err
+    assert "nope" in errors and "--holm-family only apply with --at-kl" in errors
 
 
 def test_frontier_shows_every_run_per_seed_the_targets_and_short_labels(tmp_path):

@@ -141,6 +141,8 @@ def test_a_sweep_stopped_before_its_first_run_is_not_compared_or_exported(in_tmp
     matched_kl.stage_compare(dry_run=True)
     commands = [line for line in capsys.readouterr().out.splitlines() if line.startswith("$")]
     assert commands and all(str(second) not in c and str(first) in c for c in commands)
+    # Holm over the protocol's eight primary differences per judge (4 baselines x 2 targets)
+    assert len(commands) == 2 and all("--holm-family 8" in c for c in commands)
     matched_kl.stage_export()  # before: "... holds no runs", a traceback
     assert (in_tmp / "results" / "runs.csv").is_file()
 

@@ -68,25 +68,32 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="read evaluation/<SPLIT>/ (e.g. ood_test) instead of the main test set",
     )
+    matched.add_argument(
+        "--holm-family",
+        type=int,
+        default=None,
+        metavar="M",
+        help=(
+            "Holm's family size per judge, when the comparison names more differences than "
+            "have a value (e.g. 8: four baselines x two targets); the missing ones count as "
+            "p = 1 (default: the differences in the table)"
+        ),
+    )
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
-    options = {}
-    defaults = {"baseline": "fpo", "judges": None, "bootstrap": 2000, "seed": 0, "split": None}
-    given = [f"--{key}" for key, value in defaults.items() if getattr(args, key) != value]
+    defaults = {
+        "baseline": "fpo", "judges": None, "bootstrap": 2000, "seed": 0, "split": None,
+        "holm_family": None,
+    }  # fmt: skip
+    given = [key for key, value in defaults.items() if getattr(args, key) != value]
     if given and not args.at_kl:
-        parser.error(f"{', '.join(given)} only apply with --at-kl (e.g. --at-kl 3,6)")
-    if args.at_kl:
-        options = dict(
-            baseline=args.baseline,
-            judges=args.judges,
-            bootstrap=args.bootstrap,
-            seed=args.seed,
-            split=args.split,
-        )
+        flags = ", ".join("--" + key.replace("_", "-") for key in given)
+        parser.error(f"{flags} only apply with --at-kl (e.g. --at-kl 3,6)")
+    options = {key: getattr(args, key) for key in defaults} if args.at_kl else {}
     with user_errors():
         result = compare(args.dirs, args.out, args.at_kl, **options)
     for note in result["notes"]:

@@ -96,12 +96,19 @@ def format_p(value: float, floored: bool) -> str:
     return f"< {value:.2g}" if floored else f"{value:.3g}"
 
 
-def holm(p_values: list[float]) -> list[float]:
-    """Holm's step-down adjustment of ``m`` p-values (family-wise error), in input order:
-    with ``p_(1) <= ... <= p_(m)`` sorted, ``q_(i) = max_{j <= i} min(1, (m - j + 1) p_(j))``."""
+def holm(p_values: list[float], family_size: int | None = None) -> list[float]:
+    """Holm's step-down adjustment (family-wise error) of the given p-values, in input order:
+    with ``p_(1) <= ... <= p_(k)`` sorted, ``q_(i) = max_{j <= i} min(1, (m - j + 1) p_(j))``.
+
+    ``m`` is ``family_size`` (default ``k``): a family that names more hypotheses than have a
+    p-value counts each missing one as p = 1, which sorts last and changes no other factor.
+    """
+    m = len(p_values) if family_size is None else family_size
+    if m < len(p_values):
+        raise ValueError(f"family_size {m} is smaller than the {len(p_values)} p-values given")
     order = sorted(range(len(p_values)), key=lambda i: p_values[i])
     adjusted, running = [0.0] * len(p_values), 0.0
     for rank, index in enumerate(order):
-        running = max(running, min(1.0, (len(p_values) - rank) * p_values[index]))
+        running = max(running, min(1.0, (m - rank) * p_values[index]))
         adjusted[index] = running
     return adjusted

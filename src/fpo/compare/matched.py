@@ -17,7 +17,9 @@ replicates. The difference from the baseline objective is taken replicate by rep
 (the same prompt draw on both sides); its p-value is two-sided,
 ``2 * min(P(d <= 0), P(d >= 0))``, floored at ``1/B``. ``p_holm`` is that p-value
 Holm-adjusted over its family: every difference of the same judge in the table (each
-objective against the baseline at each target, on the one test set read).
+objective against the baseline at each target, on the one test set read), or, given
+``holm_family``, that many differences per judge, those without a value (an objective
+outside its KL range, or with no runs at all) counted as p = 1.
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ class MatchedKL:
     replicates: int
     notes: list[str] = field(default_factory=list)
     split: str | None = None  # the test set read: None = evaluation/, else evaluation/<split>
+    holm_family: int | None = None  # Holm's m per judge; None: the differences in the table
 
 
 @dataclass
@@ -217,6 +220,7 @@ def matched_kl_table(
     bootstrap: int = 2000,
     seed: int = 0,
     split: str | None = None,
+    holm_family: int | None = None,
 ) -> MatchedKL:
     """Each objective's judge scores at the KLs ``targets`` (module docstring).
 
@@ -228,12 +232,16 @@ def matched_kl_table(
         bootstrap: replicates ``B`` (0: point estimates only).
         seed: the bootstrap's random seed.
         split: ``None`` for the main test set (``evaluation/``), else ``evaluation/<split>``.
+        holm_family: the number of differences per judge Holm adjusts over, when the
+            comparison names more than the table holds (default: those in the table).
     """
     targets = [float(target) for target in targets]
     if not targets or not all(math.isfinite(target) for target in targets):
         raise UserError(f"--at-kl: give finite target KLs, e.g. 3,6 (got {targets}).")
     if bootstrap < 0:
         raise UserError(f"--bootstrap: replicates must be 0 or more (got {bootstrap}).")
+    if holm_family is not None and holm_family < 1:
+        raise UserError(f"--holm-family: give a family of 1 or more (got {holm_family}).")
     notes: list[str] = []
     scores = _read(runs, split, notes)
     judges = _judges(scores, judges)
@@ -268,6 +276,12 @@ def matched_kl_table(
         rows.append(row)
     for judge in judges:  # one family per judge
         family = [row for row in rows if row["judge"] == judge and row["p_value"] is not None]
-        for row, adjusted in zip(family, holm([row["p_value"] for row in family]), strict=True):
-            row["p_holm"] = adjusted
-    return MatchedKL(rows, scores, judges, targets, baseline, bootstrap, notes, split)
+        if holm_family is not None and holm_family < len(family):
+            raise UserError(
+                f"--holm-family {holm_family}: judge {judge!r} has {len(family)} differences "
+                "in this table; the family must hold at least those."
+            )
+        adjusted = holm([row["p_value"] for row in family], holm_family)
+        for row, value in zip(family, adjusted, strict=True):
+            row["p_holm"] = value
+    return MatchedKL(rows, scores, judges, targets, baseline, bootstrap, notes, split, holm_family)

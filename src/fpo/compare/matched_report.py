@@ -33,6 +33,16 @@ def _seeds(row: dict[str, Any]) -> str:
     return f"{row['n_seeds']}" + (f" ({excluded} not bracketing)" if excluded else "")
 
 
+def _holm_text(result: MatchedKL) -> str:
+    if result.holm_family is None:
+        return "Holm-adjusted over every difference of the same judge in this table."
+    return (
+        f"Holm-adjusted per judge over a family of {result.holm_family} differences: those "
+        "with a p-value in this table, and the rest of the family (named by the comparison "
+        "but without a value here) counted as p = 1."
+    )
+
+
 def write_matched_markdown(
     result: MatchedKL, path: str | os.PathLike, sections: Sequence[str] = ()
 ) -> Path:
@@ -53,7 +63,7 @@ def write_matched_markdown(
         f"`Δ vs {base}`: the objective's score minus {base}'s at the same KL and judge, "
         "with its interval; `p`: two-sided bootstrap p-value of no difference, "
         "2 min(P(Δ ≤ 0), P(Δ ≥ 0)); `< x` means below the bootstrap's resolution 1/B; "
-        "`p (Holm)`: Holm-adjusted over every difference of the same judge in this table.",
+        f"`p (Holm)`: {_holm_text(result)}",
         "",
         f"| objective | judge | KL | score [95% CI] | seeds | Δ vs {base} [95% CI] | p | p (Holm) "
         "| note |",

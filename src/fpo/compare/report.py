@@ -84,8 +84,9 @@ def compare(
 
     With ``at_kl`` (target KLs) also ``matched_kl.csv`` and ``matched_kl.md``
     (`fpo.compare.matched.matched_kl_table`, given ``matched_options``: ``baseline``,
-    ``judges``, ``bootstrap``, ``seed``, ``split``), ``matched_kl_metrics.csv`` (degeneration
-    and cost at the same KLs, `fpo.compare.matched_metrics`, also a section of the markdown),
+    ``judges``, ``bootstrap``, ``seed``, ``split``, ``holm_family``),
+    ``matched_kl_metrics.csv`` (degeneration and cost at the same KLs,
+    `fpo.compare.matched_metrics`, also a section of the markdown),
     and the frontier plot shows the first judge's runs and matched estimates
     (``frontier_<judge>.png`` each other judge's).
 

@@ -16,8 +16,9 @@ Stages (each runs again safely: finished runs are read, interrupted ones resume)
    sweep over both bracketing knob values of every target: seed by seed, so that a study
    stopped part-way has every objective at the same seeds; an objective whose calibration
    has not finished is skipped with a note.
-4. ``compare``: ``fpo-compare --at-kl`` over the seed sweeps, FPO the baseline, on the test
-   prompts and on the second test set (``docs/results/matched_kl/{test,ood_test}/``).
+4. ``compare``: ``fpo-compare --at-kl`` over the seed sweeps, FPO the baseline, Holm over
+   :data:`HOLM_FAMILY` differences per judge, on the test prompts and on the second test set
+   (``docs/results/matched_kl/{test,ood_test}/``).
 5. ``export``: each objective's ``calibration.{json,md}``, every seed run's generations of
    both test sets (all samples, every field), ``runs.csv`` and ``compute.md`` (the study's
    total compute so far, per objective and stage, and the seed runs finished per seed) into
@@ -41,6 +42,9 @@ from fpo.sweep import derive_sweep_name
 OUT = RESULTS / "matched_kl"
 TASK = "matched_kl"  # task_name of experiment=matched_kl/*
 TARGET_KLS = (3.0, 6.0)
+# the protocol's primary p-values, per judge: FPO against each baseline at each target, those
+# without a value (a target out of an objective's reach) counted in Holm's family as p = 1
+HOLM_FAMILY = (len(OBJECTIVES) - 1) * len(TARGET_KLS)
 SEEDS = (1, 2, 3, 4, 5)
 CALIBRATION_SEED = 0
 # The protocol's search range of each objective's knob (the knob itself:
@@ -174,7 +178,8 @@ def stage_compare(dry_run: bool) -> None:
     kls = ",".join(f"{kl:g}" for kl in TARGET_KLS)
     for folder, split in TEST_SETS.items():
         command = [str(BIN / "fpo-compare"), *map(str, sweeps), "--out", str(OUT / folder)]
-        command += ["--at-kl", kls, "--baseline", "fpo", *(["--split", split] if split else [])]
+        command += ["--at-kl", kls, "--baseline", "fpo", "--holm-family", str(HOLM_FAMILY)]
+        command += ["--split", split] if split else []
         run(command, dry_run)
 
 
