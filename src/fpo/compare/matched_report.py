@@ -58,8 +58,8 @@ def write_matched_markdown(
         "extrapolated.",
         "",
         f"Intervals: 95% percentile intervals of a two-level bootstrap ({result.replicates} "
-        "replicates: seeds drawn with replacement, then test prompts drawn with replacement, "
-        "each run's mean KL and score recomputed and re-interpolated). "
+        "replicates: seeds drawn with replacement, then the evaluated prompts drawn with "
+        "replacement, each run's mean KL and score recomputed and re-interpolated). "
         f"`Δ vs {base}`: the objective's score minus {base}'s at the same KL and judge, "
         "with its interval; `p`: two-sided bootstrap p-value of no difference, "
         "2 min(P(Δ ≤ 0), P(Δ ≥ 0)); `< x` means below the bootstrap's resolution 1/B; "
