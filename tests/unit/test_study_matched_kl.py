@@ -186,7 +186,7 @@ def test_fpo_study_refuses_a_stage_of_the_other_protocol():
         capture_output=True, text=True,
     )  # fmt: skip
     assert result.returncode == 2
-    assert "--protocol matched_kl has the stages cache, calibrate" in result.stderr
+    assert "--protocol matched_kl has the stages restore, cache, calibrate" in result.stderr
 
 
 def test_fpo_study_reports_a_user_error_as_one_paragraph(monkeypatch, capsys):

@@ -7,6 +7,8 @@ the same validation KLs, then seeds at the calibrated points, compared at matche
 
 Stages (each runs again safely: finished runs are read, interrupted ones resume):
 
+0. ``restore``: on a machine whose ``logs/`` lack them, the calibration reports and the
+   finished seed runs rebuilt from the committed export (`fpo.study.restore`).
 1. ``cache``: the offline reference caches of DPO and FPO (``experiment=matched_kl/<obj>``).
 2. ``calibrate``: ``fpo-calibrate`` per objective to :data:`TARGET_KLS` in its search range
    (:data:`RANGES`, validation prompts only). A target every run of the range misses, or
@@ -19,8 +21,10 @@ Stages (each runs again safely: finished runs are read, interrupted ones resume)
 4. ``compare``: ``fpo-compare --at-kl`` over the seed sweeps, FPO the baseline, Holm over
    :data:`HOLM_FAMILY` differences per judge, on the test prompts and on the second test set
    (``docs/results/matched_kl/{test,ood_test}/``).
-5. ``export``: each objective's ``calibration.{json,md}``, every seed run's generations of
-   both test sets (all samples, every field), ``runs.csv`` and ``compute.md`` (the study's
+5. ``export``: each objective's ``calibration.{json,md}`` (and ``compute.json``, the cost of
+   its calibration runs), every seed run's generations of both test sets (all samples, every
+   field), ``runs.csv`` (the committed rows of runs not on this machine or restored kept as
+   they are) and ``compute.md`` (the study's
    total compute so far, per objective and stage, and the seed runs finished per seed) into
    ``docs/results/matched_kl/``.
 """
@@ -36,6 +40,7 @@ from pathlib import Path
 from fpo.calibration.runs import format_knob, series_folder
 from fpo.compare import load_runs, run_rows, write_csv
 from fpo.machine_load import SHARED_LOAD_FACTOR, ran_alone
+from fpo.study import restore
 from fpo.study.comparison import BIN, OBJECTIVES, RESULTS, RUN_COLUMNS
 from fpo.sweep import derive_sweep_name
 
@@ -142,6 +147,22 @@ def run(command: list[str], dry_run: bool) -> int:
     return 0 if dry_run else subprocess.run(command).returncode
 
 
+def stage_restore(dry_run: bool) -> None:
+    """What this machine's ``logs/`` lack of the committed export (`fpo.study.restore`)."""
+    if dry_run:
+        return
+    exported = {o: (OUT / "calibration" / o, series_dir(o)) for o in ORDER}
+    reports = restore.restore_calibrations(exported)
+    sweeps = {  # the seed sweeps of the calibrations now on this machine
+        folder.name: (folder, experiment(objective))
+        for objective in ORDER
+        for folder in seed_sweeps(objective)
+    }
+    runs = restore.restore_seed_runs(sweeps, OUT)
+    if reports or runs:
+        print(f"restore: {reports} calibration reports and {runs} seed runs from {OUT}")
+
+
 def stage_cache(dry_run: bool) -> None:
     for objective in CACHED:
         run([str(BIN / "fpo-cache"), *experiment(objective)], dry_run)
@@ -149,6 +170,9 @@ def stage_cache(dry_run: bool) -> None:
 
 def stage_calibrate(dry_run: bool) -> None:
     for objective in ORDER:
+        if calibration_file(objective).is_file() and not calibration_points(objective, here=True):
+            print(f"calibrate: {objective}: restored from {OUT}, its runs not on this machine")
+            continue  # fpo-calibrate would run its search again
         low, high = RANGES[objective]
         code = run(calibrate_command(objective, low, high), dry_run)
         report = None if dry_run else read_calibration(objective)
@@ -200,14 +224,14 @@ def compute_rows() -> list[dict]:
     for objective in ORDER:
         stages = {"calibration": [series_dir(objective)], "seeds": seed_sweeps(objective)}
         for stage, folders in stages.items():
-            found = [
-                path
-                for folder in folders
-                if folder.is_dir()
-                for path in folder.rglob("metrics.json")
-            ]
+            found = [p for f in folders if f.is_dir() for p in f.rglob("metrics.json")]
             metrics = [json.loads(path.read_text()) for path in found]
             alone = [ran_alone(m) for m in metrics]
+            committed = OUT / "calibration" / objective / "compute.json"
+            if stage == "calibration" and not metrics and committed.is_file():
+                # its runs finished on an earlier machine: the row exported there
+                rows.append({**json.loads(committed.read_text()), "committed": True})
+                continue
             rows.append(
                 {
                     "objective": objective,
@@ -223,17 +247,22 @@ def compute_rows() -> list[dict]:
     return rows
 
 
-def calibration_points() -> list[tuple[str, str, float | None]]:
-    """Every finished calibration run so far: (objective, ``knob=value``, validation KL), in
-    the order they finished, read before each objective's ``calibration.json`` exists."""
-    points = []
-    for objective in ORDER:
-        folder = series_dir(objective)
-        found = list(folder.glob("*/run/metrics.json")) if folder.is_dir() else []
-        for path in sorted(found, key=lambda p: p.stat().st_mtime):
-            kl = json.loads(path.read_text()).get("val/sampled/kl")
-            points.append((objective, path.parent.parent.name, kl))
-    return points
+def calibration_points(objective: str, here: bool = False) -> list[tuple[str, str, float]]:
+    """The objective's finished calibration runs: (objective, ``knob=value``, validation
+    KL), in the order they finished, read before its ``calibration.json`` exists. Where they
+    finished on another machine (unless ``here``): its report's points, by knob value."""
+    folder = series_dir(objective)
+    found = list(folder.glob("*/run/metrics.json")) if folder.is_dir() else []
+    if not found and not here:
+        report = read_calibration(objective) or {}
+        knob = report.get("knob")
+        return [(objective, f"{knob}={format_knob(p['knob'])}", p.get("val_kl"))
+                for p in report.get("points") or []]  # fmt: skip
+    found.sort(key=lambda path: path.stat().st_mtime)
+    return [
+        (objective, path.parent.parent.name, json.loads(path.read_text()).get("val/sampled/kl"))
+        for path in found
+    ]
 
 
 def seed_progress() -> list[str]:
@@ -295,14 +324,16 @@ def write_compute(rows: list[dict], path: Path) -> None:
         "## Calibration runs finished so far",
         "",
         "Validation KL (nats per completion, the policy's samples on the validation prompts) "
-        "of each finished calibration run, in the order they finished; each objective's "
+        "of each finished calibration run, in the order they finished (by knob value where "
+        "they finished on an earlier machine); each objective's "
         "`calibration/<objective>/calibration.md` replaces this once its search is done.",
         "",
         "| objective | knob | validation KL |",
         "|---|---|---|",
         *(
             f"| {objective} | `{knob}` | {'' if kl is None else f'{kl:.3g}'} |"
-            for objective, knob, kl in calibration_points()
+            for name in ORDER
+            for objective, knob, kl in calibration_points(name)
         ),
         "",
     ]
@@ -321,28 +352,40 @@ def stage_export() -> None:
             for name in ("calibration.json", "calibration.md"):
                 text = (path.parent / name).read_text(encoding="utf-8")
                 (target / name).write_text(text.replace(root, ""), encoding="utf-8")
-    rows = []
+    # the committed rows stay: runs finished on an earlier machine, or restored from them
+    rows = restore.read_rows(OUT / "runs.csv")
     for run_ in load_runs(started_seed_sweeps()):
         name = f"{run_.path.parent.name}__{run_.path.name}"  # <sweep>__<job>
+        if restore.RESTORED in run_.metrics:
+            continue
         for folder, split in TEST_SETS.items():
             source = run_.path / "evaluation" / (split or "") / "generations.jsonl"
             if source.is_file():
                 export_generations(source, OUT / "generations" / folder / f"{name}.jsonl")
         if (run_.path / "evaluation" / "summary.json").is_file():
             (row,) = run_rows([run_])
-            rows.append({**row, "run": name})
-    columns = [*RUN_COLUMNS, "fit_attempts", "fit_load_average"]  # which runs' times count
-    write_csv(sorted(rows, key=lambda r: r["run"]), OUT / "runs.csv", columns)
-    write_compute(compute_rows(), OUT / "compute.md")
+            cpus = run_.metrics.get(restore.CPU_COUNT[1])
+            rows[name] = {**row, "run": name, restore.CPU_COUNT[0]: cpus}
+    # which runs' times count (`fpo.machine_load.ran_alone`)
+    columns = [*RUN_COLUMNS, "fit_attempts", "fit_load_average", restore.CPU_COUNT[0]]
+    write_csv([rows[name] for name in sorted(rows)], OUT / "runs.csv", columns)
+    compute = compute_rows()
+    for row in compute:
+        if row["stage"] == "calibration" and row["runs"] and not row.get("committed"):
+            path = OUT / "calibration" / row["objective"] / "compute.json"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(row, indent=2) + "\n", encoding="utf-8")
+    write_compute(compute, OUT / "compute.md")
     print(f"export: {len(rows)} seed runs' generations, runs.csv and compute.md in {OUT}")
 
 
-STAGES = ("cache", "calibrate", "seeds", "compare", "export")
+STAGES = ("restore", "cache", "calibrate", "seeds", "compare", "export")
 
 
 def main(stage: str, dry_run: bool) -> None:
     """Run ``stage`` (or ``all``) of protocol 2."""
     stages = {
+        "restore": stage_restore,
         "cache": stage_cache,
         "calibrate": stage_calibrate,
         "seeds": stage_seeds,
