@@ -117,8 +117,9 @@ def restore_run(job_dir: Path, experiment: list[str], row: dict[str, str], expor
         summary = summary_of(read_generations(exported), source)
         (target / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     # metrics.json last: compare and export count a run folder with it as finished
-    (job_dir / "metrics.json").write_text(json.dumps(metrics_of(row, source), indent=2))
-    status = {"num": number, "status": "finished", "overrides": overrides, "restored": True}
+    metrics = metrics_of(row, source)
+    (job_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    status = {"num": number, "status": "finished", "overrides": overrides, "metrics": metrics}
     (job_dir / STATUS_FILE).write_text(json.dumps(status, indent=2))
 
 
