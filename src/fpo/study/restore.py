@@ -31,9 +31,11 @@ import json
 import shutil
 from pathlib import Path
 
-from omegaconf import OmegaConf, open_dict
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
-from fpo.commands.calibrate_plan import compose_train
+import fpo.objective  # noqa: F401  (registers objective/schema, which the presets extend)
+from fpo.commands.common import CONFIG_DIR
 from fpo.compare.table import TRAIN_METRICS
 from fpo.errors import UserError
 from fpo.evaluation.degeneration import degeneration_metrics
@@ -66,10 +68,8 @@ def job_overrides(job: str) -> tuple[int, list[str]]:
 def composed_config(overrides: list[str]) -> str:
     """``.hydra/config.yaml`` as ``fpo-train OVERRIDES`` writes it: the composed config
     without its ``hydra`` block, interpolations unresolved."""
-    cfg = compose_train(overrides)
-    with open_dict(cfg):
-        del cfg["hydra"]
-    return OmegaConf.to_yaml(cfg)
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return OmegaConf.to_yaml(compose("train", overrides=overrides))
 
 
 def metrics_of(row: dict[str, str], source: str) -> dict[str, float | str]:
