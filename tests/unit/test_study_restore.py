@@ -10,11 +10,12 @@ import shutil
 
 import pytest
 
-from fpo.compare import load_runs
+from fpo.compare import load_runs, run_rows
 from fpo.compare.sample_scores import read_run_scores
 from fpo.errors import UserError
 from fpo.evaluation.degeneration import degeneration_metrics
 from fpo.study import matched_kl, restore
+from fpo.study.comparison import RUN_COLUMNS
 from fpo.sweep import STATUS_FILE, read_status
 
 KNOBS = [1e-4, 3e-4]
@@ -129,6 +130,12 @@ def test_a_fresh_machine_rebuilds_what_compare_and_the_seed_sweeps_read(in_tmp, 
         for split in ("", "ood_test"):  # recomputed from the samples, as the evaluation did
             assert summary_of(run, split)["degeneration"] == degeneration[name, split]
         assert read_status(run.path)["status"] == "finished"  # the seed sweep skips the job
+        # fpo-compare's run table reads the committed row's numbers back (comparison.csv)
+        (row,) = run_rows([run])
+        committed = restore.read_rows(out / "runs.csv")[f"{run.path.parent.name}__{run.path.name}"]
+        for column in RUN_COLUMNS[3:]:  # from seed on (config: the composed one's labels)
+            assert ("" if row.get(column) is None else str(row[column])) == committed[column]
+        assert row["kl"] == 3.5 and row["entropy"] == 2.25 and row["judge_score"] == 1.5
 
     matched_kl.stage_export()  # a second export keeps the committed rows and the costs
     for name, text in exported.items():

@@ -11,17 +11,16 @@ finished seed run, its row of ``runs.csv`` and every sample of both test sets. F
 - ``calibration.{json,md}`` into each objective's calibration series folder;
 - per exported seed run, its job folder in its seed sweep: ``.hydra/config.yaml`` and
   ``overrides.yaml`` (the config ``fpo-train`` composes from the job's overrides, read off
-  its folder name), ``metrics.json`` (the cost and clock columns of its ``runs.csv`` row
-  under their metric names, plus :data:`RESTORED`), ``evaluation/[ood_test/]
+  its folder name), ``metrics.json`` (the numbers of its ``runs.csv`` row under the metric
+  names they were read from, plus :data:`RESTORED`), ``evaluation/[ood_test/]
   generations.jsonl`` (the exported samples, as written), ``evaluation/[ood_test/]
   summary.json`` (the degeneration metrics recomputed from those samples: they are plain
   functions of the prompts and texts) and ``job_status.json`` (finished: the seed sweep
   skips the job).
 
 ``compare`` then reads a restored run like any other (per-sample KL and scores from the
-generations, degeneration from the summaries, cost from the metrics), and ``export`` keeps
-its committed ``runs.csv`` row as it is (the row's other columns, e.g. entropy, have no
-source left to recompute them from).
+generations, degeneration from the summaries, cost and the run table's columns from the
+metrics), and ``export`` keeps its committed ``runs.csv`` row as it is.
 """
 
 from __future__ import annotations
@@ -36,7 +35,7 @@ from omegaconf import OmegaConf
 
 import fpo.objective  # noqa: F401  (registers objective/schema, which the presets extend)
 from fpo.commands.common import CONFIG_DIR
-from fpo.compare.table import TRAIN_METRICS
+from fpo.compare.table import EVAL_METRICS, EXTRA, TRAIN_METRICS
 from fpo.errors import UserError
 from fpo.evaluation.degeneration import degeneration_metrics
 from fpo.evaluation.report import read_generations
@@ -73,9 +72,16 @@ def composed_config(overrides: list[str]) -> str:
 
 
 def metrics_of(row: dict[str, str], source: str) -> dict[str, float | str]:
-    """The row's training columns under their metric names (``fit_cpu_seconds`` ->
-    ``run/fit_cpu_seconds``...), empty cells left out, and :data:`RESTORED`."""
+    """The row's numbers under the metric names `fpo.compare.run_rows` reads them from
+    (``fit_cpu_seconds`` -> ``run/fit_cpu_seconds``; evaluation columns as ``metrics.json``'s
+    ``eval/<summary key>``: ``kl`` -> ``eval/kl``, ``eval:judges/afinn/win_rate`` ->
+    ``eval/judges/afinn/win_rate``), empty cells left out, and :data:`RESTORED`."""
     names = {**TRAIN_METRICS, CPU_COUNT[0]: CPU_COUNT[1]}
+    for column, (key, stderr_key) in EVAL_METRICS.items():
+        names |= {column: f"eval/{key}", f"{column}_stderr": f"eval/{stderr_key}"}
+    names |= {
+        column: "eval/" + column.removeprefix(EXTRA) for column in row if column.startswith(EXTRA)
+    }
     found = {key: float(row[column]) for column, key in names.items() if row.get(column)}
     return {**found, RESTORED: source}
 
