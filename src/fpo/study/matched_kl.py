@@ -63,7 +63,7 @@ RANGES = {
 }
 ORDER = ("fpo", "dpo", "tdpo2", "tdpo1", "simpo")  # the method of interest first
 CACHED = ("fpo", "dpo")
-TEST_SETS = {"test": None, "ood_test": "ood_test"}  # folder -> fpo-compare --split
+TEST_SETS = restore.TEST_SETS  # export folder -> fpo-compare --split
 WIDEN = 10.0
 assert set(ORDER) == set(OBJECTIVES) == set(RANGES)
 

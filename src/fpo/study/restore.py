@@ -43,7 +43,9 @@ from fpo.sweep import STATUS_FILE
 
 RESTORED = "run/restored_from"  # metrics.json key: the export the run folder was rebuilt from
 CPU_COUNT = ("cpu_count", "run/cpu_count")  # a runs.csv column beyond TRAIN_METRICS
-TEST_SETS = {"test": "", "ood_test": "ood_test"}  # export folder -> evaluation/<subfolder>
+# the study's test sets: export folder -> evaluation/<subfolder> (None: evaluation/ itself,
+# the main test set), also fpo-compare's --split
+TEST_SETS = {"test": None, "ood_test": "ood_test"}
 
 
 def read_rows(path: Path) -> dict[str, dict[str, str]]:
@@ -117,7 +119,7 @@ def restore_run(job_dir: Path, experiment: list[str], row: dict[str, str], expor
         exported = export / "generations" / folder / f"{name}.jsonl"
         if not exported.is_file():
             raise UserError(f"{exported}: missing; runs.csv lists {name} as exported.")
-        target = job_dir / "evaluation" / subfolder
+        target = job_dir / "evaluation" / (subfolder or "")
         target.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(exported, target / "generations.jsonl")
         summary = summary_of(read_generations(exported), source)
